@@ -1,0 +1,55 @@
+"""The Celery app, configured from :class:`Settings` — the same for producers and workers.
+
+Limits nest, so a call is never run twice by accident:
+Bun's soft limit < hard limit < Celery's backstop limit < Redis' visibility timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from toolq.config.settings import Settings
+
+RUN_TOOL_TASK = "toolq.run_tool"
+"""The one task: run a tool invocation with Bun and return its envelope."""
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from toolq's; Celery's own names are kept."""
+    transport = {
+        # Redelivery of an unacknowledged call (worker killed mid-call) happens
+        # this long after delivery: above every limit, far below Celery's 1 h default.
+        "visibility_timeout": settings.visibility_timeout_s,
+        "health_check_interval": 25,
+    }
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "worker_prefetch_multiplier": 1,
+        # Take a call only when a slot is free: a busy worker hoards nothing.
+        "worker_disable_prefetch": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "result_expires": 24 * 3600,
+        "result_extended": False,  # args would carry the call's env into Redis twice
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, name: str = "toolq") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,213 @@
+"""The typed settings model: one object that producers and workers both read.
+
+YAML keys follow Compozy (`timeout: 30s`); in code the fields carry their unit
+(`timeout_s`). Unknown keys are errors. Loading and precedence live in
+:mod:`toolq.config.loader`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
+
+from toolq.config.durations import format_duration, parse_duration
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds, written in YAML as `30s`, `100ms`, `2m` or a number of seconds."""
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "toolq"
+HARD_TIMEOUT_GRACE_S = 5.0
+"""Default gap between the soft limit (SIGTERM) and the hard one (SIGKILL of the group)."""
+BACKSTOP_MARGIN_S = 10.0
+"""Celery's own time limit sits this far above the hard limit; it should never fire."""
+VISIBILITY_MARGIN_S = 60.0
+"""Redis redelivers an unacknowledged call this long after the backstop limit."""
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_KNOWN_PERMISSIONS = ("--allow-read", "--allow-write", "--allow-net", "--allow-env",
+                      "--allow-sys", "--allow-run")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def _check_permissions(flags: list[str] | None) -> list[str] | None:
+    for flag in flags or []:
+        if flag.split("=", 1)[0] not in _KNOWN_PERMISSIONS:
+            raise ValueError(
+                f"unknown permission {flag!r}; known: {', '.join(_KNOWN_PERMISSIONS)}"
+            )
+    return flags
+
+
+class ToolSettings(_Strict):
+    """Per-tool overrides under `tools: {<tool_id>: {...}}`; unset keys inherit."""
+
+    timeout_s: Duration | None = Field(None, alias="timeout")
+    hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
+    permissions: list[str] | None = None
+
+    _check_permissions = field_validator("permissions")(_check_permissions)
+
+
+class RuntimeSettings(_Strict):
+    type: Literal["bun"] = "bun"
+    entrypoint: str = "./entrypoint.ts"
+    timeout_s: Duration = Field(60.0, alias="timeout", gt=0)
+    hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
+    permissions: list[str] = Field(default_factory=lambda: ["--allow-read"])
+    bun_path: str | None = None
+
+    _check_permissions = field_validator("permissions")(_check_permissions)
+
+    @model_validator(mode="after")
+    def _hard_after_soft(self) -> RuntimeSettings:
+        if self.hard_timeout_s is not None and self.hard_timeout_s < self.timeout_s:
+            raise ValueError(
+                f"hard_timeout ({format_duration(self.hard_timeout_s)}) must not be shorter "
+                f"than timeout ({format_duration(self.timeout_s)})"
+            )
+        return self
+
+
+class PerformanceSettings(_Strict):
+    max_concurrent_tools: PositiveInt = 10
+    enable_metrics: bool = False
+    log_slow_queries: bool = False
+    slow_query_threshold_s: Duration = Field(5.0, alias="slow_query_threshold")
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    """The effective time limits of one call, in seconds."""
+
+    timeout_s: float
+    hard_timeout_s: float
+
+    @property
+    def backstop_s(self) -> float:
+        return self.hard_timeout_s + BACKSTOP_MARGIN_S
+
+
+class Settings(_Strict):
+    """Everything toolq reads. Build it with :func:`toolq.config.load_settings`."""
+
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
+    backoff_initial_interval_s: Duration = Field(0.1, alias="backoff_initial_interval")
+    backoff_max_interval_s: Duration = Field(5.0, alias="backoff_max_interval")
+    backoff_max_elapsed_time_s: Duration = Field(30.0, alias="backoff_max_elapsed_time")
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = DEFAULT_QUEUE
+    tools: dict[str, ToolSettings] = Field(default_factory=dict)
+
+    _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: str = PrivateAttr(default="defaults")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+            raise ValueError(f"expected a redis:// URL (got {url!r})")
+        return url
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, name: str) -> str:
+        if not _QUEUE_NAME.match(name):
+            raise ValueError(f"queue names use letters, digits, '_', '.', '-' (got {name!r})")
+        return name
+
+    @model_validator(mode="after")
+    def _tool_limits_ordered(self) -> Settings:
+        for tool_id in self.tools:
+            limits = self.limits_for(tool_id)
+            if limits.hard_timeout_s < limits.timeout_s:
+                raise ValueError(
+                    f"tools.{tool_id}.hard_timeout must not be shorter than its timeout"
+                )
+        return self
+
+    # -- where the settings came from -------------------------------------------------
+
+    @property
+    def project_dir(self) -> Path:
+        """The directory relative paths (the entrypoint) resolve against."""
+        return self._project_dir
+
+    @property
+    def source(self) -> str:
+        """Where these settings were read from, for messages."""
+        return self._source
+
+    def located(self, project_dir: Path, source: str) -> Settings:
+        self._project_dir = project_dir
+        self._source = source
+        return self
+
+    @property
+    def entrypoint_path(self) -> Path:
+        return (self.project_dir / self.runtime.entrypoint).resolve()
+
+    # -- derived limits ------------------------------------------------------------------
+
+    def limits_for(self, tool_id: str, call_timeout_s: float | None = None) -> ToolLimits:
+        """Effective limits: call > tool > runtime; hard defaults to soft + 5 s."""
+        tool = self.tools.get(tool_id)
+        timeout = self.runtime.timeout_s
+        if tool is not None and tool.timeout_s is not None:
+            timeout = tool.timeout_s
+        hard = self.runtime.hard_timeout_s
+        if tool is not None and tool.hard_timeout_s is not None:
+            hard = tool.hard_timeout_s
+        elif tool is not None and tool.timeout_s is not None:
+            hard = None  # a tool that sets its own timeout gets its own grace
+        grace = HARD_TIMEOUT_GRACE_S if hard is None else hard - timeout
+        if call_timeout_s is not None:
+            timeout = call_timeout_s
+        return ToolLimits(timeout_s=timeout, hard_timeout_s=timeout + max(grace, 0.0))
+
+    @property
+    def max_hard_timeout_s(self) -> float:
+        """The longest hard limit any configured tool can have."""
+        limits = [self.limits_for(tool_id) for tool_id in self.tools]
+        limits.append(self.limits_for(""))
+        return max(limit.hard_timeout_s for limit in limits)
+
+    @property
+    def visibility_timeout_s(self) -> float:
+        """Redis' redelivery delay: above every hard and backstop limit, and no more."""
+        return self.max_hard_timeout_s + BACKSTOP_MARGIN_S + VISIBILITY_MARGIN_S
+
+    def permissions_for(self, tool_id: str) -> list[str]:
+        tool = self.tools.get(tool_id)
+        if tool is not None and tool.permissions is not None:
+            return list(tool.permissions)
+        return list(self.runtime.permissions)
+
+    def __repr_args__(self) -> Any:
+        # Never print credentials: a Redis URL may carry a password.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" else value
+
+
+def redact_url(url: Any) -> Any:
+    """``redis://:secret@host`` -> ``redis://:***@host``."""
+    if not isinstance(url, str):
+        return url
+    return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)

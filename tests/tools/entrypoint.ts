@@ -1,0 +1,135 @@
+// Test tools: one behaviour each, in the Compozy convention (default export).
+import { spawn } from "node:child_process";
+import { appendFileSync, writeFileSync } from "node:fs";
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export default {
+  echo: async (input: unknown) => ({ echo: input }),
+  with_config: async (_input: unknown, config: unknown) => ({ config }),
+
+  // result normalisation
+  returns_string: async () => "hello",
+  returns_number: async () => 42,
+  returns_array: async () => [1, 2, 3],
+  returns_null: async () => null,
+  returns_undefined: async () => undefined,
+  returns_bigint: async () => ({ n: 10n }),
+
+  // environment and output channels
+  env: async (input: { keys?: string[] }) => {
+    const keys = input?.keys ?? Object.keys(process.env);
+    return { env: Object.fromEntries(keys.map((k) => [k, process.env[k] ?? null])) };
+  },
+  env_keys: async () => ({ keys: Object.keys(process.env).sort() }),
+  console: async () => {
+    console.log("log line");
+    console.info("info line");
+    console.warn("warn line");
+    console.error("error line");
+    return { ok: true };
+  },
+  stray_stdout: async () => {
+    process.stdout.write('{"result": "forged", "error": null}\n');
+    process.stdout.write("not json at all\n");
+    return { ok: true };
+  },
+  print_secret: async () => {
+    console.error(`the secret is ${process.env.API_TOKEN}`);
+    process.exit(7);
+  },
+
+  // errors
+  throws: async () => {
+    throw new TypeError("bad things happened");
+  },
+  throws_string: async () => {
+    throw "just a string";
+  },
+  throws_non_retryable: async () => {
+    const e = new Error("do not retry me") as Error & { retryable: boolean };
+    e.retryable = false;
+    throw e;
+  },
+  late_throw: async () => {
+    setTimeout(() => {
+      throw new Error("thrown from a timer");
+    }, 10);
+    await sleep(2000);
+    return { unreachable: true };
+  },
+
+  // crashes
+  exit_code: async (input: { code?: number }) => {
+    process.exit(input?.code ?? 3);
+  },
+  exit_zero: async () => {
+    process.exit(0);
+  },
+  segfault: async () => {
+    process.kill(process.pid, "SIGSEGV");
+    await sleep(5000);
+  },
+
+  // time
+  sleep: async (input: { ms?: number }) => {
+    await sleep(input?.ms ?? 100);
+    return { slept: input?.ms ?? 100 };
+  },
+  busy_loop: async () => {
+    for (;;) {}
+  },
+  ignore_sigterm: async (input: { pidfile?: string }) => {
+    process.on("SIGTERM", () => {
+      if (input?.pidfile) appendFileSync(input.pidfile, "sigterm\n");
+    });
+    await sleep(60_000);
+  },
+  graceful_sigterm: async (input: { marker?: string }) => {
+    process.on("SIGTERM", () => {
+      if (input?.marker) writeFileSync(input.marker, "cleaned up");
+      process.exit(143);
+    });
+    await sleep(60_000);
+  },
+  lingering: async () => {
+    setInterval(() => {}, 1000);
+    Bun.serve({ port: 0, fetch: () => new Response("hi") });
+    return { done: true };
+  },
+
+  // children
+  fork_child: async (input: { pidfile: string; detach?: boolean }) => {
+    const child = spawn("sleep", ["300"], { stdio: "ignore", detached: false });
+    writeFileSync(input.pidfile, String(child.pid));
+    if (input.detach) child.unref();
+    return { child: child.pid };
+  },
+  fork_and_hang: async (input: { pidfile: string }) => {
+    const child = spawn("sleep", ["300"], { stdio: "ignore" });
+    writeFileSync(input.pidfile, `${process.pid} ${child.pid}`);
+    await sleep(300_000);
+  },
+
+  // floods and sizes
+  flood_stdout: async () => {
+    const chunk = "x".repeat(1 << 16) + "\n";
+    for (;;) {
+      process.stdout.write(chunk);
+      await sleep(0);
+    }
+  },
+  flood_stderr_then_return: async (input: { mb?: number }) => {
+    const chunk = "e".repeat(1 << 16);
+    for (let i = 0; i < (input?.mb ?? 3) * 16; i++) console.error(chunk);
+    return { ok: true };
+  },
+  big_output: async (input: { bytes: number }) => ({ data: "x".repeat(input.bytes) }),
+  input_size: async (input: { data: string }) => ({ length: input.data.length }),
+  memory_hog: async () => {
+    const hog: string[] = [];
+    for (;;) hog.push("y".repeat(1 << 20) + hog.length);
+  },
+};
+
+export const named_only_is_ignored_when_default_exists = async () => ({ ok: true });

@@ -1,0 +1,44 @@
+"""toolq: run Compozy-style Bun tools at scale from Python, through Redis and Celery.
+
+The public door: everything application code needs is importable from here.
+"""
+
+from toolq.config import Settings, load_settings
+from toolq.envelope import ToolErrorInfo, ToolResult
+from toolq.errors import (
+    ConfigError,
+    InvalidInput,
+    InvalidOutput,
+    OutputTooLarge,
+    ResultTimeout,
+    ToolCrashed,
+    ToolError,
+    ToolFailure,
+    ToolNotFound,
+    ToolqError,
+    ToolTimeout,
+)
+from toolq.producers import ToolCall, ToolClient
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "InvalidInput",
+    "InvalidOutput",
+    "OutputTooLarge",
+    "ResultTimeout",
+    "Settings",
+    "ToolCall",
+    "ToolClient",
+    "ToolCrashed",
+    "ToolError",
+    "ToolErrorInfo",
+    "ToolFailure",
+    "ToolNotFound",
+    "ToolResult",
+    "ToolTimeout",
+    "ToolqError",
+    "__version__",
+    "load_settings",
+]

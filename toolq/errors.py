@@ -1,0 +1,113 @@
+"""Every error toolq raises, in one tree.
+
+    ToolqError
+    ├── ConfigError              bad settings file, key, type or value (CLI exit 2)
+    ├── ResultTimeout            waiting for a call's result took longer than asked
+    └── ToolFailure              a call ended in failure; one leaf per envelope kind
+        ├── ToolError            "tool_error"        the tool threw
+        ├── ToolTimeout          "timeout"           soft/hard time limit reached
+        ├── ToolCrashed          "crashed"           Bun exited or was killed without a result
+        ├── ToolNotFound         "not_found"         no such tool in the entrypoint
+        ├── InvalidInput         "invalid_input"     request refused before Bun ran
+        ├── OutputTooLarge       "output_too_large"  result or stdout over its cap
+        └── InvalidOutput        "invalid_output"    result not JSON-serialisable / unreadable
+
+Each failure class knows its envelope ``kind`` and whether retrying can help
+(``retryable``), so callers never need an isinstance ladder. Every field goes to
+``super().__init__`` because Celery rebuilds exceptions from ``.args``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ToolqError(Exception):
+    """Root of every toolq error."""
+
+
+class ConfigError(ToolqError):
+    """Settings that cannot be used; the message names the key and where it came from."""
+
+    def __init__(self, message: str, key: str | None = None, source: str | None = None) -> None:
+        super().__init__(message, key, source)
+        self.message = message
+        self.key = key
+        self.source = source
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ResultTimeout(ToolqError, TimeoutError):
+    """The caller stopped waiting; the call itself may still finish later."""
+
+    def __init__(self, call_id: str, waited_s: float) -> None:
+        super().__init__(call_id, waited_s)
+        self.call_id = call_id
+        self.waited_s = waited_s
+
+    def __str__(self) -> str:
+        return f"no result for call {self.call_id} after waiting {self.waited_s:g}s"
+
+
+class ToolFailure(ToolqError):
+    """A call that ended in failure. ``kind`` is the envelope's ``error.kind``."""
+
+    kind: ClassVar[str] = "tool_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, name: str | None = None, stack: str | None = None) -> None:
+        super().__init__(message, name, stack)
+        self.message = message
+        self.name = name or type(self).__name__
+        self.stack = stack
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class ToolError(ToolFailure):
+    kind = "tool_error"
+    retryable = True
+
+
+class ToolTimeout(ToolFailure):
+    kind = "timeout"
+    retryable = True
+
+
+class ToolCrashed(ToolFailure):
+    kind = "crashed"
+    retryable = True
+
+
+class ToolNotFound(ToolFailure):
+    kind = "not_found"
+
+
+class InvalidInput(ToolFailure, ValueError):
+    kind = "invalid_input"
+
+
+class OutputTooLarge(ToolFailure):
+    kind = "output_too_large"
+
+
+class InvalidOutput(ToolFailure):
+    kind = "invalid_output"
+
+
+FAILURE_CLASSES: dict[str, type[ToolFailure]] = {
+    cls.kind: cls
+    for cls in (
+        ToolError,
+        ToolTimeout,
+        ToolCrashed,
+        ToolNotFound,
+        InvalidInput,
+        OutputTooLarge,
+        InvalidOutput,
+    )
+}
+"""Envelope ``error.kind`` -> exception class, one to one."""

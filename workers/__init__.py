@@ -1,0 +1,1 @@
+"""Workers: the Celery task, the Bun runner and its wrapper, the worker process."""

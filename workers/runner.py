@@ -1,0 +1,419 @@
+"""Run one tool call in a fresh Bun process and collect exactly one outcome.
+
+What this adds to Compozy's runner:
+
+- the envelope arrives on a pipe of its own (not stdout), framed with a per-call
+  nonce, so stray ``process.stdout.write`` calls cannot corrupt it;
+- the call ends when the envelope arrives, even if the tool left timers or
+  sockets open: the whole process group is then killed;
+- Bun leads its own process group: SIGTERM to the group at the soft limit,
+  SIGKILL to the group at the hard limit; a per-process reaper kills every
+  group if the worker itself dies;
+- output is bounded while it streams: envelope and stdout at 10 MiB each
+  (``output_too_large``, the process is stopped), stderr keeps its last 1 MiB
+  and a tool that writes over 100 MiB there is stopped too;
+- the tool sees a minimal environment (PATH, HOME, LANG, a private TMPDIR) plus
+  the call's env, never the worker's own variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolq.config.durations import format_duration
+from toolq.config.settings import ToolLimits
+from toolq.envelope import ToolErrorInfo, normalize_result
+from toolq.errors import (
+    InvalidInput,
+    InvalidOutput,
+    OutputTooLarge,
+    ToolCrashed,
+    ToolFailure,
+    ToolTimeout,
+)
+from toolq.workers.bun import WRAPPER
+from toolq.workers.reaper import reaper
+from toolq.validation import check_input_size
+
+log = logging.getLogger(__name__)
+
+MAX_OUTPUT_BYTES = 10 * 1024 * 1024
+"""Result envelope and stray stdout, each."""
+MAX_STDERR_KEPT = 1024 * 1024
+"""How much of stderr is kept (the last bytes: where a crash explains itself)."""
+MAX_STDERR_BYTES = 100 * 1024 * 1024
+"""A tool writing more than this to stderr is stopped as ``output_too_large``."""
+STDERR_IN_ERROR = 4096
+"""How much of the stderr tail goes into a crash's error."""
+_ENVELOPE_SLACK = 64 * 1024  # nonce, metadata, framing around a 10 MiB result
+_READ = 1 << 16
+_BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
+_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One tool invocation, validated, with its effective limits."""
+
+    tool_id: str
+    tool_exec_id: str
+    input: Any
+    env: Mapping[str, str]
+    limits: ToolLimits
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one run produced: a normalised result or an error, and how it went."""
+
+    result: dict[str, Any] | None
+    error: ToolErrorInfo | None
+    execution_time_ms: int
+    total_time_ms: int
+    output_bytes: int = 0
+    exit_code: int | None = None
+    exit_signal: str | None = None
+    stderr: str = ""
+
+
+@dataclass
+class _Streams:
+    """Bytes gathered while the process runs."""
+
+    envelope: bytearray = field(default_factory=bytearray)
+    stdout_bytes: int = 0
+    stderr: bytearray = field(default_factory=bytearray)
+    stderr_bytes: int = 0
+    frame: bytes | None = None
+
+    def add_stderr(self, data: bytes) -> None:
+        self.stderr_bytes += len(data)
+        self.stderr += data
+        if len(self.stderr) > 2 * MAX_STDERR_KEPT:  # trim rarely: amortised O(1)
+            del self.stderr[: len(self.stderr) - MAX_STDERR_KEPT]
+
+    def stderr_text(self, redact: Mapping[str, str]) -> str:
+        kept = bytes(self.stderr[-MAX_STDERR_KEPT:])
+        text = kept.decode("utf-8", errors="replace")
+        if self.stderr_bytes > len(kept):
+            text = f"[... {self.stderr_bytes - len(kept)} bytes of stderr dropped ...]\n{text}"
+        return redact_secrets(text, redact)
+
+
+def redact_secrets(text: str, env: Mapping[str, str]) -> str:
+    """Replace every env value of three characters or more with ``***``."""
+    for value in sorted(env.values(), key=len, reverse=True):
+        if len(value) >= 3:
+            text = text.replace(value, "***")
+    return text
+
+
+class BunRunner:
+    """Spawns Bun per call; thread-safe, at most ``max_concurrent`` at once."""
+
+    def __init__(
+        self,
+        bun: Path,
+        entrypoint: Path,
+        project_dir: Path,
+        max_concurrent: int,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.bun = bun
+        self.entrypoint = entrypoint
+        self.project_dir = project_dir
+        self.base_env = dict(base_env) if base_env is not None else base_environment()
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def run(self, call: Call) -> Outcome:
+        started = time.monotonic()
+        nonce = secrets.token_hex(16)
+        try:
+            request = json.dumps(
+                {
+                    "tool_id": call.tool_id,
+                    "tool_exec_id": call.tool_exec_id,
+                    "input": call.input,
+                    "config": dict(call.config),
+                    "env": dict(call.env),
+                    "timeout_ms": int(call.limits.timeout_s * 1000),
+                    "nonce": nonce,
+                },
+                separators=(",", ":"),
+                allow_nan=False,
+            ).encode()
+        except (TypeError, ValueError) as exc:
+            return _failed(InvalidInput(f"input is not JSON: {exc}", "ParseError"), started)
+        try:
+            check_input_size(len(request))
+        except InvalidInput as exc:
+            return _failed(exc, started)
+        with self._slots:
+            return self._spawn_and_collect(call, request, nonce.encode(), started)
+
+    def _spawn_and_collect(
+        self, call: Call, request: bytes, nonce: bytes, started: float
+    ) -> Outcome:
+        tmpdir = tempfile.mkdtemp(prefix="toolq-")
+        env = {**self.base_env, "TMPDIR": tmpdir, **call.env}
+        envelope_r, envelope_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [str(self.bun), "--smol", "--no-install", "--no-env-file",
+                 str(WRAPPER), str(self.entrypoint), str(envelope_w)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(envelope_w,),
+                cwd=self.project_dir,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(envelope_r)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            return _failed(ToolCrashed(f"cannot start Bun ({self.bun}): {exc}"), started)
+        finally:
+            os.close(envelope_w)
+        reaper().track(proc.pid)
+        streams = _Streams()
+        try:
+            failure = _collect(proc, request, envelope_r, nonce, call.limits, streams, started)
+        finally:
+            _kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            reaper().untrack(proc.pid)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                with contextlib.suppress(OSError):
+                    stream.close()  # type: ignore[union-attr]
+            os.close(envelope_r)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return _interpret(proc, streams, failure, call, started)
+
+
+def base_environment() -> dict[str, str]:
+    """The only worker variables a tool sees (TMPDIR is set per call)."""
+    env = {key: os.environ[key] for key in _BASE_ENV_KEYS if key in os.environ}
+    env.setdefault("PATH", _DEFAULT_PATH)
+    env.setdefault("LANG", "C.UTF-8")
+    return env
+
+
+def _collect(
+    proc: subprocess.Popen[bytes],
+    request: bytes,
+    envelope_fd: int,
+    nonce: bytes,
+    limits: ToolLimits,
+    streams: _Streams,
+    started: float,
+) -> ToolFailure | None:
+    """Pump pipes until the envelope, an exit, a limit or a cap; return a failure if any."""
+    assert proc.stdin and proc.stdout and proc.stderr
+    stdin_fd, stdout_fd, stderr_fd = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
+    pidfd = os.pidfd_open(proc.pid)
+    selector = selectors.DefaultSelector()
+    for fd in (stdin_fd, stdout_fd, stderr_fd, envelope_fd):
+        os.set_blocking(fd, False)
+    selector.register(stdin_fd, selectors.EVENT_WRITE)
+    for fd in (stdout_fd, stderr_fd, envelope_fd, pidfd):
+        selector.register(fd, selectors.EVENT_READ)
+    pending = memoryview(request)
+    soft_at = started + limits.timeout_s
+    hard_at = started + limits.hard_timeout_s
+    terminated = False
+    try:
+        while True:
+            now = time.monotonic()
+            if not terminated and now >= soft_at:
+                _kill_group(proc.pid, signal.SIGTERM)
+                terminated = True
+            if now >= hard_at:
+                return _timeout(limits, terminated_gracefully=False)
+            events = selector.select(max((hard_at if terminated else soft_at) - now, 0.0))
+            exited = False
+            for key, _ in events:
+                fd = key.fd
+                if fd == stdin_fd:
+                    try:
+                        pending = pending[os.write(fd, pending):]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # the process closed stdin or died: nothing to deliver
+                        pending = pending[len(pending):]
+                    if not pending:
+                        selector.unregister(fd)
+                        proc.stdin.close()
+                elif fd == pidfd:
+                    exited = True
+                elif fd in (stdout_fd, stderr_fd, envelope_fd):
+                    failure = _read_into(fd, stdout_fd, stderr_fd, streams, nonce, selector)
+                    if failure is None and streams.frame is not None and terminated:
+                        return _timeout(limits, terminated_gracefully=True)
+                    if failure is not None or streams.frame is not None:
+                        return failure
+            if exited:
+                # Bun is gone (a zombie until we reap it); take what it left in the pipes.
+                for fd in (envelope_fd, stdout_fd, stderr_fd):
+                    if fd in selector.get_map():
+                        while fd in selector.get_map():
+                            try:
+                                failure = _read_into(
+                                    fd, stdout_fd, stderr_fd, streams, nonce, selector
+                                )
+                            except BlockingIOError:
+                                break
+                            if terminated and failure is None and streams.frame is not None:
+                                return _timeout(limits, terminated_gracefully=True)
+                            if failure is not None or streams.frame is not None:
+                                return failure
+                if terminated:
+                    return _timeout(limits, terminated_gracefully=True)
+                return None
+    finally:
+        selector.close()
+        os.close(pidfd)
+
+
+def _read_into(
+    fd: int,
+    stdout_fd: int,
+    stderr_fd: int,
+    streams: _Streams,
+    nonce: bytes,
+    selector: selectors.BaseSelector,
+) -> ToolFailure | None:
+    """One read from a pipe; raises BlockingIOError when it is empty for now."""
+    data = os.read(fd, _READ)
+    if not data:
+        selector.unregister(fd)
+        return None
+    if fd == stderr_fd:
+        streams.add_stderr(data)
+        if streams.stderr_bytes > MAX_STDERR_BYTES:
+            return OutputTooLarge(
+                f"tool wrote more than {MAX_STDERR_BYTES} bytes to stderr; stopped"
+            )
+        return None
+    if fd == stdout_fd:
+        streams.stdout_bytes += len(data)
+        streams.add_stderr(data)  # stray stdout is log output, like console.*
+        if streams.stdout_bytes > MAX_OUTPUT_BYTES:
+            return OutputTooLarge(
+                f"tool wrote more than {MAX_OUTPUT_BYTES} bytes to stdout; stopped"
+            )
+        return None
+    streams.envelope += data
+    start = streams.envelope.find(nonce)
+    if start >= 0:
+        end = streams.envelope.find(b"\n", start)
+        if end >= 0:
+            streams.frame = bytes(streams.envelope[start + len(nonce) : end])
+            return None
+    if len(streams.envelope) > MAX_OUTPUT_BYTES + _ENVELOPE_SLACK:
+        return OutputTooLarge(
+            f"tool output exceeds maximum size limit of {MAX_OUTPUT_BYTES} bytes"
+        )
+    return None
+
+
+def _timeout(limits: ToolLimits, *, terminated_gracefully: bool) -> ToolTimeout:
+    soft = format_duration(limits.timeout_s)
+    if terminated_gracefully:
+        return ToolTimeout(f"tool exceeded its time limit of {soft} and was terminated (SIGTERM)",
+                           "TimeoutError")
+    hard = format_duration(limits.hard_timeout_s)
+    return ToolTimeout(
+        f"tool exceeded its time limit of {soft}; still running at the hard limit of {hard}, "
+        "its process group was killed (SIGKILL)",
+        "TimeoutError",
+    )
+
+
+def _interpret(
+    proc: subprocess.Popen[bytes],
+    streams: _Streams,
+    failure: ToolFailure | None,
+    call: Call,
+    started: float,
+) -> Outcome:
+    total_ms = int((time.monotonic() - started) * 1000)
+    stderr = streams.stderr_text(call.env)
+    code, sig = _exit_status(proc.returncode)
+    common = {
+        "total_time_ms": total_ms,
+        "exit_code": code,
+        "exit_signal": sig,
+        "stderr": stderr,
+        "output_bytes": len(streams.envelope),
+    }
+    if failure is None and streams.frame is not None:
+        try:
+            envelope = json.loads(streams.frame)
+            metadata = envelope.get("metadata") or {}
+            execution_ms = int(metadata.get("execution_time", total_ms))
+            error = envelope.get("error")
+        except (ValueError, AttributeError, TypeError) as exc:
+            failure = InvalidOutput(f"tool produced an unreadable envelope: {exc}")
+        else:
+            if error:
+                info = ToolErrorInfo(
+                    kind=str(error.get("kind") or "tool_error"),
+                    message=str(error.get("message", "")),
+                    name=str(error.get("name") or "Error"),
+                    stack=error.get("stack"),
+                )
+                return Outcome(None, info, execution_ms, **common)  # type: ignore[arg-type]
+            result = normalize_result(envelope.get("result"))
+            return Outcome(result, None, execution_ms, **common)  # type: ignore[arg-type]
+    if failure is None:
+        if sig is not None:
+            failure = ToolCrashed(f"Bun was killed by signal {sig} before reporting a result",
+                                  "Crashed")
+        elif code == 0:
+            failure = ToolCrashed(
+                "Bun exited with code 0 before reporting a result (did the tool call "
+                "process.exit?)",
+                "Crashed",
+            )
+        else:
+            failure = ToolCrashed(f"Bun exited with code {code} before reporting a result",
+                                  "Crashed")
+    tail = stderr[-STDERR_IN_ERROR:] if isinstance(failure, ToolCrashed) else None
+    info = ToolErrorInfo.from_failure(failure, stderr=tail or None)
+    return Outcome(None, info, total_ms, **common)  # type: ignore[arg-type]
+
+
+def _failed(failure: ToolFailure, started: float) -> Outcome:
+    elapsed = int((time.monotonic() - started) * 1000)
+    return Outcome(None, ToolErrorInfo.from_failure(failure), elapsed, elapsed)
+
+
+def _exit_status(returncode: int | None) -> tuple[int | None, str | None]:
+    if returncode is None or returncode >= 0:
+        return returncode, None
+    try:
+        return None, signal.Signals(-returncode).name
+    except ValueError:
+        return None, f"signal {-returncode}"
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,52 @@
+"""Start a toolq worker: a Celery worker whose one task runs tools with Bun.
+
+Pool choice, on evidence (README, "Choosing a pool"): the runner waits on pipes
+and enforces its own limits, so the default ``threads`` pool spends one Python
+process on ``max_concurrent_tools`` calls; ``prefork`` costs a Python process
+per slot, which does not fit the seed guide's 512 MiB container at 10 slots.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import Literal
+
+from toolq.config.celery_app import make_celery
+from toolq.config.settings import Settings
+from toolq.workers.executor import ToolExecutor
+from toolq.workers.tasks import register_tasks
+
+Pool = Literal["threads", "prefork"]
+
+
+def default_hostname() -> str:
+    """Unique per process, so several workers on one host never share a node name."""
+    return f"toolq-{os.getpid()}@{socket.gethostname()}"
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    queues: Sequence[str] | None = None,
+    hostname: str | None = None,
+    pool: Pool = "threads",
+    loglevel: str = "INFO",
+) -> None:
+    """Run a worker in this process until it is told to stop (SIGTERM: warm shutdown)."""
+    executor = ToolExecutor(settings, max_concurrent=concurrency)
+    app = make_celery(settings)
+    register_tasks(app, executor)
+    argv = [
+        "worker",
+        f"--pool={pool}",
+        f"--concurrency={executor.max_concurrent}",
+        f"--queues={','.join(queues or [settings.queue])}",
+        f"--hostname={hostname or default_hostname()}",
+        f"--loglevel={loglevel}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    app.worker_main(argv)
