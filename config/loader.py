@@ -34,8 +34,22 @@ _LOADER_VARIABLES = {"TOOLQ_CONFIG", "TOOLQ_PROFILE"}
 # Keys of a Compozy project file that toolq does not use: accepted and ignored so
 # that an existing compozy.yaml loads unchanged. Anything else unknown is an error.
 COMPOZY_PROJECT_KEYS = frozenset(
-    {"name", "version", "description", "author", "workflows", "models", "schemas",
-     "autoload", "opts", "cache", "monitoring", "memories", "mcps", "templates"}
+    {
+        "name",
+        "version",
+        "description",
+        "author",
+        "workflows",
+        "models",
+        "schemas",
+        "autoload",
+        "opts",
+        "cache",
+        "monitoring",
+        "memories",
+        "mcps",
+        "templates",
+    }
 )
 
 Layer = tuple[str, dict[str, Any]]
@@ -134,7 +148,7 @@ def _environment_layer(env: Mapping[str, str]) -> Layer:
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in _LOADER_VARIABLES:
             continue
-        path = name[len(ENV_PREFIX):].lower().split("__")
+        path = name[len(ENV_PREFIX) :].lower().split("__")
         value: Any = raw
         if raw.strip().startswith(("[", "{")):
             try:

@@ -38,8 +38,14 @@ VISIBILITY_MARGIN_S = 60.0
 """Redis redelivers an unacknowledged call this long after the backstop limit."""
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_KNOWN_PERMISSIONS = ("--allow-read", "--allow-write", "--allow-net", "--allow-env",
-                      "--allow-sys", "--allow-run")
+_KNOWN_PERMISSIONS = (
+    "--allow-read",
+    "--allow-write",
+    "--allow-net",
+    "--allow-env",
+    "--allow-sys",
+    "--allow-run",
+)
 
 
 class _Strict(BaseModel):
@@ -49,9 +55,7 @@ class _Strict(BaseModel):
 def _check_permissions(flags: list[str] | None) -> list[str] | None:
     for flag in flags or []:
         if flag.split("=", 1)[0] not in _KNOWN_PERMISSIONS:
-            raise ValueError(
-                f"unknown permission {flag!r}; known: {', '.join(_KNOWN_PERMISSIONS)}"
-            )
+            raise ValueError(f"unknown permission {flag!r}; known: {', '.join(_KNOWN_PERMISSIONS)}")
     return flags
 
 

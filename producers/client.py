@@ -14,23 +14,26 @@ Bad calls (an invalid tool id or env, input that is not JSON or is too big) rais
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from toolq.config.celery_app import RUN_TOOL_TASK, make_celery
 from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
-from toolq.config.settings import Settings
+from toolq.config.settings import Settings, redact_url
 from toolq.envelope import ToolErrorInfo, ToolResult
-from toolq.errors import InvalidInput, ResultTimeout, ToolCrashed, ToolTimeout
+from toolq.errors import BrokerUnavailable, InvalidInput, ResultTimeout, ToolCrashed, ToolTimeout
 from toolq.validation import check_input_size, validate_env, validate_tool_id
 
 Duration = float | str
@@ -40,29 +43,52 @@ _REDACTED = "***"
 _INPUT_PREVIEW = 200
 
 
+@contextlib.contextmanager
+def _redis_errors(url: str) -> Iterator[None]:
+    """The one boundary where Celery's and redis-py's connection errors become toolq's."""
+    try:
+        yield
+    except (OperationalError, RedisError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
+    except RuntimeError as exc:  # Celery's result consumer gives up with a bare RuntimeError
+        if isinstance(exc.__cause__, RedisError | OSError):
+            raise BrokerUnavailable(
+                f"cannot reach Redis at {redact_url(url)}: {exc.__cause__}"
+            ) from exc
+        raise
+
+
 class ToolCall:
     """A handle on an enqueued call. ``id`` is stable; ``result()`` waits for the envelope."""
 
-    def __init__(self, call_id: str, tool_id: str, async_result: AsyncResult) -> None:
+    def __init__(self, call_id: str, tool_id: str, async_result: AsyncResult, url: str) -> None:
         self.id = call_id
         self.tool_id = tool_id
         self._async = async_result
+        self._url = url
 
     def __repr__(self) -> str:
         return f"ToolCall(id={self.id!r}, tool_id={self.tool_id!r})"
 
     def ready(self) -> bool:
-        return bool(self._async.ready())
+        with _redis_errors(self._url):
+            return bool(self._async.ready())
 
     def state(self) -> str:
         """Celery's view: PENDING (queued or unknown), STARTED, SUCCESS or FAILURE."""
-        return str(self._async.state)
+        with _redis_errors(self._url):
+            return str(self._async.state)
 
     def result(self, timeout: Duration | None = None) -> ToolResult:
-        """Wait for the call to finish; raise :class:`ResultTimeout` after ``timeout``."""
+        """Wait for the call to finish; raise :class:`ResultTimeout` after ``timeout``.
+
+        Celery's result drainer checks the deadline about once a second, so a
+        sub-second ``timeout`` may wait up to a second.
+        """
         wait_s = None if timeout is None else parse_duration(timeout)
         try:
-            value = self._async.get(timeout=wait_s, propagate=False, interval=0.05)
+            with _redis_errors(self._url):
+                value = self._async.get(timeout=wait_s, propagate=False, interval=0.05)
         except CeleryTimeoutError:
             raise ResultTimeout(self.id, wait_s or 0.0) from None
         if isinstance(value, dict) and "status" in value:
@@ -82,7 +108,8 @@ class ToolCall:
 
     def forget(self) -> None:
         """Drop the stored result from Redis."""
-        self._async.forget()
+        with _redis_errors(self._url):
+            self._async.forget()
 
 
 class ToolClient:
@@ -113,17 +140,17 @@ class ToolClient:
         """Put one call on the queue and return at once."""
         request = self._request(tool_id, input, env, timeout)
         call_id = str(uuid.uuid4())
-        async_result = self.app.send_task(
-            RUN_TOOL_TASK,
-            args=[request],
-            task_id=call_id,
-            queue=queue or self.settings.queue,
-            argsrepr=_args_repr(request),
-            kwargsrepr="{}",
-            # The call's own ids ride in the headers, for Flower and the logs.
-            headers={"toolq_tool_id": tool_id},
-        )
-        return ToolCall(call_id, tool_id, async_result)
+        with _redis_errors(self.settings.redis_url):
+            async_result = self.app.send_task(
+                RUN_TOOL_TASK,
+                args=[request],
+                task_id=call_id,
+                queue=queue or self.settings.queue,
+                argsrepr=_args_repr(request),
+                kwargsrepr="{}",
+                headers={"toolq_tool_id": tool_id},  # for Flower and the logs
+            )
+        return ToolCall(call_id, tool_id, async_result, self.settings.redis_url)
 
     def run(
         self,
@@ -157,7 +184,9 @@ class ToolClient:
 
     def call(self, call_id: str, tool_id: str = "") -> ToolCall:
         """A handle on a call enqueued earlier (by id)."""
-        return ToolCall(call_id, tool_id, AsyncResult(call_id, app=self.app))
+        return ToolCall(
+            call_id, tool_id, AsyncResult(call_id, app=self.app), self.settings.redis_url
+        )
 
     def close(self) -> None:
         self.app.close()

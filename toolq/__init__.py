@@ -6,6 +6,7 @@ The public door: everything application code needs is importable from here.
 from toolq.config import Settings, load_settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import (
+    BrokerUnavailable,
     ConfigError,
     InvalidInput,
     InvalidOutput,
@@ -23,6 +24,7 @@ from toolq.producers import ToolCall, ToolClient
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerUnavailable",
     "ConfigError",
     "InvalidInput",
     "InvalidOutput",

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
-from kombu.exceptions import OperationalError
-from redis.exceptions import RedisError
 
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings, redact_url
 from toolq.envelope import ToolResult
-from toolq.errors import ConfigError, InvalidInput, ResultTimeout
+from toolq.errors import BrokerUnavailable, ConfigError, InvalidInput, ResultTimeout
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PENDING = 0, 1, 2, 3
 
@@ -56,8 +54,8 @@ def _guard(action: Callable[[], T]) -> T:
         _fail(str(exc))
     except InvalidInput as exc:
         _fail(f"invalid call: {exc.message}")
-    except (OperationalError, RedisError, ConnectionError) as exc:
-        _fail(f"cannot reach Redis: {exc}")
+    except BrokerUnavailable as exc:
+        _fail(str(exc))
 
 
 def _settings(config: Path | None, profile: str | None, **overrides: Any) -> Settings:

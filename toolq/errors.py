@@ -2,6 +2,7 @@
 
     ToolqError
     ├── ConfigError              bad settings file, key, type or value (CLI exit 2)
+    ├── BrokerUnavailable        Redis could not be reached (CLI exit 2)
     ├── ResultTimeout            waiting for a call's result took longer than asked
     └── ToolFailure              a call ended in failure; one leaf per envelope kind
         ├── ToolError            "tool_error"        the tool threw
@@ -37,6 +38,10 @@ class ConfigError(ToolqError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class BrokerUnavailable(ToolqError, ConnectionError):
+    """Redis (broker or result backend) did not answer; nothing was enqueued or read."""
 
 
 class ResultTimeout(ToolqError, TimeoutError):

@@ -17,8 +17,14 @@ from toolq.errors import InvalidInput
 TOOL_ID = re.compile(r"^[a-zA-Z0-9_/.-]+$")
 ENV_KEY = re.compile(r"^[A-Z0-9_]+$")
 FORBIDDEN_ENV_KEYS = frozenset(
-    {"LD_PRELOAD", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "DYLD_LIBRARY_PATH",
-     "NODE_OPTIONS", "BUN_CONFIG_PROFILE"}
+    {
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "DYLD_INSERT_LIBRARIES",
+        "DYLD_LIBRARY_PATH",
+        "NODE_OPTIONS",
+        "BUN_CONFIG_PROFILE",
+    }
 )
 MAX_TOOL_ID_LENGTH = 256
 MAX_INPUT_BYTES = 10 * 1024 * 1024
@@ -29,8 +35,9 @@ def validate_tool_id(tool_id: Any) -> str:
     if not isinstance(tool_id, str) or not tool_id:
         raise InvalidInput("tool id must be a non-empty string", "ValidationError")
     if len(tool_id) > MAX_TOOL_ID_LENGTH:
-        raise InvalidInput(f"tool id longer than {MAX_TOOL_ID_LENGTH} characters",
-                           "ValidationError")
+        raise InvalidInput(
+            f"tool id longer than {MAX_TOOL_ID_LENGTH} characters", "ValidationError"
+        )
     if not TOOL_ID.match(tool_id):
         raise InvalidInput(
             f"invalid tool id {tool_id!r}: use letters, digits, '_', '/', '.', '-'",
@@ -41,8 +48,7 @@ def validate_tool_id(tool_id: Any) -> str:
             f"invalid tool id {tool_id!r}: no '..' and no leading '/' or '.'", "ValidationError"
         )
     if posixpath.normpath(tool_id) != tool_id or unicodedata.normalize("NFC", tool_id) != tool_id:
-        raise InvalidInput(f"invalid tool id {tool_id!r}: not in canonical form",
-                           "ValidationError")
+        raise InvalidInput(f"invalid tool id {tool_id!r}: not in canonical form", "ValidationError")
     return tool_id
 
 
@@ -54,8 +60,7 @@ def validate_env(env: Any) -> dict[str, str]:
     checked: dict[str, str] = {}
     for key, value in env.items():
         if not isinstance(key, str) or not ENV_KEY.match(key):
-            raise InvalidInput(f"invalid env name {key!r}: use A-Z, 0-9 and '_'",
-                               "ValidationError")
+            raise InvalidInput(f"invalid env name {key!r}: use A-Z, 0-9 and '_'", "ValidationError")
         if key in FORBIDDEN_ENV_KEYS:
             raise InvalidInput(f"env name {key} is not allowed", "ValidationError")
         if not isinstance(value, str):

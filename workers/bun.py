@@ -22,8 +22,9 @@ def find_bun(bun_path: str | None, project_dir: Path) -> Path:
         if not path.is_absolute():
             path = project_dir / path
         if not _is_executable(path):
-            raise ConfigError(f"runtime.bun_path: {path} is not an executable file",
-                              key="runtime.bun_path")
+            raise ConfigError(
+                f"runtime.bun_path: {path} is not an executable file", key="runtime.bun_path"
+            )
         return path
     for directory in (project_dir, *project_dir.parents, _CHECKOUT):
         candidate = directory / "node_modules" / ".bin" / "bun"

@@ -16,9 +16,9 @@ from toolq.config.durations import format_duration, parse_duration
 from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import ConfigError, InvalidInput, ToolFailure
+from toolq.validation import validate_env, validate_tool_id
 from toolq.workers.bun import find_bun
 from toolq.workers.runner import BunRunner, Call, Outcome
-from toolq.validation import validate_env, validate_tool_id
 
 log = logging.getLogger("toolq.worker")
 slow_log = logging.getLogger("toolq.slow")
@@ -87,9 +87,9 @@ class ToolExecutor:
             ceiling = self.settings.max_hard_timeout_s
             if not 0 < timeout_s <= ceiling:
                 raise InvalidInput(
-                    f"timeout {format_duration(timeout_s)} is outside (0, {format_duration(ceiling)}]"
-                    ": a call may not outlast the longest configured hard limit (raise "
-                    "runtime.timeout or the tool's timeout to allow it)",
+                    f"timeout {format_duration(timeout_s)} is outside "
+                    f"(0, {format_duration(ceiling)}]: a call may not outlast the longest "
+                    "configured hard limit (raise runtime.timeout or the tool's timeout)",
                     "ValidationError",
                 )
         return Call(

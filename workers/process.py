@@ -37,8 +37,15 @@ class WorkerProcess:
     ) -> None:
         self.hostname = hostname or f"toolq-{uuid.uuid4().hex[:8]}@localhost"
         self.redis_url = redis_url
-        self.argv = [sys.executable, "-m", "toolq", "worker", f"--hostname={self.hostname}",
-                     f"--pool={pool}", f"--loglevel={loglevel}"]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "toolq",
+            "worker",
+            f"--hostname={self.hostname}",
+            f"--pool={pool}",
+            f"--loglevel={loglevel}",
+        ]
         if config is not None:
             self.argv.append(f"--config={config}")
         if queues:
@@ -46,7 +53,10 @@ class WorkerProcess:
         if concurrency is not None:
             self.argv.append(f"--concurrency={concurrency}")
         self.env = {**os.environ, **(env or {}), "TOOLQ_REDIS_URL": redis_url}
-        self.log = tempfile.NamedTemporaryFile(prefix="toolq-worker-", suffix=".log", delete=False)
+        # Lives as long as the worker process; closed and removed by close().
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="toolq-worker-", suffix=".log", delete=False
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -10,6 +10,7 @@ the reaper SIGKILLs every group still listed, then exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,10 +78,8 @@ def _serve() -> None:
         else:
             groups.discard(pgid)
     for pgid in groups:
-        try:
+        with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ from toolq.errors import (
     ToolFailure,
     ToolTimeout,
 )
+from toolq.validation import check_input_size
 from toolq.workers.bun import WRAPPER
 from toolq.workers.reaper import reaper
-from toolq.validation import check_input_size
 
 log = logging.getLogger(__name__)
 
@@ -165,18 +165,24 @@ class BunRunner:
         except InvalidInput as exc:
             return _failed(exc, started)
         with self._slots:
-            return self._spawn_and_collect(call, request, nonce.encode(), started)
+            return self._spawn_and_collect(call, request, nonce.encode())
 
-    def _spawn_and_collect(
-        self, call: Call, request: bytes, nonce: bytes, started: float
-    ) -> Outcome:
+    def _spawn_and_collect(self, call: Call, request: bytes, nonce: bytes) -> Outcome:
+        started = time.monotonic()  # limits count from here, not from waiting for a slot
         tmpdir = tempfile.mkdtemp(prefix="toolq-")
         env = {**self.base_env, "TMPDIR": tmpdir, **call.env}
         envelope_r, envelope_w = os.pipe()
         try:
             proc = subprocess.Popen(
-                [str(self.bun), "--smol", "--no-install", "--no-env-file",
-                 str(WRAPPER), str(self.entrypoint), str(envelope_w)],
+                [
+                    str(self.bun),
+                    "--smol",
+                    "--no-install",
+                    "--no-env-file",
+                    str(WRAPPER),
+                    str(self.entrypoint),
+                    str(envelope_w),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -252,11 +258,11 @@ def _collect(
                 fd = key.fd
                 if fd == stdin_fd:
                     try:
-                        pending = pending[os.write(fd, pending):]
+                        pending = pending[os.write(fd, pending) :]
                     except BlockingIOError:
                         continue
                     except OSError:  # the process closed stdin or died: nothing to deliver
-                        pending = pending[len(pending):]
+                        pending = pending[len(pending) :]
                     if not pending:
                         selector.unregister(fd)
                         proc.stdin.close()
@@ -327,17 +333,16 @@ def _read_into(
             streams.frame = bytes(streams.envelope[start + len(nonce) : end])
             return None
     if len(streams.envelope) > MAX_OUTPUT_BYTES + _ENVELOPE_SLACK:
-        return OutputTooLarge(
-            f"tool output exceeds maximum size limit of {MAX_OUTPUT_BYTES} bytes"
-        )
+        return OutputTooLarge(f"tool output exceeds maximum size limit of {MAX_OUTPUT_BYTES} bytes")
     return None
 
 
 def _timeout(limits: ToolLimits, *, terminated_gracefully: bool) -> ToolTimeout:
     soft = format_duration(limits.timeout_s)
     if terminated_gracefully:
-        return ToolTimeout(f"tool exceeded its time limit of {soft} and was terminated (SIGTERM)",
-                           "TimeoutError")
+        return ToolTimeout(
+            f"tool exceeded its time limit of {soft} and was terminated (SIGTERM)", "TimeoutError"
+        )
     hard = format_duration(limits.hard_timeout_s)
     return ToolTimeout(
         f"tool exceeded its time limit of {soft}; still running at the hard limit of {hard}, "
@@ -384,8 +389,9 @@ def _interpret(
             return Outcome(result, None, execution_ms, **common)  # type: ignore[arg-type]
     if failure is None:
         if sig is not None:
-            failure = ToolCrashed(f"Bun was killed by signal {sig} before reporting a result",
-                                  "Crashed")
+            failure = ToolCrashed(
+                f"Bun was killed by signal {sig} before reporting a result", "Crashed"
+            )
         elif code == 0:
             failure = ToolCrashed(
                 "Bun exited with code 0 before reporting a result (did the tool call "
@@ -393,8 +399,9 @@ def _interpret(
                 "Crashed",
             )
         else:
-            failure = ToolCrashed(f"Bun exited with code {code} before reporting a result",
-                                  "Crashed")
+            failure = ToolCrashed(
+                f"Bun exited with code {code} before reporting a result", "Crashed"
+            )
     tail = stderr[-STDERR_IN_ERROR:] if isinstance(failure, ToolCrashed) else None
     info = ToolErrorInfo.from_failure(failure, stderr=tail or None)
     return Outcome(None, info, total_ms, **common)  # type: ignore[arg-type]

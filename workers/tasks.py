@@ -38,8 +38,12 @@ def register_tasks(app: Celery, executor: ToolExecutor) -> Task:
                 call_id,
                 tool_id,
                 error=ToolErrorInfo.from_failure(failure),
-                metadata={"tool_exec_id": call_id, "attempts": 1, "execution_time": 0,
-                          "worker": str(self.request.hostname)},
+                metadata={
+                    "tool_exec_id": call_id,
+                    "attempts": 1,
+                    "execution_time": 0,
+                    "worker": str(self.request.hostname),
+                },
             ).to_dict()
 
-    return run_tool  # type: ignore[no-any-return]
+    return run_tool

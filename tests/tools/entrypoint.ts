@@ -73,8 +73,9 @@ export default {
 
   // time
   sleep: async (input: { ms?: number }) => {
+    const start = Date.now();
     await sleep(input?.ms ?? 100);
-    return { slept: input?.ms ?? 100 };
+    return { slept: input?.ms ?? 100, start, end: Date.now() };
   },
   busy_loop: async () => {
     for (;;) {}

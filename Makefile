@@ -1,0 +1,49 @@
+# `make demo` and `make test` set everything up first: nothing to do by hand.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+BUN := node_modules/.bin/bun
+
+.PHONY: setup demo test lint typecheck format bench clean
+
+setup: $(VENV)/.installed $(BUN)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Bun comes from the npm package `bun`, pinned in package.json / package-lock.json,
+# installed inside the repo; the runner finds it there without touching PATH.
+$(BUN): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	$(BUN) --version >/dev/null 2>&1 || node node_modules/bun/install.js
+	$(BUN) --version
+	touch -h $@
+
+demo: setup
+	$(BIN)/toolq demo
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+lint: setup typecheck
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The source folders install under `toolq.` (see pyproject.toml); mypy cannot follow
+# that mapping, so it checks a tree of links laid out as the installed package.
+typecheck: setup
+	rm -rf .typecheck && mkdir -p .typecheck/toolq
+	for f in toolq/*.py toolq/py.typed; do ln -s ../../$$f .typecheck/toolq/; done
+	for d in config workers producers; do ln -s ../../$$d .typecheck/toolq/$$d; done
+	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p toolq
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) node_modules .typecheck .pytest_cache .mypy_cache .ruff_cache *.egg-info

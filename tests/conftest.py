@@ -1,0 +1,119 @@
+"""Fixtures: a real Redis (a database of this run's own), real workers, real Bun."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from toolq.config.loader import load_settings
+from toolq.devredis import ensure_redis
+from toolq.producers.client import ToolClient
+from toolq.workers.bun import find_bun
+from toolq.workers.process import WorkerProcess
+
+TOOLS = Path(__file__).resolve().parent / "tools"
+TOOLS_CONFIG = TOOLS / "compozy.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _no_toolq_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see no TOOLQ_* from the developer's shell."""
+    for name in list(os.environ):
+        if name.startswith("TOOLQ_"):
+            monkeypatch.delenv(name)
+
+
+def _claim_database(base_url: str) -> tuple[str, redis.Redis]:
+    """An empty database of this Redis, claimed with a marker key; flushed afterwards."""
+    marker = f"toolq-test-run:{uuid.uuid4()}"
+    for db in range(15, 0, -1):
+        url = urlsplit(base_url)._replace(path=f"/{db}").geturl()
+        client = redis.Redis.from_url(url)
+        if client.dbsize() == 0 and client.set(marker, os.getpid(), nx=True, ex=6 * 3600):
+            if client.dbsize() == 1:
+                return url, client
+            client.delete(marker)
+        client.close()
+    raise RuntimeError(f"no empty Redis database free at {base_url} for the test run")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with ensure_redis(os.environ.get("TOOLQ_REDIS_URL")) as base_url:
+        url, client = _claim_database(base_url)
+        try:
+            yield url
+        finally:
+            client.flushdb()
+            client.close()
+
+
+@pytest.fixture(scope="session")
+def bun() -> Path:
+    return find_bun(None, TOOLS)
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str) -> Any:
+    return load_settings(TOOLS_CONFIG, environ={}, overrides={"redis_url": redis_url})
+
+
+@pytest.fixture(scope="session")
+def client(settings: Any) -> Iterator[ToolClient]:
+    with ToolClient(settings) as tool_client:
+        yield tool_client
+
+
+@pytest.fixture(scope="session")
+def worker(client: ToolClient, redis_url: str) -> Iterator[WorkerProcess]:
+    """The shared worker: threads pool (production's), 4 tools at once, on the default queue."""
+    with WorkerProcess(config=TOOLS_CONFIG, redis_url=redis_url) as process:
+        process.start(client.app)
+        yield process
+
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def start_worker(client: ToolClient, redis_url: str) -> Iterator[StartWorker]:
+    """Start extra workers (each on its own queue unless told otherwise); stopped afterwards."""
+    started: list[WorkerProcess] = []
+
+    def start(**kwargs: Any) -> WorkerProcess:
+        kwargs.setdefault("config", TOOLS_CONFIG)
+        kwargs.setdefault("queues", [f"q-{uuid.uuid4().hex[:8]}"])
+        process = WorkerProcess(redis_url=redis_url, **kwargs)
+        started.append(process)
+        return process.start(client.app)
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

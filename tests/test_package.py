@@ -1,0 +1,119 @@
+"""The public surface and the installed layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import yaml
+
+import toolq
+from toolq.errors import FAILURE_CLASSES, ToolFailure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert toolq.__all__ == sorted(toolq.__all__)
+    public = {name for name in vars(toolq) if not name.startswith("_")} - {
+        "config",
+        "envelope",
+        "errors",
+        "producers",
+        "validation",
+        "workers",
+        "cli",
+        "demo",
+        "devredis",
+    }
+    assert public <= set(toolq.__all__)
+    for name in toolq.__all__:
+        assert hasattr(toolq, name), name
+
+
+def test_error_kinds_map_one_to_one_to_classes() -> None:
+    kinds = {
+        "tool_error",
+        "timeout",
+        "not_found",
+        "invalid_input",
+        "output_too_large",
+        "invalid_output",
+        "crashed",
+    }
+    assert set(FAILURE_CLASSES) == kinds
+    assert all(
+        issubclass(cls, ToolFailure) and cls.kind == kind for kind, cls in FAILURE_CLASSES.items()
+    )
+    retryable = {kind for kind, cls in FAILURE_CLASSES.items() if cls.retryable}
+    assert retryable == {"timeout", "crashed", "tool_error"}
+
+
+def test_wheel_installs_only_the_toolq_package(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("toolq-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_levels = {name.split("/", 1)[0] for name in names}
+    assert top_levels == {"toolq", f"toolq-{toolq.__version__}.dist-info"}
+    for shipped in (
+        "toolq/config/production.yaml",
+        "toolq/workers/wrapper.ts",
+        "toolq/producers/client.py",
+        "toolq/py.typed",
+    ):
+        assert shipped in names
+
+
+def test_no_bare_config_or_workers_module_is_importable() -> None:
+    probe = "import importlib.util as u; print(u.find_spec('config'), u.find_spec('workers'))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd="/", check=True
+    ).stdout
+    assert out.strip() == "None None"
+
+
+def test_profiles_and_wrapper_ship_with_the_package() -> None:
+    from importlib import resources
+
+    assert resources.files("toolq.config").joinpath("production.yaml").is_file()
+    assert resources.files("toolq.config").joinpath("development.yaml").is_file()
+    assert resources.files("toolq.workers").joinpath("wrapper.ts").is_file()
+
+
+def test_docker_compose_uses_commands_that_exist() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "worker"} <= set(services)
+    worker = services["worker"]
+    command = worker["command"]
+    command = command if isinstance(command, list) else command.split()
+    assert command[:2] == ["toolq", "worker"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "toolq", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for arg in command[2:]:
+        if arg.startswith("--"):
+            assert arg.split("=")[0] in help_text, arg
+    env = worker.get("environment", {})
+    assert "redis://redis:6379" in str(env.get("TOOLQ_REDIS_URL", ""))

@@ -1,0 +1,282 @@
+"""The Bun runner on its own: protocol and faults, with real Bun processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TOOLS, process_alive, wait_until
+from toolq.config.settings import ToolLimits
+from toolq.workers.runner import (
+    MAX_OUTPUT_BYTES,
+    MAX_STDERR_KEPT,
+    BunRunner,
+    Call,
+    Outcome,
+    base_environment,
+)
+
+
+@pytest.fixture(scope="module")
+def runner(bun: Path) -> BunRunner:
+    return BunRunner(bun, TOOLS / "entrypoint.ts", TOOLS, max_concurrent=4)
+
+
+def run(
+    runner: BunRunner,
+    tool_id: str,
+    payload: Any = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+    hard_timeout_s: float | None = None,
+) -> Outcome:
+    limits = ToolLimits(timeout_s, hard_timeout_s or timeout_s + 1)
+    return runner.run(Call(tool_id, "exec-1", payload, env or {}, limits))
+
+
+def kind(outcome: Outcome) -> str | None:
+    return outcome.error.kind if outcome.error else None
+
+
+# -- protocol -----------------------------------------------------------------------------
+
+
+def test_success_round_trips_input(runner: BunRunner) -> None:
+    payload = {"text": "héllo ✓", "n": [1, 2.5, None, True], "nested": {"a": {}}}
+    outcome = run(runner, "echo", payload)
+    assert outcome.error is None
+    assert outcome.result == {"echo": payload}
+    assert outcome.execution_time_ms >= 0
+
+
+def test_config_reaches_the_tool_as_second_argument(runner: BunRunner) -> None:
+    call = Call("with_config", "e", None, {}, ToolLimits(5, 6), config={"units": "metric"})
+    assert runner.run(call).result == {"config": {"units": "metric"}}
+
+
+@pytest.mark.parametrize(
+    ("tool_id", "expected"),
+    [
+        ("returns_string", {"value": "hello"}),
+        ("returns_number", {"value": 42}),
+        ("returns_array", {"value": [1, 2, 3]}),
+        ("returns_null", {}),
+        ("returns_undefined", {}),
+    ],
+)
+def test_result_normalisation(runner: BunRunner, tool_id: str, expected: Any) -> None:
+    assert run(runner, tool_id).result == expected
+
+
+def test_unknown_tool_is_not_found_and_lists_tools(runner: BunRunner) -> None:
+    outcome = run(runner, "no_such_tool")
+    assert kind(outcome) == "not_found"
+    assert outcome.error is not None
+    assert outcome.error.message.startswith(
+        "Tool no_such_tool not found in entrypoint exports. Available tools: "
+    )
+    assert "echo" in outcome.error.message
+
+
+def test_env_is_minimal_plus_the_call_env(
+    runner: BunRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORKER_SECRET", "must-not-leak")
+    leaky = BunRunner(runner.bun, runner.entrypoint, runner.project_dir, 1, base_environment())
+    outcome = run(leaky, "env_keys", env={"API_TOKEN": "abc123"})
+    keys = set(outcome.result["keys"])  # type: ignore[index]
+    assert "WORKER_SECRET" not in keys
+    assert {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN"} <= keys
+    assert keys <= {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN"}
+    values = run(leaky, "env", {"keys": ["API_TOKEN", "TMPDIR"]}, env={"API_TOKEN": "abc123"})
+    env = values.result["env"]  # type: ignore[index]
+    assert env["API_TOKEN"] == "abc123"
+    assert env["TMPDIR"] and not os.path.exists(env["TMPDIR"])  # private, removed afterwards
+
+
+def test_console_goes_to_stderr_with_levels(runner: BunRunner) -> None:
+    outcome = run(runner, "console")
+    assert outcome.result == {"ok": True}
+    for line in ("[LOG] log line", "[INFO] info line", "[WARN] warn line", "[ERROR] error line"):
+        assert line in outcome.stderr
+
+
+def test_stray_stdout_cannot_corrupt_the_result(runner: BunRunner) -> None:
+    outcome = run(runner, "stray_stdout")
+    assert outcome.error is None
+    assert outcome.result == {"ok": True}
+    assert "forged" in outcome.stderr  # kept as log output
+
+
+def test_thrown_errors_keep_name_message_stack(runner: BunRunner) -> None:
+    outcome = run(runner, "throws")
+    assert outcome.error is not None
+    assert (outcome.error.kind, outcome.error.name, outcome.error.message) == (
+        "tool_error",
+        "TypeError",
+        "bad things happened",
+    )
+    assert "entrypoint.ts" in (outcome.error.stack or "")
+    thrown_string = run(runner, "throws_string").error
+    assert thrown_string is not None and thrown_string.message == "just a string"
+
+
+def test_error_thrown_from_a_timer_is_a_tool_error(runner: BunRunner) -> None:
+    outcome = run(runner, "late_throw")
+    assert kind(outcome) == "tool_error"
+    assert outcome.error is not None and outcome.error.message == "thrown from a timer"
+
+
+def test_unserialisable_result_is_invalid_output(runner: BunRunner) -> None:
+    assert kind(run(runner, "returns_bigint")) == "invalid_output"
+
+
+def test_input_that_is_not_json_is_invalid_input(runner: BunRunner) -> None:
+    assert kind(run(runner, "echo", {"f": float("nan")})) == "invalid_input"
+    assert kind(run(runner, "echo", {"s": {1, 2}})) == "invalid_input"
+
+
+# -- faults -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("code",), [(3,), (1,)])
+def test_exit_code_is_a_crash_with_the_code(runner: BunRunner, code: int) -> None:
+    outcome = run(runner, "exit_code", {"code": code})
+    assert kind(outcome) == "crashed"
+    assert outcome.error is not None and f"code {code}" in outcome.error.message
+
+
+def test_exit_zero_without_result_is_a_crash(runner: BunRunner) -> None:
+    assert kind(run(runner, "exit_zero")) == "crashed"
+
+
+def test_signal_is_a_crash_naming_the_signal(runner: BunRunner) -> None:
+    outcome = run(runner, "segfault")
+    assert kind(outcome) == "crashed"
+    assert outcome.error is not None and "SIGSEGV" in outcome.error.message
+
+
+def test_crash_stderr_is_kept_and_secrets_redacted(runner: BunRunner) -> None:
+    outcome = run(runner, "print_secret", env={"API_TOKEN": "s3cr3t-value"})
+    assert kind(outcome) == "crashed"
+    assert outcome.error is not None and outcome.error.stderr is not None
+    assert "the secret is ***" in outcome.error.stderr
+    assert "s3cr3t-value" not in outcome.stderr + json.dumps(outcome.error.to_dict())
+
+
+def test_soft_timeout_sends_sigterm_to_the_group(runner: BunRunner, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    outcome = run(
+        runner, "graceful_sigterm", {"marker": str(marker)}, timeout_s=0.5, hard_timeout_s=5
+    )
+    assert kind(outcome) == "timeout"
+    assert marker.read_text() == "cleaned up"  # the tool got SIGTERM and cleaned up
+    assert outcome.error is not None and "SIGTERM" in outcome.error.message
+
+
+def test_hard_timeout_kills_a_tool_that_ignores_sigterm(runner: BunRunner, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    started = time.monotonic()
+    outcome = run(
+        runner, "ignore_sigterm", {"pidfile": str(log)}, timeout_s=0.5, hard_timeout_s=1.5
+    )
+    assert kind(outcome) == "timeout"
+    assert "sigterm" in log.read_text()
+    assert outcome.error is not None and "SIGKILL" in outcome.error.message
+    assert time.monotonic() - started < 10  # ended by the runner, not by the tool
+
+
+def test_busy_loop_is_stopped(runner: BunRunner) -> None:
+    assert kind(run(runner, "busy_loop", timeout_s=0.5, hard_timeout_s=1)) == "timeout"
+
+
+def test_lingering_handles_do_not_hold_the_call(runner: BunRunner) -> None:
+    started = time.monotonic()
+    outcome = run(runner, "lingering", timeout_s=5)
+    assert outcome.result == {"done": True}
+    assert time.monotonic() - started < 4  # not held until the 5 s limit
+
+
+def test_children_die_with_the_call(runner: BunRunner, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    outcome = run(runner, "fork_child", {"pidfile": str(pidfile), "detach": True})
+    assert outcome.error is None
+    child = int(pidfile.read_text())
+    assert wait_until(lambda: not process_alive(child), 5)
+
+
+def test_children_of_a_timed_out_tool_die(runner: BunRunner, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    outcome = run(
+        runner, "fork_and_hang", {"pidfile": str(pidfile)}, timeout_s=0.5, hard_timeout_s=1
+    )
+    assert kind(outcome) == "timeout"
+    bun_pid, child = map(int, pidfile.read_text().split())
+    assert wait_until(lambda: not process_alive(bun_pid) and not process_alive(child), 5)
+
+
+def test_stdout_flood_is_stopped_at_the_cap(runner: BunRunner) -> None:
+    started = time.monotonic()
+    outcome = run(runner, "flood_stdout", timeout_s=30)
+    assert kind(outcome) == "output_too_large"
+    assert time.monotonic() - started < 20  # stopped at the cap, not at the timeout
+    assert len(outcome.stderr.encode()) <= MAX_STDERR_KEPT + 200
+
+
+def test_stderr_flood_keeps_the_last_mebibyte(runner: BunRunner) -> None:
+    outcome = run(runner, "flood_stderr_then_return", {"mb": 3})
+    assert outcome.result == {"ok": True}
+    assert "bytes of stderr dropped" in outcome.stderr
+    assert len(outcome.stderr.encode()) <= MAX_STDERR_KEPT + 200
+
+
+def test_oversized_output_is_refused(runner: BunRunner) -> None:
+    assert kind(run(runner, "big_output", {"bytes": MAX_OUTPUT_BYTES + 1})) == "output_too_large"
+    fits = run(runner, "big_output", {"bytes": 1024 * 1024})
+    assert fits.error is None and len(fits.result["data"]) == 1024 * 1024  # type: ignore[index]
+
+
+def test_oversized_input_is_refused_before_spawning(runner: BunRunner) -> None:
+    outcome = run(runner, "input_size", {"data": "x" * (10 * 1024 * 1024 + 1)})
+    assert kind(outcome) == "invalid_input"
+    big = run(runner, "input_size", {"data": "x" * (2 * 1024 * 1024)})
+    assert big.result == {"length": 2 * 1024 * 1024}
+
+
+def test_concurrent_calls_are_capped(bun: Path) -> None:
+    capped = BunRunner(bun, TOOLS / "entrypoint.ts", TOOLS, max_concurrent=2)
+    windows: list[tuple[float, float]] = []
+
+    def one() -> None:
+        outcome = run(capped, "sleep", {"ms": 300})
+        assert outcome.result is not None
+        windows.append((outcome.result["start"], outcome.result["end"]))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(windows) == 6
+    assert max_overlap(windows) == 2
+
+
+def max_overlap(windows: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in windows] + [(end, -1) for _, end in windows])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def test_runner_survives_every_fault(runner: BunRunner) -> None:
+    assert run(runner, "echo", {"still": "serving"}).result == {"echo": {"still": "serving"}}
+    assert signal.SIGTERM  # the module's faults above all ran in this process
