@@ -50,10 +50,17 @@ def tree_rss_mib(root_pid: int) -> tuple[float, int]:
 
 def measure(pool: str, redis_url: str, config: Path) -> tuple[float, float, int]:
     settings = load_settings(config, overrides={"redis_url": redis_url, "queue": f"mem-{pool}"})
-    with ToolClient(settings) as client, WorkerProcess(
-        config=config, redis_url=redis_url, queues=[f"mem-{pool}"], concurrency=10, pool=pool,
-        loglevel="WARNING",
-    ) as worker:
+    with (
+        ToolClient(settings) as client,
+        WorkerProcess(
+            config=config,
+            redis_url=redis_url,
+            queues=[f"mem-{pool}"],
+            concurrency=10,
+            pool=pool,
+            loglevel="WARNING",
+        ) as worker,
+    ):
         worker.start(client.app)
         idle, _ = tree_rss_mib(worker.pid)
         calls = [client.enqueue("sleep", {"ms": 3000}, queue=f"mem-{pool}") for _ in range(10)]
