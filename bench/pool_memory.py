@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from toolq.config.loader import load_settings
-from toolq.devredis import ensure_redis
+from toolq.devredis import drop_queue, ensure_redis
 from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
 
@@ -74,6 +74,7 @@ def measure(pool: str, redis_url: str, config: Path) -> tuple[float, float, int]
         for call in calls:
             assert call.result(timeout=30).ok
             call.forget()
+        drop_queue(redis_url, f"mem-{pool}")
         return idle, peak, peak_count
 
 

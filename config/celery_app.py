@@ -42,7 +42,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_disable_prefetch": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "worker_hijack_root_logger": False,
         "result_expires": 24 * 3600,
         "result_extended": False,  # args would carry the call's env into Redis twice
         "enable_utc": True,

@@ -189,6 +189,25 @@ def test_killed_worker_leaves_no_bun_or_grandchildren(
     )
 
 
+def test_slow_calls_are_logged_as_json(client: ToolClient, start_worker: StartWorker) -> None:
+    worker = start_worker(
+        env={
+            "TOOLQ_PERFORMANCE__LOG_SLOW_QUERIES": "true",
+            "TOOLQ_PERFORMANCE__SLOW_QUERY_THRESHOLD": "200ms",
+        }
+    )
+    queue = _queue_of(worker)
+    slow = client.run("sleep", {"ms": 400}, queue=queue, wait=30)
+    fast = client.run("echo", {}, queue=queue, wait=30)
+    assert slow.ok and fast.ok
+    lines = [line for line in worker.output().splitlines() if "slow_tool_call" in line]
+    assert len(lines) == 1, worker.output()[-3000:]
+    record = json.loads(lines[0][lines[0].index("{") :])
+    assert record["tool_id"] == "sleep" and record["tool_exec_id"] == slow.id
+    assert record["duration_ms"] >= 400 and record["worker"] == worker.hostname
+    assert record["attempt"] == 1
+
+
 def _queue_of(worker: WorkerProcess) -> str:
     return next(arg.split("=", 1)[1] for arg in worker.argv if arg.startswith("--queues="))
 

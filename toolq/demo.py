@@ -8,13 +8,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from toolq.config.loader import load_settings
-from toolq.devredis import ensure_redis
+from toolq.devredis import drop_queue, ensure_redis
 from toolq.envelope import ToolResult
 from toolq.errors import ConfigError
 from toolq.producers.client import ToolCall, ToolClient
@@ -99,8 +98,7 @@ def _clean_up(client: ToolClient, queue: str, calls: list[tuple[ToolCall, Any]])
     """Leave the user's Redis as the demo found it: no results, no private queue."""
     for call, _ in calls:
         call.forget()
-    with redis.Redis.from_url(client.settings.redis_url) as connection:
-        connection.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    drop_queue(client.settings.redis_url, queue)
     client.close()
 
 

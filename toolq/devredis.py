@@ -106,3 +106,9 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def drop_queue(url: str, queue: str) -> None:
+    """Delete a throw-away queue and kombu's bindings for it (demo and benchmark queues)."""
+    with redis.Redis.from_url(url) as connection:
+        connection.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
