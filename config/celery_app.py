@@ -21,7 +21,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         # Redelivery of an unacknowledged call (worker killed mid-call) happens
         # this long after delivery: above every limit, far below Celery's 1 h default.
-        "visibility_timeout": settings.visibility_timeout_s,
+        "visibility_timeout": settings.redelivery_s,
+        # Sweep for abandoned calls every 5 s (kombu's default is ~100 s).
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 1,
         "health_check_interval": 25,
     }
     return {
@@ -29,6 +32,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": settings.redis_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # A result finished while Redis restarts is stored once Redis is back, not lost.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -37,9 +44,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,
+        # With late acks a running call stays unacknowledged, so a prefetch of one per
+        # slot means a busy worker holds no call it is not running: it hoards nothing.
         "worker_prefetch_multiplier": 1,
-        # Take a call only when a slot is free: a busy worker hoards nothing.
-        "worker_disable_prefetch": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "result_expires": 24 * 3600,

@@ -59,12 +59,45 @@ def _check_permissions(flags: list[str] | None) -> list[str] | None:
     return flags
 
 
+class RetrySettings(_Strict):
+    """A tool's retry policy under `tools.<id>.retry`; unset keys take the top-level backoff_*."""
+
+    initial_interval_s: Duration | None = Field(None, alias="initial_interval")
+    max_interval_s: Duration | None = Field(None, alias="max_interval")
+    max_elapsed_time_s: Duration | None = Field(None, alias="max_elapsed_time")
+    multiplier: float | None = Field(None, ge=1)
+    max_attempts: PositiveInt | None = None
+    jitter: bool | None = None
+    non_retryable_errors: list[str] | None = None
+    enabled: bool | None = None
+
+
+class BreakerSettings(_Strict):
+    """Circuit breaker: open after `fail_max` consecutive failures, probe after `reset_timeout`."""
+
+    fail_max: PositiveInt = 5
+    reset_timeout_s: Duration = Field(60.0, alias="reset_timeout", gt=0)
+    success_threshold: PositiveInt = 1
+    enabled: bool = True
+
+
+class ToolBreakerSettings(_Strict):
+    """A tool's breaker overrides under `tools.<id>.circuit_breaker`."""
+
+    fail_max: PositiveInt | None = None
+    reset_timeout_s: Duration | None = Field(None, alias="reset_timeout", gt=0)
+    success_threshold: PositiveInt | None = None
+    enabled: bool | None = None
+
+
 class ToolSettings(_Strict):
     """Per-tool overrides under `tools: {<tool_id>: {...}}`; unset keys inherit."""
 
     timeout_s: Duration | None = Field(None, alias="timeout")
     hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
     permissions: list[str] | None = None
+    retry: RetrySettings | None = None
+    circuit_breaker: ToolBreakerSettings | None = None
 
     _check_permissions = field_validator("permissions")(_check_permissions)
 
@@ -116,6 +149,14 @@ class Settings(_Strict):
     backoff_initial_interval_s: Duration = Field(0.1, alias="backoff_initial_interval")
     backoff_max_interval_s: Duration = Field(5.0, alias="backoff_max_interval")
     backoff_max_elapsed_time_s: Duration = Field(30.0, alias="backoff_max_elapsed_time")
+    backoff_multiplier: float = Field(2.0, ge=1)
+    backoff_jitter: bool = True
+    max_attempts: PositiveInt = 5
+    non_retryable_errors: list[str] = Field(default_factory=list)
+    circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    idempotency_ttl_s: Duration = Field(24 * 3600.0, alias="idempotency_ttl", gt=0)
+    dead_letter_max: PositiveInt = 10_000
+    visibility_timeout_s: Duration | None = Field(None, alias="visibility_timeout")
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = DEFAULT_QUEUE
     tools: dict[str, ToolSettings] = Field(default_factory=dict)
@@ -138,13 +179,20 @@ class Settings(_Strict):
         return name
 
     @model_validator(mode="after")
-    def _tool_limits_ordered(self) -> Settings:
+    def _limits_nest(self) -> Settings:
         for tool_id in self.tools:
             limits = self.limits_for(tool_id)
             if limits.hard_timeout_s < limits.timeout_s:
                 raise ValueError(
                     f"tools.{tool_id}.hard_timeout must not be shorter than its timeout"
                 )
+        floor = self.max_hard_timeout_s + BACKSTOP_MARGIN_S + 5
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s < floor:
+            raise ValueError(
+                f"visibility_timeout ({format_duration(self.visibility_timeout_s)}) must be at "
+                f"least the longest hard limit + {BACKSTOP_MARGIN_S:g}s + 5s "
+                f"({format_duration(floor)}), or calls would run twice"
+            )
         return self
 
     # -- where the settings came from -------------------------------------------------
@@ -194,9 +242,49 @@ class Settings(_Strict):
         return max(limit.hard_timeout_s for limit in limits)
 
     @property
-    def visibility_timeout_s(self) -> float:
-        """Redis' redelivery delay: above every hard and backstop limit, and no more."""
+    def redelivery_s(self) -> float:
+        """Redis' redelivery delay (visibility timeout): above every limit, and no more."""
+        if self.visibility_timeout_s is not None:
+            return self.visibility_timeout_s
         return self.max_hard_timeout_s + BACKSTOP_MARGIN_S + VISIBILITY_MARGIN_S
+
+    def retry_settings(self, tool_id: str) -> dict[str, Any]:
+        """The effective retry values for one tool: tool > top level > default."""
+        values: dict[str, Any] = {
+            "initial_interval_s": self.backoff_initial_interval_s,
+            "max_interval_s": self.backoff_max_interval_s,
+            "max_elapsed_s": self.backoff_max_elapsed_time_s,
+            "multiplier": self.backoff_multiplier,
+            "max_attempts": self.max_attempts,
+            "jitter": self.backoff_jitter,
+            "non_retryable_errors": frozenset(self.non_retryable_errors),
+            "enabled": True,
+        }
+        tool = self.tools.get(tool_id)
+        if tool is not None and tool.retry is not None:
+            own = tool.retry
+            for key, value in (
+                ("initial_interval_s", own.initial_interval_s),
+                ("max_interval_s", own.max_interval_s),
+                ("max_elapsed_s", own.max_elapsed_time_s),
+                ("multiplier", own.multiplier),
+                ("max_attempts", own.max_attempts),
+                ("jitter", own.jitter),
+                ("enabled", own.enabled),
+            ):
+                if value is not None:
+                    values[key] = value
+            if own.non_retryable_errors is not None:
+                values["non_retryable_errors"] = frozenset(own.non_retryable_errors)
+        return values
+
+    def breaker_settings(self, tool_id: str) -> BreakerSettings:
+        """The effective breaker for one tool: tool > top level > default."""
+        tool = self.tools.get(tool_id)
+        if tool is None or tool.circuit_breaker is None:
+            return self.circuit_breaker
+        own = tool.circuit_breaker.model_dump(exclude_none=True)
+        return self.circuit_breaker.model_copy(update=own)
 
     def permissions_for(self, tool_id: str) -> list[str]:
         tool = self.tools.get(tool_id)

@@ -15,12 +15,12 @@ Bad calls (an invalid tool id or env, input that is not JSON or is too big) rais
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.exceptions import TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeoutError
@@ -28,19 +28,18 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from toolq import keys
 from toolq.config.celery_app import RUN_TOOL_TASK, make_celery
+from toolq.config.connections import redis_client
 from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings, redact_url
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import BrokerUnavailable, InvalidInput, ResultTimeout, ToolCrashed, ToolTimeout
-from toolq.validation import check_input_size, validate_env, validate_tool_id
+from toolq.request import build_request, describe
 
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
-
-_REDACTED = "***"
-_INPUT_PREVIEW = 200
 
 
 @contextlib.contextmanager
@@ -128,6 +127,7 @@ class ToolClient:
             settings = load_settings(config, profile, overrides=overrides)
         self.settings = settings
         self.app: Celery = make_celery(settings, name="toolq-producer")
+        self._redis_client: redis.Redis | None = None
 
     def enqueue(
         self,
@@ -136,20 +136,42 @@ class ToolClient:
         env: Mapping[str, str] | None = None,
         timeout: Duration | None = None,
         queue: str | None = None,
+        *,
+        max_attempts: int | None = None,
+        retry: bool = True,
+        idempotency_key: str | None = None,
     ) -> ToolCall:
-        """Put one call on the queue and return at once."""
-        request = self._request(tool_id, input, env, timeout)
+        """Put one call on the queue and return at once.
+
+        ``max_attempts`` and ``retry=False`` override the retry policy for this call.
+        With ``idempotency_key``, enqueueing again under the same key within
+        ``idempotency_ttl`` returns the first call (and so its result) instead of
+        running the tool twice.
+        """
+        request = build_request(
+            tool_id, input, env, timeout, max_attempts=max_attempts, retry=retry
+        )
         call_id = str(uuid.uuid4())
-        with _redis_errors(self.settings.redis_url):
-            async_result = self.app.send_task(
-                RUN_TOOL_TASK,
-                args=[request],
-                task_id=call_id,
-                queue=queue or self.settings.queue,
-                argsrepr=_args_repr(request),
-                kwargsrepr="{}",
-                headers={"toolq_tool_id": tool_id},  # for Flower and the logs
-            )
+        if idempotency_key is not None:
+            first = self._claim(idempotency_key, call_id)
+            if first is not None:
+                return self.call(first, tool_id)
+        try:
+            with _redis_errors(self.settings.redis_url):
+                async_result = self.app.send_task(
+                    RUN_TOOL_TASK,
+                    args=[request],
+                    task_id=call_id,
+                    queue=queue or self.settings.queue,
+                    argsrepr=describe(request),
+                    kwargsrepr="{}",
+                    headers={"toolq_tool_id": tool_id},  # for Flower and the logs
+                )
+        except BrokerUnavailable:
+            if idempotency_key is not None:  # do not leave the key pointing at nothing
+                with contextlib.suppress(RedisError):
+                    self._redis.delete(keys.idempotency(idempotency_key))
+            raise
         return ToolCall(call_id, tool_id, async_result, self.settings.redis_url)
 
     def run(
@@ -159,10 +181,24 @@ class ToolClient:
         env: Mapping[str, str] | None = None,
         timeout: Duration | None = None,
         queue: str | None = None,
+        *,
         wait: Duration | None = None,
+        max_attempts: int | None = None,
+        retry: bool = True,
+        idempotency_key: str | None = None,
     ) -> ToolResult:
         """Enqueue and wait. ``timeout`` limits the tool; ``wait`` limits the waiting."""
-        return self.enqueue(tool_id, input, env, timeout, queue).result(timeout=wait)
+        call = self.enqueue(
+            tool_id,
+            input,
+            env,
+            timeout,
+            queue,
+            max_attempts=max_attempts,
+            retry=retry,
+            idempotency_key=idempotency_key,
+        )
+        return call.result(timeout=wait)
 
     def map(
         self,
@@ -171,10 +207,16 @@ class ToolClient:
         env: Mapping[str, str] | None = None,
         timeout: Duration | None = None,
         queue: str | None = None,
+        *,
         wait: Duration | None = None,
+        max_attempts: int | None = None,
+        retry: bool = True,
     ) -> list[ToolResult]:
         """Run one call per input, in parallel across workers; results in input order."""
-        calls = [self.enqueue(tool_id, item, env, timeout, queue) for item in inputs]
+        calls = [
+            self.enqueue(tool_id, item, env, timeout, queue, max_attempts=max_attempts, retry=retry)
+            for item in inputs
+        ]
         deadline = None if wait is None else time.monotonic() + parse_duration(wait)
         results = []
         for call in calls:
@@ -190,50 +232,29 @@ class ToolClient:
 
     def close(self) -> None:
         self.app.close()
+        if self._redis_client is not None:
+            self._redis_client.close()
+
+    @property
+    def _redis(self) -> redis.Redis:
+        if self._redis_client is None:
+            self._redis_client = redis_client(self.settings)
+        return self._redis_client
+
+    def _claim(self, idempotency_key: str, call_id: str) -> str | None:
+        """Reserve the key for ``call_id``; return the earlier call's id if there is one."""
+        if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 256:
+            raise InvalidInput("idempotency_key must be 1 to 256 characters", "ValidationError")
+        key = keys.idempotency(idempotency_key)
+        ttl = max(1, int(self.settings.idempotency_ttl_s))
+        with _redis_errors(self.settings.redis_url):
+            if self._redis.set(key, call_id, nx=True, ex=ttl):
+                return None
+            first = self._redis.get(key)
+        return first.decode() if isinstance(first, bytes) else None
 
     def __enter__(self) -> ToolClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _request(
-        self,
-        tool_id: str,
-        input: Any,
-        env: Mapping[str, str] | None,
-        timeout: Duration | None,
-    ) -> dict[str, Any]:
-        validate_tool_id(tool_id)
-        checked_env = validate_env(env)
-        timeout_s = None
-        if timeout is not None:
-            try:
-                timeout_s = parse_duration(timeout)
-            except ValueError as exc:
-                raise InvalidInput(f"timeout: {exc}", "ValidationError") from None
-            if timeout_s <= 0:
-                raise InvalidInput("timeout must be positive", "ValidationError")
-        try:
-            size = len(json.dumps(input, separators=(",", ":"), allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"input is not JSON-serialisable: {exc}", "ParseError") from None
-        check_input_size(size)
-        request: dict[str, Any] = {
-            "tool_id": tool_id,
-            "input": input,
-            "env": checked_env,
-            "enqueued_at": time.time(),
-        }
-        if timeout_s is not None:
-            request["timeout"] = timeout_s
-        return request
-
-
-def _args_repr(request: Mapping[str, Any]) -> str:
-    """What Flower and Celery's logs show: the tool id, a short input, env values hidden."""
-    shown = json.dumps(request.get("input"), separators=(",", ":"))
-    if len(shown) > _INPUT_PREVIEW:
-        shown = shown[:_INPUT_PREVIEW] + "…"
-    env = {key: _REDACTED for key in request.get("env") or {}}
-    return f"({request['tool_id']!r}, input={shown}, env={env})"

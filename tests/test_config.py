@@ -103,7 +103,7 @@ def test_per_tool_overrides_and_call_timeout(tmp_path: Path) -> None:
     ) == (1, 6)
     assert settings.limits_for("fixed").hard_timeout_s == 9
     assert settings.limits_for("fixed", call_timeout_s=3).hard_timeout_s == 10  # grace kept
-    assert settings.visibility_timeout_s > settings.max_hard_timeout_s == 12
+    assert settings.redelivery_s > settings.max_hard_timeout_s == 12
 
 
 def test_compozy_project_keys_are_accepted(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from toolq.config import Settings, load_settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import (
     BrokerUnavailable,
+    CircuitOpen,
     ConfigError,
     InvalidInput,
     InvalidOutput,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokerUnavailable",
+    "CircuitOpen",
     "ConfigError",
     "InvalidInput",
     "InvalidOutput",

@@ -6,18 +6,25 @@ connection error; 3 no result yet (pending, or `--wait` ran out).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
+from redis.exceptions import RedisError
 
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings, redact_url
 from toolq.envelope import ToolResult
 from toolq.errors import BrokerUnavailable, ConfigError, InvalidInput, ResultTimeout
+
+if TYPE_CHECKING:
+    from toolq.workers.breaker import Breakers
+    from toolq.workers.deadletter import DeadLetters
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PENDING = 0, 1, 2, 3
 
@@ -56,6 +63,8 @@ def _guard(action: Callable[[], T]) -> T:
         _fail(f"invalid call: {exc.message}")
     except BrokerUnavailable as exc:
         _fail(str(exc))
+    except RedisError as exc:  # operator commands talk to Redis directly
+        _fail(f"cannot reach Redis: {exc}")
 
 
 def _settings(config: Path | None, profile: str | None, **overrides: Any) -> Settings:
@@ -98,6 +107,16 @@ TimeoutOption = Annotated[
     str | None, typer.Option("--timeout", "-t", help="Soft time limit for this call, e.g. 10s.")
 ]
 QueueOption = Annotated[str | None, typer.Option("--queue", "-q", help="Queue to send to.")]
+MaxAttemptsOption = Annotated[
+    int | None, typer.Option("--max-attempts", min=1, help="Override the retry policy's attempts.")
+]
+NoRetryOption = Annotated[bool, typer.Option("--no-retry", help="Run once, whatever happens.")]
+IdempotencyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--idempotency-key", help="Same key within idempotency_ttl: the first call is reused."
+    ),
+]
 
 
 @app.command()
@@ -145,6 +164,9 @@ def run(
     env: EnvOption = None,
     timeout: TimeoutOption = None,
     queue: QueueOption = None,
+    max_attempts: MaxAttemptsOption = None,
+    no_retry: NoRetryOption = False,
+    idempotency_key: IdempotencyOption = None,
     wait: Annotated[
         str | None, typer.Option(help="Give up waiting after this long (exit 3).")
     ] = None,
@@ -156,7 +178,18 @@ def run(
 
     client = ToolClient(_settings(config, profile))
     payload, env_map = _parse_input(input), _parse_env(env)
-    call = _guard(lambda: client.enqueue(tool_id, payload, env_map, timeout, queue))
+    call = _guard(
+        lambda: client.enqueue(
+            tool_id,
+            payload,
+            env_map,
+            timeout,
+            queue,
+            max_attempts=max_attempts,
+            retry=not no_retry,
+            idempotency_key=idempotency_key,
+        )
+    )
     try:
         result = _guard(lambda: call.result(timeout=wait))
     except ResultTimeout as exc:
@@ -171,6 +204,9 @@ def enqueue(
     env: EnvOption = None,
     timeout: TimeoutOption = None,
     queue: QueueOption = None,
+    max_attempts: MaxAttemptsOption = None,
+    no_retry: NoRetryOption = False,
+    idempotency_key: IdempotencyOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
@@ -179,7 +215,18 @@ def enqueue(
 
     client = ToolClient(_settings(config, profile))
     payload, env_map = _parse_input(input), _parse_env(env)
-    call = _guard(lambda: client.enqueue(tool_id, payload, env_map, timeout, queue))
+    call = _guard(
+        lambda: client.enqueue(
+            tool_id,
+            payload,
+            env_map,
+            timeout,
+            queue,
+            max_attempts=max_attempts,
+            retry=not no_retry,
+            idempotency_key=idempotency_key,
+        )
+    )
     typer.echo(call.id)
 
 
@@ -229,6 +276,148 @@ def show_config(config: ConfigOption = None, profile: ProfileOption = None) -> N
     data["redis_url"] = redact_url(data["redis_url"])
     data["_source"] = settings.source
     typer.echo(json.dumps(data, indent=2))
+
+
+breakers_app = typer.Typer(
+    help="Circuit breakers, one per tool, shared by every worker.", no_args_is_help=False
+)
+app.add_typer(breakers_app, name="breakers")
+dlq_app = typer.Typer(
+    help="The dead-letter list: calls that failed after their last attempt.", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@breakers_app.callback(invoke_without_command=True)
+def breakers_list(
+    ctx: typer.Context,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """List every breaker: state, failures, opened at, reopens in."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    statuses = _guard(lambda: _breakers(_settings(config, profile)).statuses())
+    if as_json:
+        typer.echo(json.dumps([vars(status) for status in statuses], indent=2))
+        return
+    table = Table("tool", "state", "failures", "trips", "opened at", "reopens in")
+    for status in statuses:
+        opened = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.opened_at))
+            if status.opened_at
+            else "-"
+        )
+        reopens = f"{status.reopens_in_s:.1f}s" if status.reopens_in_s is not None else "-"
+        table.add_row(
+            status.tool_id, status.state, str(status.failures), str(status.trips), opened, reopens
+        )
+    Console().print(table if statuses else "no breakers yet")
+
+
+@breakers_app.command("reset")
+def breakers_reset(
+    tool_id: Annotated[str, typer.Argument(help="The tool whose breaker to close.")],
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Close one tool's breaker now."""
+    existed = _guard(lambda: _breakers(_settings(config, profile)).reset(tool_id))
+    typer.echo(f"breaker for {tool_id} closed" + ("" if existed else " (it had none yet)"))
+
+
+@dlq_app.command("list")
+def dlq_list(
+    limit: Annotated[int, typer.Option(min=1, help="Newest N entries.")] = 50,
+    as_json: JsonOption = False,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Show failed calls, newest first (env values are never shown)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    entries = _guard(lambda: _dead_letters(_settings(config, profile)).list(limit))
+    for entry in entries:
+        entry["env"] = {key: "***" for key in entry.get("env") or {}}
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    table = Table("id", "tool", "kind", "attempts", "stopped", "failed at", "message")
+    for entry in entries:
+        error = entry.get("error") or {}
+        table.add_row(
+            entry["id"],
+            entry["tool_id"],
+            error.get("kind", ""),
+            str(entry.get("attempts")),
+            str(entry.get("retry_stopped") or "-"),
+            time.strftime("%H:%M:%S", time.localtime(entry["failed_at"])),
+            str(error.get("message", ""))[:60],
+        )
+    Console().print(table if entries else "the dead-letter list is empty")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    call_id: Annotated[str | None, typer.Argument(help="The failed call's id.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every entry.")] = False,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Enqueue failed calls again (fresh attempts); prints `old-id -> new-id` per call."""
+    from toolq.producers import ToolClient
+
+    if (call_id is None) == (not replay_all):
+        _fail("give one call id, or --all")
+    settings = _settings(config, profile)
+    letters = _dead_letters(settings)
+    client = ToolClient(settings)
+    found = _guard(lambda: letters.list() if replay_all else [letters.get(str(call_id))])
+    entries = [entry for entry in found if entry is not None]
+    if not replay_all and not entries:
+        _fail(f"no dead-letter entry {call_id}", EXIT_FAILED)
+
+    def replay(entry: dict[str, Any]) -> str:
+        call = client.enqueue(
+            entry["tool_id"],
+            entry.get("input"),
+            entry.get("env"),
+            entry.get("timeout"),
+            entry.get("queue"),
+        )
+        letters.remove(entry["id"])
+        return call.id
+
+    for entry in entries:
+        new_id = _guard(functools.partial(replay, entry))
+        typer.echo(f"{entry['id']} -> {new_id}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(config: ConfigOption = None, profile: ProfileOption = None) -> None:
+    """Delete every dead-letter entry."""
+    count = _guard(lambda: _dead_letters(_settings(config, profile)).purge())
+    typer.echo(f"purged {count} dead-letter entries")
+
+
+def _breakers(settings: Settings) -> Breakers:
+    from toolq.config.connections import redis_client
+    from toolq.workers.breaker import Breakers
+
+    return Breakers(redis_client(settings), settings.breaker_settings)
+
+
+def _dead_letters(settings: Settings) -> DeadLetters:
+    from toolq.config.connections import redis_client
+    from toolq.workers.deadletter import DeadLetters
+
+    return DeadLetters(redis_client(settings), settings.dead_letter_max)
 
 
 def main() -> None:

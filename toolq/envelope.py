@@ -36,6 +36,8 @@ class ToolErrorInfo:
     name: str = "Error"
     stack: str | None = None
     stderr: str | None = None
+    retryable_hint: bool | None = None
+    """A thrown error's own ``retryable`` property, when the tool set one."""
 
     @classmethod
     def from_failure(cls, failure: ToolFailure, stderr: str | None = None) -> ToolErrorInfo:
@@ -50,7 +52,7 @@ class ToolErrorInfo:
     @property
     def retryable(self) -> bool:
         failure_class = FAILURE_CLASSES.get(self.kind)
-        return bool(failure_class and failure_class.retryable)
+        return bool(failure_class and failure_class.retryable) and self.retryable_hint is not False
 
     def to_exception(self) -> ToolFailure:
         failure_class = FAILURE_CLASSES.get(self.kind, ToolFailure)
@@ -65,6 +67,8 @@ class ToolErrorInfo:
         }
         if self.stderr:
             data["stderr"] = self.stderr
+        if self.retryable_hint is not None:
+            data["retryable"] = self.retryable_hint
         return data
 
     @classmethod
@@ -75,6 +79,7 @@ class ToolErrorInfo:
             name=str(data.get("name") or "Error"),
             stack=data.get("stack"),
             stderr=data.get("stderr"),
+            retryable_hint=data.get("retryable"),
         )
 
 

@@ -11,7 +11,8 @@
         ├── ToolNotFound         "not_found"         no such tool in the entrypoint
         ├── InvalidInput         "invalid_input"     request refused before Bun ran
         ├── OutputTooLarge       "output_too_large"  result or stdout over its cap
-        └── InvalidOutput        "invalid_output"    result not JSON-serialisable / unreadable
+        ├── InvalidOutput        "invalid_output"    result not JSON-serialisable / unreadable
+        └── CircuitOpen          "circuit_open"      the tool's breaker is open; Bun not started
 
 Each failure class knows its envelope ``kind`` and whether retrying can help
 (``retryable``), so callers never need an isinstance ladder. Every field goes to
@@ -103,6 +104,10 @@ class InvalidOutput(ToolFailure):
     kind = "invalid_output"
 
 
+class CircuitOpen(ToolFailure):
+    kind = "circuit_open"
+
+
 FAILURE_CLASSES: dict[str, type[ToolFailure]] = {
     cls.kind: cls
     for cls in (
@@ -113,6 +118,7 @@ FAILURE_CLASSES: dict[str, type[ToolFailure]] = {
         InvalidInput,
         OutputTooLarge,
         InvalidOutput,
+        CircuitOpen,
     )
 }
 """Envelope ``error.kind`` -> exception class, one to one."""

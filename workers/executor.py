@@ -1,8 +1,15 @@
-"""Turn one queued request into one result envelope.
+"""Turn one delivered request into either a final envelope or a retry.
 
-The Celery task is a thin shell around :meth:`ToolExecutor.execute`: validation,
-limits, the Bun run, metadata and the slow-call log all happen here, so every
-outcome — bad request included — is a well-formed envelope, never an exception.
+The Celery task is a thin shell around :meth:`ToolExecutor.handle`: validation,
+limits, the circuit breaker, the Bun run, the retry decision, the dead-letter
+list and the slow-call log all happen here, so every outcome — a bad request
+included — ends as a well-formed envelope, never an exception.
+
+A request is a JSON object::
+
+    {"tool_id", "input", "env", "timeout"?, "enqueued_at",       # from the producer
+     "retry"?: {"max_attempts"?, "enabled"?},                     # per-call overrides
+     "attempt", "history"}                                         # added on retries
 """
 
 from __future__ import annotations
@@ -10,18 +17,48 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import redis
+
+from toolq import keys
+from toolq.config.connections import redis_client
 from toolq.config.durations import format_duration, parse_duration
 from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
-from toolq.errors import ConfigError, InvalidInput, ToolFailure
+from toolq.errors import CircuitOpen, ConfigError, InvalidInput, ToolCrashed, ToolFailure
 from toolq.validation import validate_env, validate_tool_id
+from toolq.workers.backoff import RetryPolicy, next_delay
+from toolq.workers.breaker import Admission, Breakers, outcome_of
 from toolq.workers.bun import find_bun
+from toolq.workers.deadletter import DeadLetters
 from toolq.workers.runner import BunRunner, Call, Outcome
 
 log = logging.getLogger("toolq.worker")
 slow_log = logging.getLogger("toolq.slow")
+
+MAX_DELIVERIES = 3
+"""A call whose worker died this many times running it is given up as ``crashed``."""
+_DEFER_SLACK_S = 0.05  # arrive just after the breaker half-opens, not just before
+
+
+@dataclass(frozen=True)
+class Final:
+    """The call is over: store this envelope as its result."""
+
+    envelope: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Run the call again after ``delay_s`` with this (updated) request."""
+
+    request: dict[str, Any]
+    delay_s: float
+
+
+Decision = Final | Retry
 
 
 class ToolExecutor:
@@ -43,38 +80,84 @@ class ToolExecutor:
             project_dir=settings.project_dir,
             max_concurrent=self.max_concurrent,
         )
+        self.redis = redis_client(settings)
+        self.breakers = Breakers(self.redis, settings.breaker_settings)
+        self.dead_letters = DeadLetters(self.redis, settings.dead_letter_max)
 
-    def execute(self, request: Any, *, call_id: str, worker: str) -> dict[str, Any]:
+    def handle(
+        self, request: Any, *, call_id: str, worker: str, queue: str | None = None
+    ) -> Decision:
         started_at = time.time()
-        tool_id = str(request.get("tool_id", "")) if isinstance(request, dict) else ""
+        if not isinstance(request, dict):
+            refused = InvalidInput("request must be a JSON object", "ValidationError")
+            return self._final({}, call_id, worker, queue, _failed(refused), started_at, None)
         try:
             call = self._call(request, call_id)
-        except ToolFailure as failure:
-            outcome = Outcome(None, ToolErrorInfo.from_failure(failure), 0, 0)
-        else:
-            outcome = self.runner.run(call)
-        finished_at = time.time()
-        metadata: dict[str, Any] = {
-            "tool_id": tool_id,
-            "tool_exec_id": call_id,
-            "execution_time": outcome.execution_time_ms,
-            "total_time": outcome.total_time_ms,
-            "attempts": 1,
-            "worker": worker,
-            "started_at": started_at,
-            "finished_at": finished_at,
-        }
-        enqueued_at = request.get("enqueued_at") if isinstance(request, dict) else None
-        if isinstance(enqueued_at, int | float):
-            metadata["enqueued_at"] = enqueued_at
-            metadata["queue_wait"] = max(0, int((started_at - enqueued_at) * 1000))
-        result = ToolResult(call_id, tool_id, outcome.result, outcome.error, metadata)
-        self._log(result, outcome)
-        return result.to_dict()
+        except ToolFailure as invalid:
+            return self._final(request, call_id, worker, queue, _failed(invalid), started_at, None)
 
-    def _call(self, request: Any, call_id: str) -> Call:
-        if not isinstance(request, dict):
-            raise InvalidInput("request must be a JSON object", "ValidationError")
+        attempt = int(request.get("attempt", 1))
+        policy = self._policy(call.tool_id, request)
+        deadline = float(request.get("enqueued_at", started_at)) + policy.max_elapsed_s
+
+        if self._delivered_too_often(call_id, attempt):
+            failure = ToolCrashed(
+                f"the worker running this call died {MAX_DELIVERIES} times; giving up",
+                "WorkerLost",
+            )
+            return self._final(
+                request, call_id, worker, queue, _failed(failure), started_at, "max_deliveries"
+            )
+
+        admission = self._admit(call)
+        if not admission.allowed:
+            wait = admission.retry_in_s + _DEFER_SLACK_S
+            if policy.enabled and time.time() + wait <= deadline:
+                entry = {
+                    "attempt": attempt,
+                    "kind": "circuit_open",
+                    "deferred": True,
+                    "message": f"breaker {admission.state}",
+                    "delay": round(wait, 3),
+                }
+                return Retry(_with_history(request, entry, attempt), wait)
+            refused_open = CircuitOpen(
+                f"circuit breaker for {call.tool_id} is {admission.state}; "
+                f"it lets a call through in {admission.retry_in_s:.1f}s",
+                "CircuitOpen",
+            )
+            why = "deadline" if policy.enabled else "disabled"
+            return self._final(
+                request, call_id, worker, queue, _failed(refused_open), started_at, why
+            )
+
+        outcome = self.runner.run(call)
+        self._record(call.tool_id, outcome, admission)
+        if outcome.error is None:
+            return self._final(request, call_id, worker, queue, outcome, started_at, None)
+        delay, stop = next_delay(
+            attempt=attempt,
+            kind=outcome.error.kind,
+            name=outcome.error.name,
+            retryable=outcome.error.retryable_hint,
+            policy=policy,
+            now=time.time(),
+            deadline=deadline,
+        )
+        if delay is not None:
+            entry = {
+                "attempt": attempt,
+                "kind": outcome.error.kind,
+                "message": outcome.error.message,
+                "delay": round(delay, 3),
+                "worker": worker,
+            }
+            return Retry(_with_history(request, entry, attempt + 1), delay)
+        return self._final(request, call_id, worker, queue, outcome, started_at, stop)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _call(self, request: dict[str, Any], call_id: str) -> Call:
         tool_id = validate_tool_id(request.get("tool_id"))
         env = validate_env(request.get("env"))
         call_timeout = request.get("timeout")
@@ -100,6 +183,110 @@ class ToolExecutor:
             limits=self.settings.limits_for(tool_id, timeout_s),
         )
 
+    def _policy(self, tool_id: str, request: dict[str, Any]) -> RetryPolicy:
+        policy = RetryPolicy(**self.settings.retry_settings(tool_id))
+        overrides = request.get("retry") or {}
+        if not isinstance(overrides, dict):
+            return policy
+        max_attempts = overrides.get("max_attempts")
+        enabled = overrides.get("enabled")
+        return policy.overridden(
+            max_attempts=int(max_attempts) if isinstance(max_attempts, int) else None,
+            enabled=enabled if isinstance(enabled, bool) else None,
+        )
+
+    def _delivered_too_often(self, call_id: str, attempt: int) -> bool:
+        """Count deliveries of this attempt: a call that kills its worker must not loop."""
+        key = keys.deliveries(call_id, attempt)
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.incr(key)
+                pipe.expire(key, int(self.settings.redelivery_s * (MAX_DELIVERIES + 2)))
+                count, _ = pipe.execute()
+        except redis.RedisError:
+            log.warning("cannot count deliveries of %s; running it", call_id, exc_info=True)
+            return False
+        return int(count) > MAX_DELIVERIES
+
+    def _admit(self, call: Call) -> Admission:
+        if not self.breakers.enabled(call.tool_id):
+            return Admission(True, "disabled")
+        try:
+            # The probe lease outlives the probe itself, so it is never handed out twice.
+            return self.breakers.get(call.tool_id).admit(call.limits.backstop_s)
+        except redis.RedisError:
+            log.warning(
+                "breaker for %s unavailable; letting the call through", call.tool_id, exc_info=True
+            )
+            return Admission(True, "unknown")
+
+    def _record(self, tool_id: str, outcome: Outcome, admission: Admission) -> None:
+        if admission.state in ("disabled", "unknown"):
+            return
+        kind = outcome.error.kind if outcome.error else None
+        try:
+            state = self.breakers.get(tool_id).record(outcome_of(kind), admission.probe)
+        except redis.RedisError:
+            log.warning("cannot record %s's outcome in its breaker", tool_id, exc_info=True)
+            return
+        if state == "open" and admission.state != "open":
+            log.warning("circuit breaker for %s is open", tool_id)
+
+    def _final(
+        self,
+        request: dict[str, Any],
+        call_id: str,
+        worker: str,
+        queue: str | None,
+        outcome: Outcome,
+        started_at: float,
+        stop: str | None,
+    ) -> Final:
+        tool_id = str(request.get("tool_id", ""))
+        history = list(request.get("history") or [])
+        attempt = int(request.get("attempt", 1))
+        metadata: dict[str, Any] = {
+            "tool_id": tool_id,
+            "tool_exec_id": call_id,
+            "execution_time": outcome.execution_time_ms,
+            "total_time": outcome.total_time_ms,
+            "attempts": attempt,
+            "attempt_history": history,
+            "worker": worker,
+            "started_at": started_at,
+            "finished_at": time.time(),
+        }
+        if stop is not None:
+            metadata["retry_stopped"] = stop
+        enqueued_at = request.get("enqueued_at")
+        if isinstance(enqueued_at, int | float):
+            metadata["enqueued_at"] = enqueued_at
+            metadata["queue_wait"] = max(0, int((started_at - enqueued_at) * 1000))
+        result = ToolResult(call_id, tool_id, outcome.result, outcome.error, metadata)
+        if outcome.error is not None:
+            self._dead_letter(request, result, queue)
+        self._log(result, outcome)
+        return Final(result.to_dict())
+
+    def _dead_letter(self, request: dict[str, Any], result: ToolResult, queue: str | None) -> None:
+        entry = {
+            "id": result.id,
+            "tool_id": result.tool_id,
+            "input": request.get("input"),
+            "env": request.get("env") or {},
+            "timeout": request.get("timeout"),
+            "queue": queue,
+            "error": result.error.to_dict() if result.error else None,
+            "attempts": result.metadata.get("attempts"),
+            "attempt_history": result.metadata.get("attempt_history"),
+            "retry_stopped": result.metadata.get("retry_stopped"),
+            "worker": result.metadata.get("worker"),
+        }
+        try:
+            self.dead_letters.add(entry)
+        except (redis.RedisError, TypeError, ValueError):
+            log.warning("cannot dead-letter call %s", result.id, exc_info=True)
+
     def _log(self, result: ToolResult, outcome: Outcome) -> None:
         meta = result.metadata
         if outcome.stderr:
@@ -122,3 +309,12 @@ class ToolExecutor:
                     }
                 )
             )
+
+
+def _failed(failure: ToolFailure) -> Outcome:
+    return Outcome(None, ToolErrorInfo.from_failure(failure), 0, 0)
+
+
+def _with_history(request: dict[str, Any], entry: dict[str, Any], attempt: int) -> dict[str, Any]:
+    history = [*list(request.get("history") or []), {**entry, "at": time.time()}]
+    return {**request, "attempt": attempt, "history": history}

@@ -378,11 +378,13 @@ def _interpret(
             failure = InvalidOutput(f"tool produced an unreadable envelope: {exc}")
         else:
             if error:
+                hint = error.get("retryable")
                 info = ToolErrorInfo(
                     kind=str(error.get("kind") or "tool_error"),
                     message=str(error.get("message", "")),
                     name=str(error.get("name") or "Error"),
                     stack=error.get("stack"),
+                    retryable_hint=hint if isinstance(hint, bool) else None,
                 )
                 return Outcome(None, info, execution_ms, **common)  # type: ignore[arg-type]
             result = normalize_result(envelope.get("result"))

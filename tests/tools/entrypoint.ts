@@ -1,8 +1,14 @@
 // Test tools: one behaviour each, in the Compozy convention (default export).
 import { spawn } from "node:child_process";
-import { appendFileSync, writeFileSync } from "node:fs";
+import { appendFileSync, readFileSync, writeFileSync } from "node:fs";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Appends this run's start time to a file; returns how many runs it now holds.
+function record(counter: string): number {
+  appendFileSync(counter, `${Date.now()}\n`);
+  return readFileSync(counter, "utf8").trim().split("\n").length;
+}
 
 export default {
   echo: async (input: unknown) => ({ echo: input }),
@@ -57,6 +63,33 @@ export default {
     }, 10);
     await sleep(2000);
     return { unreachable: true };
+  },
+
+  // resilience: each run appends its start time (ms) to input.counter
+  flaky: async (input: { counter: string; succeed_on?: number }) => {
+    const runs = record(input.counter);
+    if (runs < (input.succeed_on ?? 3)) throw new Error(`flaky failure #${runs}`);
+    return { runs };
+  },
+  always_fails: async (input: { counter: string }) => {
+    throw new Error(`failure #${record(input.counter)}`);
+  },
+  non_retryable: async (input: { counter: string }) => {
+    record(input.counter);
+    const e = new Error("permanent") as Error & { retryable: boolean };
+    e.retryable = false;
+    throw e;
+  },
+  breaker_target: async (input: { counter: string; fail?: boolean; ms?: number }) => {
+    const runs = record(input.counter);
+    if (input.ms) await sleep(input.ms);
+    if (input.fail) throw new Error("breaker_target failed");
+    return { runs };
+  },
+  marked_sleep: async (input: { marker: string; ms: number }) => {
+    writeFileSync(input.marker, String(process.pid));
+    await sleep(input.ms);
+    return { slept: input.ms, pid: process.pid };
   },
 
   // crashes

@@ -1,0 +1,317 @@
+"""Retries, circuit breakers, dead letters, redelivery, Redis restarts, idempotency.
+
+All through real Redis and real worker processes. Delays are checked as ordering
+and bounds against the policy, never as tight wall-clock values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import TOOLS, TOOLS_CONFIG, StartWorker, wait_until
+from toolq import ToolClient, ToolResult
+from toolq.config.loader import load_settings
+from toolq.devredis import RedisServer
+from toolq.workers.executor import MAX_DELIVERIES, Final, ToolExecutor
+from toolq.workers.process import WorkerProcess
+
+REDELIVERY_CONFIG = TOOLS / "redelivery.yaml"
+
+
+def runs(counter: Path) -> list[float]:
+    """Start times (s) of each run the tool recorded."""
+    if not counter.exists():
+        return []
+    return [int(line) / 1000 for line in counter.read_text().split()]
+
+
+def queue_of(worker: WorkerProcess) -> str:
+    return next(arg.split("=", 1)[1] for arg in worker.argv if arg.startswith("--queues="))
+
+
+def toolq(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOOLQ_REDIS_URL": redis_url, "TOOLQ_CONFIG": str(TOOLS_CONFIG)}
+    return subprocess.run(
+        [sys.executable, "-m", "toolq", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+# -- retries -------------------------------------------------------------------------------
+
+
+def test_flaky_tool_succeeds_on_its_third_try(
+    client: ToolClient, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    counter = tmp_path / "runs"
+    result = client.run("flaky", {"counter": str(counter), "succeed_on": 3}, wait=60)
+    assert result.ok, result
+    assert result.result == {"runs": 3}
+    meta = result.metadata
+    assert meta["attempts"] == 3 == len(runs(counter))  # ran exactly as often as reported
+    history = meta["attempt_history"]
+    assert [h["kind"] for h in history] == ["tool_error", "tool_error"]
+    assert [h["message"] for h in history] == ["flaky failure #1", "flaky failure #2"]
+    # jitter off: initial 100ms, then x2 = 200ms (below the 300ms cap), exactly
+    assert [h["delay"] for h in history] == [0.1, 0.2]
+    starts = runs(counter)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2  # no attempt started before its delay was up
+    assert all(gap < 5 for gap in gaps)  # and it did not wait for Redis' redelivery either
+
+
+def test_always_failing_tool_stops_at_the_deadline_and_is_dead_lettered(
+    client: ToolClient, worker: WorkerProcess, tmp_path: Path, redis_url: str
+) -> None:
+    counter = tmp_path / "runs"
+    call = client.enqueue("always_fails", {"counter": str(counter)})
+    result = call.result(timeout=60)
+    meta = result.metadata
+    assert result.error is not None and result.error.kind == "tool_error"
+    assert meta["retry_stopped"] == "deadline"
+    starts = runs(counter)
+    assert meta["attempts"] == len(starts) == len(meta["attempt_history"]) + 1
+    assert len(starts) >= 4
+    delays = [h["delay"] for h in meta["attempt_history"]]
+    assert all(0 < d <= 0.4 for d in delays)  # never past max_interval
+    # jitter on: each delay within ±50 % of 50ms * 2^n (capped)
+    for n, delay in enumerate(delays):
+        base = min(0.05 * 2**n, 0.4)
+        assert 0.5 * base - 1e-3 <= delay <= min(1.5 * base, 0.4) + 1e-3
+    # no attempt was scheduled to start after the 2s deadline from the first enqueue
+    assert starts[-1] <= meta["enqueued_at"] + 2.0 + 0.5
+
+    listed = toolq(redis_url, "dlq", "list", "--json")
+    entries = {e["id"]: e for e in json.loads(listed.stdout)}
+    entry = entries[result.id]
+    assert entry["input"] == {"counter": str(counter)}
+    assert entry["attempts"] == meta["attempts"]
+    assert entry["attempt_history"] == meta["attempt_history"]
+
+    replayed = toolq(redis_url, "dlq", "replay", result.id)
+    assert replayed.returncode == 0, replayed.stderr
+    old, new = replayed.stdout.strip().split(" -> ")
+    assert old == result.id
+    assert client.call(new).result(timeout=60).error is not None  # ran again, failed again
+    assert len(runs(counter)) > len(starts)
+    purged = toolq(redis_url, "dlq", "purge")
+    assert purged.returncode == 0 and "purged" in purged.stdout
+    assert json.loads(toolq(redis_url, "dlq", "list", "--json").stdout) == []
+
+
+def test_errors_that_must_not_be_retried(
+    client: ToolClient, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    counter = tmp_path / "runs"
+    opted_out = client.run("non_retryable", {"counter": str(counter)}, wait=30)
+    assert opted_out.metadata["attempts"] == 1 == len(runs(counter))
+    assert opted_out.metadata["retry_stopped"] == "not_retryable"
+    missing = client.run("no_such_tool", max_attempts=5, wait=30)
+    assert missing.metadata["attempts"] == 1
+    assert missing.metadata["retry_stopped"] == "not_retryable"
+
+
+def test_per_call_overrides(client: ToolClient, worker: WorkerProcess, tmp_path: Path) -> None:
+    once = client.run("flaky", {"counter": str(tmp_path / "a")}, retry=False, wait=30)
+    assert once.metadata["attempts"] == 1 and once.metadata["retry_stopped"] == "disabled"
+    twice = client.run("flaky", {"counter": str(tmp_path / "b")}, max_attempts=2, wait=30)
+    assert twice.metadata["attempts"] == 2 == len(runs(tmp_path / "b"))
+    assert twice.metadata["retry_stopped"] == "max_attempts"
+
+
+# -- circuit breakers ---------------------------------------------------------------------
+
+
+def test_breaker_tripped_on_one_worker_is_honoured_by_another(
+    client: ToolClient, start_worker: StartWorker, tmp_path: Path, redis_url: str
+) -> None:
+    first, second = start_worker(), start_worker()
+    counter = tmp_path / "runs"
+    for _ in range(3):  # fail_max: 3, all on the first worker
+        failed = client.run(
+            "breaker_target",
+            {"counter": str(counter), "fail": True},
+            queue=queue_of(first),
+            retry=False,
+            wait=30,
+        )
+        assert failed.error is not None and failed.error.kind == "tool_error"
+    refused = client.run(
+        "breaker_target", {"counter": str(counter)}, queue=queue_of(second), retry=False, wait=30
+    )
+    assert refused.error is not None and refused.error.kind == "circuit_open"
+    assert refused.metadata["worker"] == second.hostname
+    assert len(runs(counter)) == 3  # Bun never started for the refused call
+
+    listed = json.loads(toolq(redis_url, "breakers", "--json").stdout)
+    status = next(s for s in listed if s["tool_id"] == "breaker_target")
+    assert status["state"] == "open" and status["reopens_in_s"] > 0
+    assert toolq(redis_url, "breakers", "reset", "breaker_target").returncode == 0
+    after = client.run(
+        "breaker_target", {"counter": str(counter)}, queue=queue_of(second), retry=False, wait=30
+    )
+    assert after.ok
+
+
+def test_half_open_lets_exactly_one_probe_through(
+    client: ToolClient, start_worker: StartWorker, tmp_path: Path, redis_url: str
+) -> None:
+    first, second = start_worker(), start_worker()
+    trip = tmp_path / "trip"
+    for _ in range(3):
+        client.run(
+            "breaker_target",
+            {"counter": str(trip), "fail": True},
+            queue=queue_of(first),
+            retry=False,
+            wait=30,
+        )
+    time.sleep(2.2)  # reset_timeout: 2s; the next call may probe
+    counter = tmp_path / "runs"
+    calls = [
+        client.enqueue(
+            "breaker_target",
+            {"counter": str(counter), "ms": 1000},
+            queue=queue_of(worker),
+            retry=False,
+        )
+        for worker in (first, second) * 4
+    ]
+    results = [call.result(timeout=60) for call in calls]
+    kinds = sorted(r.error.kind if r.error else "ok" for r in results)
+    assert kinds == ["circuit_open"] * 7 + ["ok"]
+    assert len(runs(counter)) == 1  # one trial call, across the whole cluster
+    listed = json.loads(toolq(redis_url, "breakers", "--json").stdout)
+    assert next(s for s in listed if s["tool_id"] == "breaker_target")["state"] == "closed"
+
+
+def test_calls_with_retry_budget_wait_for_the_breaker_instead_of_failing(
+    client: ToolClient, worker: WorkerProcess, tmp_path: Path, redis_url: str
+) -> None:
+    assert toolq(redis_url, "breakers", "reset", "breaker_target").returncode == 0
+    for _ in range(3):
+        client.run(
+            "breaker_target",
+            {"counter": str(tmp_path / "trip"), "fail": True},
+            retry=False,
+            wait=30,
+        )
+    counter = tmp_path / "runs"
+    results = client.map("breaker_target", [{"counter": str(counter)}] * 3, wait=60)
+    assert all(r.ok for r in results), results
+    for result in results:
+        assert result.metadata["attempts"] == 1  # deferring burned no attempt
+        deferred = [h for h in result.metadata["attempt_history"] if h.get("deferred")]
+        assert deferred and all(h["kind"] == "circuit_open" for h in deferred)
+    assert len(runs(counter)) == 3
+
+
+# -- no lost calls -------------------------------------------------------------------------
+
+
+def test_call_of_a_sigkilled_worker_completes_on_another(
+    start_worker: StartWorker, tmp_path: Path, redis_url: str
+) -> None:
+    settings = load_settings(
+        REDELIVERY_CONFIG, environ={}, overrides={"redis_url": redis_url, "queue": "redelivery"}
+    )
+    with ToolClient(settings) as client:
+        doomed = start_worker(config=REDELIVERY_CONFIG, queues=["redelivery"], concurrency=1)
+        marker = tmp_path / "marker"
+        call = client.enqueue("marked_sleep", {"marker": str(marker), "ms": 1500})
+        assert wait_until(marker.exists, 20)
+        doomed.kill()
+        survivor = start_worker(config=REDELIVERY_CONFIG, queues=["redelivery"], concurrency=1)
+        result = call.result(timeout=90)
+        assert result.ok, result
+        assert result.metadata["worker"] == survivor.hostname
+        assert client.call(call.id).result(timeout=5) == result  # one final result
+
+
+def test_a_call_that_keeps_killing_its_worker_is_given_up(settings: Any) -> None:
+    executor = ToolExecutor(settings)
+    request = {"tool_id": "echo", "input": {}, "env": {}, "enqueued_at": time.time()}
+    decisions = [
+        executor.handle(request, call_id="poison-call", worker="w")
+        for _ in range(MAX_DELIVERIES + 1)
+    ]
+    assert all(isinstance(d, Final) for d in decisions)
+    last = decisions[-1].envelope  # type: ignore[union-attr]
+    assert last["error"]["kind"] == "crashed" and last["error"]["name"] == "WorkerLost"
+    assert last["metadata"]["retry_stopped"] == "max_deliveries"
+
+
+def test_redis_restart_under_load_loses_nothing(tmp_path: Path) -> None:
+    server = RedisServer(persistent=True).start()
+    try:
+        settings = load_settings(TOOLS_CONFIG, environ={}, overrides={"redis_url": server.url})
+        with (
+            ToolClient(settings) as client,
+            WorkerProcess(config=TOOLS_CONFIG, redis_url=server.url, concurrency=2) as worker,
+        ):
+            worker.start(client.app)
+            calls = [client.enqueue("sleep", {"ms": 150}) for _ in range(20)]
+            assert wait_until(lambda: calls[0].ready(), 30)
+            server.stop()  # SIGTERM: Redis writes its AOF and exits, mid-load
+            time.sleep(1.0)
+            server.start()
+            results: list[ToolResult] = [call.result(timeout=120) for call in calls]
+            assert all(r.ok for r in results), [r.error for r in results if r.error]
+            assert worker.proc is not None and worker.proc.poll() is None
+            late = client.run("echo", {"after": "restart"}, wait=60)
+            assert late.ok
+    finally:
+        server.close()
+
+
+def test_idempotent_enqueue_runs_the_tool_once(
+    client: ToolClient, worker: WorkerProcess, tmp_path: Path, redis_url: str
+) -> None:
+    counter = tmp_path / "runs"
+    payload = {"counter": str(counter), "succeed_on": 1}
+    first = client.enqueue("flaky", payload, idempotency_key="order-42")
+    second = client.enqueue("flaky", payload, idempotency_key="order-42")
+    assert first.id == second.id
+    assert first.result(timeout=30) == second.result(timeout=30)
+    third = toolq(
+        redis_url, "run", "flaky", "--input", json.dumps(payload), "--idempotency-key", "order-42"
+    )
+    assert json.loads(third.stdout)["id"] == first.id
+    other = client.enqueue("flaky", payload, idempotency_key="order-43")
+    assert other.id != first.id and other.result(timeout=30).ok
+    assert len(runs(counter)) == 2
+    with redis.Redis.from_url(redis_url) as connection:
+        assert connection.ttl("toolq:idem:order-42") > 0
+
+
+def test_concurrent_idempotent_enqueues_agree(
+    client: ToolClient, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    counter = tmp_path / "runs"
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def enqueue() -> None:
+        call = client.enqueue(
+            "flaky", {"counter": str(counter), "succeed_on": 1}, idempotency_key="race"
+        )
+        with lock:
+            ids.append(call.id)
+
+    threads = [threading.Thread(target=enqueue) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(ids)) == 1
+    assert client.call(ids[0]).result(timeout=30).ok
+    assert len(runs(counter)) == 1

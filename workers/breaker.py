@@ -1,0 +1,284 @@
+"""Per-tool circuit breakers, shared by every worker on every host through Redis.
+
+Built on pybreaker's model (its states, storage interface, listeners and
+``CircuitBreakerError``), with one fix: pybreaker's own Redis storage reads,
+decides and writes in separate steps, so under concurrency every process that
+sees an expired open breaker goes half-open and sends its call through, and
+counters race. Here each transition is one Lua script on a single hash:
+
+- ``admit``: closed lets calls through; open refuses them until ``reset_timeout``
+  has passed, then turns half-open; half-open hands out exactly one probe lease
+  across the cluster (it expires, so a prober that dies does not wedge the breaker);
+- ``record``: a counted failure in closed state opens the breaker at ``fail_max``;
+  the probe's failure re-opens it; ``success_threshold`` probe successes close it.
+
+Redis' own clock (``TIME``) is used, so hosts with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import pybreaker
+import redis
+
+from toolq import keys
+from toolq.config.settings import BreakerSettings
+
+COUNTED_KINDS = frozenset({"timeout", "crashed", "tool_error"})
+"""Failures that say the tool is unwell; user errors (invalid_input...) do not count."""
+
+Outcome = Literal["success", "failure", "neutral"]
+HALF_OPEN_RECHECK_S = 0.5
+"""While another call probes, a waiting call checks back this often (a probe is usually quick;
+its lease, which can be long, only bounds a prober that died)."""
+
+_ADMIT = """
+local h = KEYS[1]
+redis.call('SADD', KEYS[2], ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HGET', h, 'state') or 'closed'
+if state == 'closed' then return {'closed', '0', ''} end
+if state == 'open' then
+  local reopen = tonumber(redis.call('HGET', h, 'opened_at') or '0') + tonumber(ARGV[1])
+  if now < reopen then return {'open', tostring(reopen - now), ''} end
+  redis.call('HSET', h, 'state', 'half-open', 'successes', 0)
+end
+local busy_until = tonumber(redis.call('HGET', h, 'probe_until') or '0')
+if redis.call('HEXISTS', h, 'probe') == 1 and now < busy_until then
+  return {'half-open', tostring(busy_until - now), ''}
+end
+redis.call('HSET', h, 'probe', ARGV[4], 'probe_until', tostring(now + tonumber(ARGV[2])))
+return {'probe', '0', ARGV[4]}
+"""
+
+_RECORD = """
+local h = KEYS[1]
+local outcome, token = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HGET', h, 'state') or 'closed'
+local probe = token ~= '' and redis.call('HGET', h, 'probe') == token
+if probe then redis.call('HDEL', h, 'probe', 'probe_until') end
+if outcome == 'success' then
+  if state == 'closed' then
+    redis.call('HSET', h, 'failures', 0)
+  elseif state == 'half-open' and probe then
+    if redis.call('HINCRBY', h, 'successes', 1) >= tonumber(ARGV[4]) then
+      redis.call('HSET', h, 'state', 'closed', 'failures', 0, 'successes', 0)
+      redis.call('HDEL', h, 'opened_at')
+      return 'closed'
+    end
+  end
+elseif outcome == 'failure' then
+  local failures = redis.call('HINCRBY', h, 'failures', 1)
+  if (state == 'closed' and failures >= tonumber(ARGV[3])) or (state == 'half-open' and probe) then
+    redis.call('HSET', h, 'state', 'open', 'opened_at', tostring(now), 'successes', 0)
+    redis.call('HINCRBY', h, 'trips', 1)
+    return 'open'
+  end
+end
+return state
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a call may run now; ``probe`` is the half-open lease it must report back."""
+
+    allowed: bool
+    state: str
+    retry_in_s: float = 0.0
+    probe: str = ""
+
+
+@dataclass(frozen=True)
+class BreakerStatus:
+    tool_id: str
+    state: str
+    failures: int
+    opened_at: float | None
+    reopens_in_s: float | None
+    trips: int
+
+
+class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
+    """pybreaker's storage interface over the one hash the Lua scripts keep."""
+
+    def __init__(self, client: redis.Redis, tool_id: str) -> None:
+        super().__init__(tool_id)
+        self._redis = client
+        self._key = keys.breaker(tool_id)
+
+    def _get(self, field: str) -> str | None:
+        value = self._redis.hget(self._key, field)
+        return value.decode() if isinstance(value, bytes) else value
+
+    @property
+    def state(self) -> str:
+        return self._get("state") or pybreaker.STATE_CLOSED
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._redis.hset(self._key, "state", state)
+
+    def increment_counter(self) -> None:
+        self._redis.hincrby(self._key, "failures", 1)
+
+    def reset_counter(self) -> None:
+        self._redis.hset(self._key, "failures", 0)
+
+    def increment_success_counter(self) -> None:
+        self._redis.hincrby(self._key, "successes", 1)
+
+    def reset_success_counter(self) -> None:
+        self._redis.hset(self._key, "successes", 0)
+
+    @property
+    def counter(self) -> int:
+        return int(self._get("failures") or 0)
+
+    @property
+    def success_counter(self) -> int:
+        return int(self._get("successes") or 0)
+
+    @property
+    def opened_at(self) -> datetime | None:
+        value = self._get("opened_at")
+        return datetime.fromtimestamp(float(value), UTC) if value else None
+
+    @opened_at.setter
+    def opened_at(self, now: datetime) -> None:
+        self._redis.hset(self._key, "opened_at", now.timestamp())
+
+
+class ToolBreaker(pybreaker.CircuitBreaker):
+    """One tool's breaker. ``admit`` before a call, ``record`` after it."""
+
+    def __init__(self, client: redis.Redis, tool_id: str, config: BreakerSettings) -> None:
+        super().__init__(
+            fail_max=config.fail_max,
+            reset_timeout=config.reset_timeout_s,
+            success_threshold=config.success_threshold,
+            state_storage=RedisBreakerStorage(client, tool_id),
+            name=tool_id,
+        )
+        self.tool_id = tool_id
+        self._redis = client
+        self._admit = client.register_script(_ADMIT)
+        self._record = client.register_script(_RECORD)
+
+    def admit(self, probe_lease_s: float) -> Admission:
+        token = uuid.uuid4().hex
+        state, wait, probe = self._admit(
+            keys=[keys.breaker(self.tool_id), keys.BREAKERS],
+            args=[self.reset_timeout, probe_lease_s, self.tool_id, token],
+        )
+        state = state.decode()
+        if state in ("closed", "probe"):
+            return Admission(True, "half-open" if state == "probe" else state, 0.0, probe.decode())
+        if state == "half-open":
+            return Admission(False, state, min(float(wait), HALF_OPEN_RECHECK_S))
+        return Admission(False, state, float(wait))
+
+    def record(self, outcome: Outcome, probe: str = "") -> str:
+        """Report a call's outcome; returns the breaker's state afterwards."""
+        before = self.current_state
+        after: str = self._record(
+            keys=[keys.breaker(self.tool_id)],
+            args=[outcome, probe, self.fail_max, self.success_threshold],
+        ).decode()
+        if after != before:
+            self._notify(before, after)
+        return after
+
+    def _notify(self, before: str, after: str) -> None:
+        old, new = self._create_new_state(before), self._create_new_state(after)
+        for listener in self.listeners:
+            listener.state_change(self, old, new)
+
+    def call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """pybreaker's API, with the atomic transitions: raises CircuitBreakerError when open."""
+        admission = self.admit(probe_lease_s=self.reset_timeout)
+        if not admission.allowed:
+            raise pybreaker.CircuitBreakerError(
+                f"circuit for {self.tool_id} is {admission.state}; "
+                f"retry in {admission.retry_in_s:.1f}s"
+            )
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            self.record("failure" if self.is_system_error(exc) else "neutral", admission.probe)
+            raise
+        self.record("success", admission.probe)
+        return result
+
+
+class Breakers:
+    """All tools' breakers, for a worker (admit/record) and for operators (list/reset)."""
+
+    def __init__(self, client: redis.Redis, config_for: Any) -> None:
+        self._redis = client
+        self._config_for = config_for  # tool_id -> BreakerSettings
+        self._breakers: dict[str, ToolBreaker] = {}
+
+    def get(self, tool_id: str) -> ToolBreaker:
+        breaker = self._breakers.get(tool_id)
+        if breaker is None:
+            breaker = ToolBreaker(self._redis, tool_id, self._config_for(tool_id))
+            self._breakers[tool_id] = breaker
+        return breaker
+
+    def enabled(self, tool_id: str) -> bool:
+        return bool(self._config_for(tool_id).enabled)
+
+    def statuses(self) -> list[BreakerStatus]:
+        seconds, micros = self._redis.time()
+        now = seconds + micros / 1e6
+        statuses = []
+        for raw in sorted(self._redis.smembers(keys.BREAKERS)):
+            tool_id = _text(raw)
+            data = {
+                _text(k): _text(v) for k, v in self._redis.hgetall(keys.breaker(tool_id)).items()
+            }
+            state = data.get("state", "closed")
+            opened_at = float(data["opened_at"]) if "opened_at" in data else None
+            reopens_in = None
+            if state == "open" and opened_at is not None:
+                reset = self._config_for(tool_id).reset_timeout_s
+                reopens_in = max(0.0, opened_at + reset - now)
+            statuses.append(
+                BreakerStatus(
+                    tool_id,
+                    state,
+                    int(data.get("failures", 0)),
+                    opened_at,
+                    reopens_in,
+                    int(data.get("trips", 0)),
+                )
+            )
+        return statuses
+
+    def reset(self, tool_id: str) -> bool:
+        """Close one breaker by hand; False if it never existed."""
+        existed = bool(self._redis.exists(keys.breaker(tool_id)))
+        self._redis.hset(
+            keys.breaker(tool_id), mapping={"state": "closed", "failures": 0, "successes": 0}
+        )
+        self._redis.hdel(keys.breaker(tool_id), "opened_at", "probe", "probe_until")
+        return existed
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def outcome_of(kind: str | None) -> Outcome:
+    """How a call's result counts for its tool's breaker."""
+    if kind is None:
+        return "success"
+    return "failure" if kind in COUNTED_KINDS else "neutral"
