@@ -18,7 +18,7 @@ RUN_TOOL_TASK = "toolq.run_tool"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from toolq's; Celery's own names are kept."""
-    transport = {
+    transport: dict[str, Any] = {
         # Redelivery of an unacknowledged call (worker killed mid-call) happens
         # this long after delivery: above every limit, far below Celery's 1 h default.
         "visibility_timeout": settings.redelivery_s,
@@ -27,11 +27,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_throttle": 1,
         "health_check_interval": 25,
     }
+    backend_transport: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
+    if settings.redis_sentinel_master:
+        transport["master_name"] = settings.redis_sentinel_master
+        backend_transport["master_name"] = settings.redis_sentinel_master
     return {
         "broker_url": settings.redis_url,
         "result_backend": settings.redis_url,
         "broker_transport_options": transport,
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "result_backend_transport_options": backend_transport,
         # A result finished while Redis restarts is stored once Redis is back, not lost.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,

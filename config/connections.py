@@ -6,19 +6,46 @@ builds toolq's. Commands retry with backoff across a Redis restart.
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import urlsplit
+
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from toolq.config.settings import Settings
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=5,
-        socket_timeout=10,
-        health_check_interval=25,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 5,
+        "socket_timeout": 10,
+        "health_check_interval": 25,
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if settings.redis_url.startswith("sentinel://"):
+        assert settings.redis_sentinel_master is not None  # checked by Settings
+        sentinels, db, password = parse_sentinel_url(settings.redis_url)
+        sentinel: Any = Sentinel(sentinels, socket_connect_timeout=5)  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(
+            settings.redis_sentinel_master, db=db, password=password, **options
+        )
+        return master
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], int, str | None]:
+    """Celery's form: ``sentinel://[:pw@]h1:26379;sentinel://h2:26379/0`` -> hosts, db, password."""
+    hosts: list[tuple[str, int]] = []
+    db, password = 0, None
+    for part in url.split(";"):
+        parsed = urlsplit(part.strip())
+        if parsed.hostname:
+            hosts.append((parsed.hostname, parsed.port or 26379))
+        if parsed.password:
+            password = parsed.password
+        if parsed.path.strip("/"):
+            db = int(parsed.path.strip("/"))
+    return hosts, db, password

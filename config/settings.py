@@ -125,6 +125,8 @@ class RuntimeSettings(_Strict):
 class PerformanceSettings(_Strict):
     max_concurrent_tools: PositiveInt = 10
     enable_metrics: bool = False
+    metrics_port: int = Field(9540, ge=0, le=65535)
+    """First port tried for a worker's /metrics; the next free one is taken if it is busy."""
     log_slow_queries: bool = False
     slow_query_threshold_s: Duration = Field(5.0, alias="slow_query_threshold")
 
@@ -158,7 +160,11 @@ class Settings(_Strict):
     dead_letter_max: PositiveInt = 10_000
     visibility_timeout_s: Duration | None = Field(None, alias="visibility_timeout")
     redis_url: str = DEFAULT_REDIS_URL
+    redis_sentinel_master: str | None = None
+    """With sentinel:// URLs: the name of the monitored master."""
     queue: str = DEFAULT_QUEUE
+    queues: dict[str, list[str]] = Field(default_factory=dict)
+    """Routing: queue name -> the tools sent to it (others go to `queue`)."""
     tools: dict[str, ToolSettings] = Field(default_factory=dict)
 
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -177,6 +183,38 @@ class Settings(_Strict):
         if not _QUEUE_NAME.match(name):
             raise ValueError(f"queue names use letters, digits, '_', '.', '-' (got {name!r})")
         return name
+
+    @field_validator("queues")
+    @classmethod
+    def _routing(cls, queues: dict[str, list[str]]) -> dict[str, list[str]]:
+        seen: dict[str, str] = {}
+        for name, tool_ids in queues.items():
+            cls._queue_name(name)
+            for tool_id in tool_ids:
+                if tool_id in seen:
+                    raise ValueError(
+                        f"tool {tool_id!r} is routed to both {seen[tool_id]!r} and {name!r}"
+                    )
+                seen[tool_id] = name
+        return queues
+
+    @model_validator(mode="after")
+    def _sentinel_has_master(self) -> Settings:
+        if self.redis_url.startswith("sentinel://") and not self.redis_sentinel_master:
+            raise ValueError("redis_url is a sentinel:// URL: set redis_sentinel_master too")
+        return self
+
+    def queue_for(self, tool_id: str) -> str:
+        """The queue a tool's calls go to: its entry in `queues`, else `queue`."""
+        for name, tool_ids in self.queues.items():
+            if tool_id in tool_ids:
+                return name
+        return self.queue
+
+    @property
+    def all_queues(self) -> list[str]:
+        """Every queue the configuration names, the default first."""
+        return [self.queue, *[name for name in self.queues if name != self.queue]]
 
     @model_validator(mode="after")
     def _limits_nest(self) -> Settings:

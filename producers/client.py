@@ -162,7 +162,7 @@ class ToolClient:
                     RUN_TOOL_TASK,
                     args=[request],
                     task_id=call_id,
-                    queue=queue or self.settings.queue,
+                    queue=queue or self.settings.queue_for(tool_id),
                     argsrepr=describe(request),
                     kwargsrepr="{}",
                     headers={"toolq_tool_id": tool_id},  # for Flower and the logs

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,11 +141,14 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
 ) -> None:
     """Start a worker that runs tool calls with Bun, at most max_concurrent_tools at once."""
-    from toolq.workers.worker import run_worker
-
     if pool not in ("threads", "prefork"):
         _fail(f"--pool must be threads or prefork (got {pool!r})")
     settings = _settings(config, profile)
+    if pool == "prefork" and settings.performance.enable_metrics:
+        # Must be set before prometheus_client is imported (by the worker module).
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="toolq-metrics-"))
+    from toolq.workers.worker import run_worker
+
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     _guard(
         lambda: run_worker(
@@ -266,6 +271,134 @@ def demo(
     from toolq.demo import run_demo
 
     raise typer.Exit(_guard(lambda: run_demo(project)))
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 5555,
+    address: Annotated[
+        str, typer.Option(help="Listen address (default: this host only).")
+    ] = "127.0.0.1",
+    basic_auth: Annotated[
+        str | None,
+        typer.Option(help="user:password (comma-separate several); required beyond localhost."),
+    ] = None,
+    max_tasks: Annotated[
+        int, typer.Option(min=100, help="Finished calls Flower keeps in memory.")
+    ] = 10_000,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Start Flower on the toolq app: workers, calls (tool id in args) and queue lengths."""
+    from toolq.config.celery_app import make_celery
+
+    if address not in ("127.0.0.1", "localhost", "::1") and not basic_auth:
+        _fail("Flower on a non-local address needs --basic-auth user:password")
+    settings = _settings(config, profile)
+    argv = [
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        f"--max_tasks={max_tasks}",
+        "--purge_offline_workers=600",
+    ]
+    if basic_auth:
+        argv.append(f"--basic_auth={basic_auth}")
+    make_celery(settings).start(argv)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Queues and their lengths, workers online with running and reserved calls,
+    breakers that are not closed, and the dead-letter count."""
+    from toolq.status import cluster_status
+
+    settings = _settings(config, profile)
+    report = _guard(lambda: cluster_status(settings))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    queues = Table("queue", "waiting", title="queues")
+    for queue in report["queues"]:
+        queues.add_row(queue["name"], str(queue["length"]))
+    workers = Table("worker", "queues", "running", "reserved", title="workers online")
+    for node in report["workers"]:
+        workers.add_row(
+            node["name"], ",".join(node["queues"]), str(node["running"]), str(node["reserved"])
+        )
+    console.print(queues, workers if report["workers"] else "no workers online")
+    breakers = [b for b in report["breakers"] if b["state"] != "closed"]
+    console.print(
+        "breakers not closed: "
+        + (", ".join(f"{b['tool_id']} ({b['state']})" for b in breakers) or "none")
+    )
+    console.print(f"dead letters: {report['dead_letters']}")
+
+
+@app.command()
+def loadtest(
+    tool: Annotated[str, typer.Option("--tool", help="Tool id to call.")],
+    input: InputOption = None,
+    rps: Annotated[float, typer.Option(min=0.1, help="Target calls per second.")] = 10.0,
+    duration: Annotated[str, typer.Option(help="How long to send, e.g. 30s.")] = "10s",
+    concurrency: Annotated[int, typer.Option(min=1, help="Calls outstanding at most.")] = 32,
+    queue: QueueOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Pace calls at a target rate against the running cluster; report latency and throughput."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from toolq.config.durations import parse_duration
+    from toolq.loadtest import run_loadtest
+    from toolq.producers import ToolClient
+
+    try:
+        duration_s = parse_duration(duration)
+    except ValueError as exc:
+        _fail(f"--duration: {exc}")
+    settings = _settings(config, profile)
+    payload = _parse_input(input)
+    client = ToolClient(settings)
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("calls", total=max(1, int(rps * duration_s)))
+        report = _guard(
+            lambda: run_loadtest(
+                client,
+                tool,
+                payload,
+                rps=rps,
+                duration_s=duration_s,
+                concurrency=concurrency,
+                queue=queue,
+                on_done=lambda done, _: progress.update(task, completed=done),
+            )
+        )
+    client.close()
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    typer.echo(
+        f"{report.total_requests} calls of {tool} at {rps:g}/s target, concurrency "
+        f"{concurrency}\n"
+        f"success rate  {report.success_rate:.1%} ({report.failed} failed"
+        + (f": {report.error_kinds}" if report.error_kinds else "")
+        + ")\n"
+        f"latency ms    avg {report.avg_ms:.1f}  p50 {report.p50_ms:.1f}  "
+        f"p95 {report.p95_ms:.1f}  p99 {report.p99_ms:.1f}  max {report.max_ms:.1f}\n"
+        f"throughput    {report.throughput_rps:.1f} calls/s over {report.elapsed_s:.1f}s"
+    )
 
 
 @app.command("config")

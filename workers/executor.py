@@ -29,6 +29,7 @@ from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import CircuitOpen, ConfigError, InvalidInput, ToolCrashed, ToolFailure
 from toolq.validation import validate_env, validate_tool_id
+from toolq.workers import metrics
 from toolq.workers.backoff import RetryPolicy, next_delay
 from toolq.workers.breaker import Admission, Breakers, outcome_of
 from toolq.workers.bun import find_bun
@@ -36,7 +37,10 @@ from toolq.workers.deadletter import DeadLetters
 from toolq.workers.runner import BunRunner, Call, Outcome
 
 log = logging.getLogger("toolq.worker")
+tool_log = logging.getLogger("toolq.tool")
 slow_log = logging.getLogger("toolq.slow")
+STDERR_LOGGED = 16 * 1024
+"""How much of a call's (redacted) stderr goes to the worker log."""
 
 MAX_DELIVERIES = 3
 """A call whose worker died this many times running it is given up as ``crashed``."""
@@ -109,10 +113,18 @@ class ToolExecutor:
                 request, call_id, worker, queue, _failed(failure), started_at, "max_deliveries"
             )
 
+        if attempt == 1 and not request.get("history"):
+            enqueued_at = request.get("enqueued_at")
+            if isinstance(enqueued_at, int | float):
+                metrics.QUEUE_WAIT_SECONDS.labels(call.tool_id).observe(
+                    max(0.0, started_at - enqueued_at)
+                )
+
         admission = self._admit(call)
         if not admission.allowed:
             wait = admission.retry_in_s + _DEFER_SLACK_S
             if policy.enabled and time.time() + wait <= deadline:
+                metrics.DEFERRALS.labels(call.tool_id).inc()
                 entry = {
                     "attempt": attempt,
                     "kind": "circuit_open",
@@ -131,7 +143,9 @@ class ToolExecutor:
                 request, call_id, worker, queue, _failed(refused_open), started_at, why
             )
 
-        outcome = self.runner.run(call)
+        with metrics.running():
+            outcome = self.runner.run(call)
+        _observe(call.tool_id, outcome)
         self._record(call.tool_id, outcome, admission)
         if outcome.error is None:
             return self._final(request, call_id, worker, queue, outcome, started_at, None)
@@ -145,6 +159,7 @@ class ToolExecutor:
             deadline=deadline,
         )
         if delay is not None:
+            metrics.RETRIES.labels(call.tool_id, outcome.error.kind).inc()
             entry = {
                 "attempt": attempt,
                 "kind": outcome.error.kind,
@@ -213,7 +228,9 @@ class ToolExecutor:
             return Admission(True, "disabled")
         try:
             # The probe lease outlives the probe itself, so it is never handed out twice.
-            return self.breakers.get(call.tool_id).admit(call.limits.backstop_s)
+            admission = self.breakers.get(call.tool_id).admit(call.limits.backstop_s)
+            metrics.observe_breaker(call.tool_id, admission.state)
+            return admission
         except redis.RedisError:
             log.warning(
                 "breaker for %s unavailable; letting the call through", call.tool_id, exc_info=True
@@ -229,6 +246,7 @@ class ToolExecutor:
         except redis.RedisError:
             log.warning("cannot record %s's outcome in its breaker", tool_id, exc_info=True)
             return
+        metrics.observe_breaker(tool_id, state)
         if state == "open" and admission.state != "open":
             log.warning("circuit breaker for %s is open", tool_id)
 
@@ -264,6 +282,7 @@ class ToolExecutor:
             metadata["queue_wait"] = max(0, int((started_at - enqueued_at) * 1000))
         result = ToolResult(call_id, tool_id, outcome.result, outcome.error, metadata)
         if outcome.error is not None:
+            metrics.DEAD_LETTERS.labels(tool_id).inc()
             self._dead_letter(request, result, queue)
         self._log(result, outcome)
         return Final(result.to_dict())
@@ -289,9 +308,19 @@ class ToolExecutor:
 
     def _log(self, result: ToolResult, outcome: Outcome) -> None:
         meta = result.metadata
+        log.info(
+            "call %s %s: %s in %d ms (attempt %s)",
+            result.id,
+            result.tool_id,
+            result.error.kind if result.error else "success",
+            outcome.total_time_ms,
+            meta.get("attempts"),
+        )
         if outcome.stderr:
             # Already redacted: the call's env values never reach the log.
-            log.debug("tool %s [%s] stderr:\n%s", result.tool_id, result.id, outcome.stderr)
+            tool_log.info(
+                "call %s %s stderr:\n%s", result.id, result.tool_id, outcome.stderr[-STDERR_LOGGED:]
+            )
         perf = self.settings.performance
         duration_s = outcome.total_time_ms / 1000
         if perf.log_slow_queries and duration_s >= perf.slow_query_threshold_s:
@@ -309,6 +338,21 @@ class ToolExecutor:
                     }
                 )
             )
+
+
+def _observe(tool_id: str, outcome: Outcome) -> None:
+    kind = outcome.error.kind if outcome.error else None
+    label = "success" if kind is None else "timeout" if kind == "timeout" else "error"
+    metrics.TOOL_EXECUTE_SECONDS.labels(tool_id, label).observe(outcome.total_time_ms / 1000)
+    metrics.TOOL_OUTPUT_BYTES.labels(tool_id).observe(outcome.output_bytes)
+    if kind is not None:
+        metrics.TOOL_ERRORS.labels(tool_id, kind).inc()
+    if kind == "timeout":
+        metrics.TOOL_TIMEOUTS.labels(tool_id).inc()
+    if outcome.exit_code is not None or outcome.exit_signal is not None:
+        status = "ok" if outcome.exit_code == 0 else "error"
+        code = "" if outcome.exit_code is None else str(outcome.exit_code)
+        metrics.BUN_EXITS.labels(status, code, outcome.exit_signal or "").inc()
 
 
 def _failed(failure: ToolFailure) -> Outcome:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -63,6 +64,7 @@ STDERR_IN_ERROR = 4096
 _ENVELOPE_SLACK = 64 * 1024  # nonce, metadata, framing around a 10 MiB result
 _READ = 1 << 16
 _BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
+_EXIT_GRACE_S = 0.1  # after the envelope, let Bun exit by itself (a true exit status)
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -272,6 +274,8 @@ def _collect(
                     failure = _read_into(fd, stdout_fd, stderr_fd, streams, nonce, selector)
                     if failure is None and streams.frame is not None and terminated:
                         return _timeout(limits, terminated_gracefully=True)
+                    if failure is None and streams.frame is not None:
+                        select.select([pidfd], [], [], _EXIT_GRACE_S)
                     if failure is not None or streams.frame is not None:
                         return failure
             if exited:

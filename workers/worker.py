@@ -8,6 +8,7 @@ per slot, which does not fit the seed guide's 512 MiB container at 10 slots.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Literal
 
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import Settings
+from toolq.workers import metrics
 from toolq.workers.executor import ToolExecutor
 from toolq.workers.tasks import register_tasks
 
@@ -39,11 +41,16 @@ def run_worker(
     executor = ToolExecutor(settings, max_concurrent=concurrency)
     app = make_celery(settings)
     register_tasks(app, executor)
+    if settings.performance.enable_metrics:
+        metrics.serve(settings.performance.metrics_port)
+    # Celery logs every result at INFO ("succeeded in ...: {...}"); results may be
+    # sensitive, so the executor logs one line per call (tool, outcome, time) instead.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     argv = [
         "worker",
         f"--pool={pool}",
         f"--concurrency={executor.max_concurrent}",
-        f"--queues={','.join(queues or [settings.queue])}",
+        f"--queues={','.join(queues or settings.all_queues)}",
         f"--hostname={hostname or default_hostname()}",
         f"--loglevel={loglevel}",
         "--without-mingle",
