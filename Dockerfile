@@ -1,8 +1,12 @@
+# toolq worker image: Python 3.11, Bun from the pinned npm package, toolq itself.
 FROM python:3.11-slim
 WORKDIR /app
-RUN apt-get update && apt-get install -y --no-install-recommends nodejs npm && rm -rf /var/lib/apt/lists/*
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nodejs npm \
+    && rm -rf /var/lib/apt/lists/*
+# Bun from npm (package.json pins it), installed where the runner looks: ./node_modules.
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund
+RUN npm ci --no-audit --no-fund && node_modules/.bin/bun --version
 COPY . .
 RUN pip install --no-cache-dir .
 # exec form: SIGTERM reaches the worker, which finishes running calls (warm shutdown).

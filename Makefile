@@ -29,6 +29,9 @@ demo: setup
 test: setup lint
 	$(BIN)/python -m pytest
 
+bench: setup
+	$(BIN)/toolq bench --modes spawn
+
 lint: setup typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -14,6 +14,8 @@ from toolq.config.settings import Settings
 
 RUN_TOOL_TASK = "toolq.run_tool"
 """The one task: run a tool invocation with Bun and return its envelope."""
+NOOP_TASK = "toolq.noop"
+"""A task that does nothing, on every worker: the baseline for benchmarks."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -9,8 +9,6 @@ import zipfile
 from pathlib import Path
 from types import ModuleType
 
-import yaml
-
 import toolq
 from toolq.errors import FAILURE_CLASSES, ToolFailure
 
@@ -100,24 +98,3 @@ def test_profiles_and_wrapper_ship_with_the_package() -> None:
     assert resources.files("toolq.config").joinpath("production.yaml").is_file()
     assert resources.files("toolq.config").joinpath("development.yaml").is_file()
     assert resources.files("toolq.workers").joinpath("wrapper.ts").is_file()
-
-
-def test_docker_compose_uses_commands_that_exist() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"redis", "worker"} <= set(services)
-    worker = services["worker"]
-    command = worker["command"]
-    command = command if isinstance(command, list) else command.split()
-    assert command[:2] == ["toolq", "worker"]
-    help_text = subprocess.run(
-        [sys.executable, "-m", "toolq", "worker", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for arg in command[2:]:
-        if arg.startswith("--"):
-            assert arg.split("=")[0] in help_text, arg
-    env = worker.get("environment", {})
-    assert "redis://redis:6379" in str(env.get("TOOLQ_REDIS_URL", ""))

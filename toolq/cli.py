@@ -401,6 +401,32 @@ def loadtest(
     )
 
 
+@app.command()
+def bench(
+    modes: Annotated[
+        str, typer.Option(help="Runtime modes to measure, comma-separated.")
+    ] = "spawn",
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds; figures are medians.")] = 3,
+    calls: Annotated[int, typer.Option(min=10, help="Calls per throughput round.")] = 200,
+    out: Annotated[Path, typer.Option(help="Where to write the report.")] = Path(
+        "bench/RESULTS.md"
+    ),
+) -> None:
+    """Benchmark tool calls against a Celery no-op task through the same Redis (ratios)."""
+    from toolq.bench import run_bench
+
+    chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
+    _guard(
+        lambda: run_bench(
+            modes=chosen,
+            rounds=rounds,
+            calls=calls,
+            out=out,
+            say=lambda line: typer.echo(line, err=True),
+        )
+    )
+
+
 @app.command("config")
 def show_config(config: ConfigOption = None, profile: ProfileOption = None) -> None:
     """Print the effective settings (after profile, file, TOOLQ_* and defaults) as JSON."""

@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery, Task, states
 from celery.exceptions import SoftTimeLimitExceeded
 
-from toolq.config.celery_app import RUN_TOOL_TASK
+from toolq.config.celery_app import NOOP_TASK, RUN_TOOL_TASK
 from toolq.config.settings import BACKSTOP_MARGIN_S
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import ToolTimeout
@@ -68,5 +68,9 @@ def register_tasks(app: Celery, executor: ToolExecutor) -> Task:
             argsrepr=describe(decision.request),
             kwargsrepr="{}",
         )
+
+    @app.task(name=NOOP_TASK, acks_late=True)  # type: ignore[untyped-decorator]
+    def noop(payload: Any = None) -> None:
+        """Does nothing: the baseline that benchmarks compare a tool call against."""
 
     return run_tool
