@@ -96,6 +96,7 @@ class ToolSettings(_Strict):
     timeout_s: Duration | None = Field(None, alias="timeout")
     hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
     permissions: list[str] | None = None
+    mode: Literal["warm", "spawn"] | None = None
     retry: RetrySettings | None = None
     circuit_breaker: ToolBreakerSettings | None = None
 
@@ -109,6 +110,10 @@ class RuntimeSettings(_Strict):
     hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
     permissions: list[str] = Field(default_factory=lambda: ["--allow-read"])
     bun_path: str | None = None
+    mode: Literal["warm", "spawn"] = "warm"
+    """warm: long-lived Bun processes, entrypoint loaded once; spawn: a fresh Bun per call."""
+    max_calls_per_process: PositiveInt = 1000
+    max_process_rss_mb: float = Field(256.0, gt=0)
 
     _check_permissions = field_validator("permissions")(_check_permissions)
 
@@ -323,6 +328,16 @@ class Settings(_Strict):
             return self.circuit_breaker
         own = tool.circuit_breaker.model_dump(exclude_none=True)
         return self.circuit_breaker.model_copy(update=own)
+
+    def mode_for(self, tool_id: str) -> str:
+        tool = self.tools.get(tool_id)
+        if tool is not None and tool.mode is not None:
+            return tool.mode
+        return self.runtime.mode
+
+    @property
+    def uses_warm_mode(self) -> bool:
+        return self.runtime.mode == "warm" or any(t.mode == "warm" for t in self.tools.values())
 
     def permissions_for(self, tool_id: str) -> list[str]:
         tool = self.tools.get(tool_id)

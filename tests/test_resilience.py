@@ -240,10 +240,13 @@ def test_call_of_a_sigkilled_worker_completes_on_another(
 def test_a_call_that_keeps_killing_its_worker_is_given_up(settings: Any) -> None:
     executor = ToolExecutor(settings)
     request = {"tool_id": "echo", "input": {}, "env": {}, "enqueued_at": time.time()}
-    decisions = [
-        executor.handle(request, call_id="poison-call", worker="w")
-        for _ in range(MAX_DELIVERIES + 1)
-    ]
+    try:
+        decisions = [
+            executor.handle(request, call_id="poison-call", worker="w")
+            for _ in range(MAX_DELIVERIES + 1)
+        ]
+    finally:
+        executor.close()
     assert all(isinstance(d, Final) for d in decisions)
     last = decisions[-1].envelope  # type: ignore[union-attr]
     assert last["error"]["kind"] == "crashed" and last["error"]["name"] == "WorkerLost"

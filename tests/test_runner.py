@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,33 @@ from toolq.workers.runner import (
     BunRunner,
     Call,
     Outcome,
-    base_environment,
 )
+from toolq.workers.warm import WarmPool
+
+Runner = BunRunner | WarmPool
 
 
-@pytest.fixture(scope="module")
-def runner(bun: Path) -> BunRunner:
-    return BunRunner(bun, TOOLS / "entrypoint.ts", TOOLS, max_concurrent=4)
+def make_runner(mode: str, bun: Path, size: int = 4) -> Runner:
+    if mode == "spawn":
+        return BunRunner(bun, TOOLS / "entrypoint.ts", TOOLS, max_concurrent=size)
+    pool = WarmPool(
+        bun, TOOLS / "entrypoint.ts", TOOLS, size, max_calls_per_process=1000, max_rss_mb=512
+    )
+    pool.start()
+    return pool
+
+
+@pytest.fixture(scope="module", params=["spawn", "warm"])
+def runner(request: pytest.FixtureRequest, bun: Path) -> Iterator[Runner]:
+    """Every protocol and fault test runs against both runtime modes."""
+    built = make_runner(request.param, bun)
+    yield built
+    if isinstance(built, WarmPool):
+        built.close()
 
 
 def run(
-    runner: BunRunner,
+    runner: Runner,
     tool_id: str,
     payload: Any = None,
     env: dict[str, str] | None = None,
@@ -48,7 +64,7 @@ def kind(outcome: Outcome) -> str | None:
 # -- protocol -----------------------------------------------------------------------------
 
 
-def test_success_round_trips_input(runner: BunRunner) -> None:
+def test_success_round_trips_input(runner: Runner) -> None:
     payload = {"text": "héllo ✓", "n": [1, 2.5, None, True], "nested": {"a": {}}}
     outcome = run(runner, "echo", payload)
     assert outcome.error is None
@@ -56,7 +72,7 @@ def test_success_round_trips_input(runner: BunRunner) -> None:
     assert outcome.execution_time_ms >= 0
 
 
-def test_config_reaches_the_tool_as_second_argument(runner: BunRunner) -> None:
+def test_config_reaches_the_tool_as_second_argument(runner: Runner) -> None:
     call = Call("with_config", "e", None, {}, ToolLimits(5, 6), config={"units": "metric"})
     assert runner.run(call).result == {"config": {"units": "metric"}}
 
@@ -71,11 +87,11 @@ def test_config_reaches_the_tool_as_second_argument(runner: BunRunner) -> None:
         ("returns_undefined", {}),
     ],
 )
-def test_result_normalisation(runner: BunRunner, tool_id: str, expected: Any) -> None:
+def test_result_normalisation(runner: Runner, tool_id: str, expected: Any) -> None:
     assert run(runner, tool_id).result == expected
 
 
-def test_unknown_tool_is_not_found_and_lists_tools(runner: BunRunner) -> None:
+def test_unknown_tool_is_not_found_and_lists_tools(runner: Runner) -> None:
     outcome = run(runner, "no_such_tool")
     assert kind(outcome) == "not_found"
     assert outcome.error is not None
@@ -85,11 +101,9 @@ def test_unknown_tool_is_not_found_and_lists_tools(runner: BunRunner) -> None:
     assert "echo" in outcome.error.message
 
 
-def test_env_is_minimal_plus_the_call_env(
-    runner: BunRunner, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_env_is_minimal_plus_the_call_env(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKER_SECRET", "must-not-leak")
-    leaky = BunRunner(runner.bun, runner.entrypoint, runner.project_dir, 1, base_environment())
+    leaky = make_runner("warm" if isinstance(runner, WarmPool) else "spawn", runner.bun, 1)
     outcome = run(leaky, "env_keys", env={"API_TOKEN": "abc123"})
     keys = set(outcome.result["keys"])  # type: ignore[index]
     assert "WORKER_SECRET" not in keys
@@ -99,23 +113,27 @@ def test_env_is_minimal_plus_the_call_env(
     env = values.result["env"]  # type: ignore[index]
     assert env["API_TOKEN"] == "abc123"
     assert env["TMPDIR"] and not os.path.exists(env["TMPDIR"])  # private, removed afterwards
+    if isinstance(leaky, WarmPool):
+        after = run(leaky, "env", {"keys": ["API_TOKEN"]})  # the same warm process
+        assert after.result == {"env": {"API_TOKEN": None}}  # the call's env was restored
+        leaky.close()
 
 
-def test_console_goes_to_stderr_with_levels(runner: BunRunner) -> None:
+def test_console_goes_to_stderr_with_levels(runner: Runner) -> None:
     outcome = run(runner, "console")
     assert outcome.result == {"ok": True}
     for line in ("[LOG] log line", "[INFO] info line", "[WARN] warn line", "[ERROR] error line"):
         assert line in outcome.stderr
 
 
-def test_stray_stdout_cannot_corrupt_the_result(runner: BunRunner) -> None:
+def test_stray_stdout_cannot_corrupt_the_result(runner: Runner) -> None:
     outcome = run(runner, "stray_stdout")
     assert outcome.error is None
     assert outcome.result == {"ok": True}
     assert "forged" in outcome.stderr  # kept as log output
 
 
-def test_thrown_errors_keep_name_message_stack(runner: BunRunner) -> None:
+def test_thrown_errors_keep_name_message_stack(runner: Runner) -> None:
     outcome = run(runner, "throws")
     assert outcome.error is not None
     assert (outcome.error.kind, outcome.error.name, outcome.error.message) == (
@@ -128,17 +146,17 @@ def test_thrown_errors_keep_name_message_stack(runner: BunRunner) -> None:
     assert thrown_string is not None and thrown_string.message == "just a string"
 
 
-def test_error_thrown_from_a_timer_is_a_tool_error(runner: BunRunner) -> None:
+def test_error_thrown_from_a_timer_is_a_tool_error(runner: Runner) -> None:
     outcome = run(runner, "late_throw")
     assert kind(outcome) == "tool_error"
     assert outcome.error is not None and outcome.error.message == "thrown from a timer"
 
 
-def test_unserialisable_result_is_invalid_output(runner: BunRunner) -> None:
+def test_unserialisable_result_is_invalid_output(runner: Runner) -> None:
     assert kind(run(runner, "returns_bigint")) == "invalid_output"
 
 
-def test_input_that_is_not_json_is_invalid_input(runner: BunRunner) -> None:
+def test_input_that_is_not_json_is_invalid_input(runner: Runner) -> None:
     assert kind(run(runner, "echo", {"f": float("nan")})) == "invalid_input"
     assert kind(run(runner, "echo", {"s": {1, 2}})) == "invalid_input"
 
@@ -147,23 +165,23 @@ def test_input_that_is_not_json_is_invalid_input(runner: BunRunner) -> None:
 
 
 @pytest.mark.parametrize(("code",), [(3,), (1,)])
-def test_exit_code_is_a_crash_with_the_code(runner: BunRunner, code: int) -> None:
+def test_exit_code_is_a_crash_with_the_code(runner: Runner, code: int) -> None:
     outcome = run(runner, "exit_code", {"code": code})
     assert kind(outcome) == "crashed"
     assert outcome.error is not None and f"code {code}" in outcome.error.message
 
 
-def test_exit_zero_without_result_is_a_crash(runner: BunRunner) -> None:
+def test_exit_zero_without_result_is_a_crash(runner: Runner) -> None:
     assert kind(run(runner, "exit_zero")) == "crashed"
 
 
-def test_signal_is_a_crash_naming_the_signal(runner: BunRunner) -> None:
+def test_signal_is_a_crash_naming_the_signal(runner: Runner) -> None:
     outcome = run(runner, "segfault")
     assert kind(outcome) == "crashed"
     assert outcome.error is not None and "SIGSEGV" in outcome.error.message
 
 
-def test_crash_stderr_is_kept_and_secrets_redacted(runner: BunRunner) -> None:
+def test_crash_stderr_is_kept_and_secrets_redacted(runner: Runner) -> None:
     outcome = run(runner, "print_secret", env={"API_TOKEN": "s3cr3t-value"})
     assert kind(outcome) == "crashed"
     assert outcome.error is not None and outcome.error.stderr is not None
@@ -171,7 +189,7 @@ def test_crash_stderr_is_kept_and_secrets_redacted(runner: BunRunner) -> None:
     assert "s3cr3t-value" not in outcome.stderr + json.dumps(outcome.error.to_dict())
 
 
-def test_soft_timeout_sends_sigterm_to_the_group(runner: BunRunner, tmp_path: Path) -> None:
+def test_soft_timeout_sends_sigterm_to_the_group(runner: Runner, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     outcome = run(
         runner, "graceful_sigterm", {"marker": str(marker)}, timeout_s=0.5, hard_timeout_s=5
@@ -181,7 +199,7 @@ def test_soft_timeout_sends_sigterm_to_the_group(runner: BunRunner, tmp_path: Pa
     assert outcome.error is not None and "SIGTERM" in outcome.error.message
 
 
-def test_hard_timeout_kills_a_tool_that_ignores_sigterm(runner: BunRunner, tmp_path: Path) -> None:
+def test_hard_timeout_kills_a_tool_that_ignores_sigterm(runner: Runner, tmp_path: Path) -> None:
     log = tmp_path / "log"
     started = time.monotonic()
     outcome = run(
@@ -193,18 +211,18 @@ def test_hard_timeout_kills_a_tool_that_ignores_sigterm(runner: BunRunner, tmp_p
     assert time.monotonic() - started < 10  # ended by the runner, not by the tool
 
 
-def test_busy_loop_is_stopped(runner: BunRunner) -> None:
+def test_busy_loop_is_stopped(runner: Runner) -> None:
     assert kind(run(runner, "busy_loop", timeout_s=0.5, hard_timeout_s=1)) == "timeout"
 
 
-def test_lingering_handles_do_not_hold_the_call(runner: BunRunner) -> None:
+def test_lingering_handles_do_not_hold_the_call(runner: Runner) -> None:
     started = time.monotonic()
     outcome = run(runner, "lingering", timeout_s=5)
     assert outcome.result == {"done": True}
     assert time.monotonic() - started < 4  # not held until the 5 s limit
 
 
-def test_children_die_with_the_call(runner: BunRunner, tmp_path: Path) -> None:
+def test_children_die_with_the_call(runner: Runner, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     outcome = run(runner, "fork_child", {"pidfile": str(pidfile), "detach": True})
     assert outcome.error is None
@@ -212,7 +230,7 @@ def test_children_die_with_the_call(runner: BunRunner, tmp_path: Path) -> None:
     assert wait_until(lambda: not process_alive(child), 5)
 
 
-def test_children_of_a_timed_out_tool_die(runner: BunRunner, tmp_path: Path) -> None:
+def test_children_of_a_timed_out_tool_die(runner: Runner, tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     outcome = run(
         runner, "fork_and_hang", {"pidfile": str(pidfile)}, timeout_s=0.5, hard_timeout_s=1
@@ -222,7 +240,7 @@ def test_children_of_a_timed_out_tool_die(runner: BunRunner, tmp_path: Path) -> 
     assert wait_until(lambda: not process_alive(bun_pid) and not process_alive(child), 5)
 
 
-def test_stdout_flood_is_stopped_at_the_cap(runner: BunRunner) -> None:
+def test_stdout_flood_is_stopped_at_the_cap(runner: Runner) -> None:
     started = time.monotonic()
     outcome = run(runner, "flood_stdout", timeout_s=30)
     assert kind(outcome) == "output_too_large"
@@ -230,28 +248,29 @@ def test_stdout_flood_is_stopped_at_the_cap(runner: BunRunner) -> None:
     assert len(outcome.stderr.encode()) <= MAX_STDERR_KEPT + 200
 
 
-def test_stderr_flood_keeps_the_last_mebibyte(runner: BunRunner) -> None:
+def test_stderr_flood_keeps_the_last_mebibyte(runner: Runner) -> None:
     outcome = run(runner, "flood_stderr_then_return", {"mb": 3})
     assert outcome.result == {"ok": True}
     assert "bytes of stderr dropped" in outcome.stderr
     assert len(outcome.stderr.encode()) <= MAX_STDERR_KEPT + 200
 
 
-def test_oversized_output_is_refused(runner: BunRunner) -> None:
+def test_oversized_output_is_refused(runner: Runner) -> None:
     assert kind(run(runner, "big_output", {"bytes": MAX_OUTPUT_BYTES + 1})) == "output_too_large"
     fits = run(runner, "big_output", {"bytes": 1024 * 1024})
     assert fits.error is None and len(fits.result["data"]) == 1024 * 1024  # type: ignore[index]
 
 
-def test_oversized_input_is_refused_before_spawning(runner: BunRunner) -> None:
+def test_oversized_input_is_refused_before_spawning(runner: Runner) -> None:
     outcome = run(runner, "input_size", {"data": "x" * (10 * 1024 * 1024 + 1)})
     assert kind(outcome) == "invalid_input"
     big = run(runner, "input_size", {"data": "x" * (2 * 1024 * 1024)})
     assert big.result == {"length": 2 * 1024 * 1024}
 
 
-def test_concurrent_calls_are_capped(bun: Path) -> None:
-    capped = BunRunner(bun, TOOLS / "entrypoint.ts", TOOLS, max_concurrent=2)
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_concurrent_calls_are_capped(bun: Path, mode: str) -> None:
+    capped = make_runner(mode, bun, size=2)
     windows: list[tuple[float, float]] = []
 
     def one() -> None:
@@ -264,6 +283,8 @@ def test_concurrent_calls_are_capped(bun: Path) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+    if isinstance(capped, WarmPool):
+        capped.close()
     assert len(windows) == 6
     assert max_overlap(windows) == 2
 
@@ -277,6 +298,6 @@ def max_overlap(windows: list[tuple[float, float]]) -> int:
     return peak
 
 
-def test_runner_survives_every_fault(runner: BunRunner) -> None:
+def test_runner_survives_every_fault(runner: Runner) -> None:
+    """Runs last: after every fault above, the same runner (and warm pool) still serves."""
     assert run(runner, "echo", {"still": "serving"}).result == {"echo": {"still": "serving"}}
-    assert signal.SIGTERM  # the module's faults above all ran in this process

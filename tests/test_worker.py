@@ -89,17 +89,23 @@ FAULTS = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["warm", "spawn"])
 def test_every_fault_is_a_failed_result_and_the_worker_keeps_serving(
-    client: ToolClient, worker: WorkerProcess
+    client: ToolClient, start_worker: StartWorker, mode: str
 ) -> None:
-    calls = [(client.enqueue(tool, payload), expected) for tool, payload, expected in FAULTS]
+    worker = start_worker(env={"TOOLQ_RUNTIME__MODE": mode})
+    queue = _queue_of(worker)
+    calls = [
+        (client.enqueue(tool, payload, queue=queue), expected) for tool, payload, expected in FAULTS
+    ]
     for call, expected in calls:
         result = call.result(timeout=60)
         assert not result.ok
         assert result.error is not None and result.error.kind in expected, (call.tool_id, result)
         assert result.error.message
     assert worker.proc is not None and worker.proc.poll() is None
-    assert client.run("echo", {"after": "faults"}, wait=30).result == {"echo": {"after": "faults"}}
+    after = client.run("echo", {"after": "faults"}, queue=queue, wait=30)
+    assert after.result == {"echo": {"after": "faults"}}
 
 
 @pytest.mark.parametrize(
@@ -172,11 +178,12 @@ def test_worker_never_runs_more_than_max_concurrent_tools(
     assert max_overlap(windows) == 2
 
 
+@pytest.mark.parametrize("mode", ["warm", "spawn"])
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_killed_worker_leaves_no_bun_or_grandchildren(
-    client: ToolClient, start_worker: StartWorker, tmp_path: Path, pool: str
+    client: ToolClient, start_worker: StartWorker, tmp_path: Path, pool: str, mode: str
 ) -> None:
-    worker = start_worker(pool=pool, concurrency=1)
+    worker = start_worker(pool=pool, concurrency=1, env={"TOOLQ_RUNTIME__MODE": mode})
     queue = _queue_of(worker)
     pidfile = tmp_path / "pids"
     client.enqueue("fork_and_hang", {"pidfile": str(pidfile)}, timeout="5s", queue=queue)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from toolq.workers.breaker import Admission, Breakers, outcome_of
 from toolq.workers.bun import find_bun
 from toolq.workers.deadletter import DeadLetters
 from toolq.workers.runner import BunRunner, Call, Outcome
+from toolq.workers.warm import WarmPool
 
 log = logging.getLogger("toolq.worker")
 tool_log = logging.getLogger("toolq.tool")
@@ -68,7 +70,12 @@ Decision = Final | Retry
 class ToolExecutor:
     """Everything a worker process needs to run calls; built once at worker start."""
 
-    def __init__(self, settings: Settings, max_concurrent: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        max_concurrent: int | None = None,
+        warm_processes: int | None = None,
+    ) -> None:
         self.settings = settings
         entrypoint = settings.entrypoint_path
         if not entrypoint.is_file():
@@ -78,15 +85,36 @@ class ToolExecutor:
                 source=settings.source,
             )
         self.max_concurrent = max_concurrent or settings.performance.max_concurrent_tools
+        bun = find_bun(settings.runtime.bun_path, settings.project_dir)
+        # One cap for both: warm and spawn calls together never exceed max_concurrent.
+        slots = threading.BoundedSemaphore(self.max_concurrent)
         self.runner = BunRunner(
-            bun=find_bun(settings.runtime.bun_path, settings.project_dir),
+            bun=bun,
             entrypoint=entrypoint,
             project_dir=settings.project_dir,
             max_concurrent=self.max_concurrent,
+            slots=slots,
         )
+        self.warm: WarmPool | None = None
+        if settings.uses_warm_mode:
+            self.warm = WarmPool(
+                bun,
+                entrypoint,
+                settings.project_dir,
+                warm_processes or self.max_concurrent,
+                max_calls_per_process=settings.runtime.max_calls_per_process,
+                max_rss_mb=settings.runtime.max_process_rss_mb,
+                slots=slots,
+            )
         self.redis = redis_client(settings)
         self.breakers = Breakers(self.redis, settings.breaker_settings)
         self.dead_letters = DeadLetters(self.redis, settings.dead_letter_max)
+
+    def close(self) -> None:
+        """Stop the warm Bun processes and the Redis connection."""
+        if self.warm is not None:
+            self.warm.close()
+        self.redis.close()
 
     def handle(
         self, request: Any, *, call_id: str, worker: str, queue: str | None = None
@@ -144,7 +172,10 @@ class ToolExecutor:
             )
 
         with metrics.running():
-            outcome = self.runner.run(call)
+            if self.warm is not None and self.settings.mode_for(call.tool_id) == "warm":
+                outcome = self.warm.run(call)
+            else:
+                outcome = self.runner.run(call)
         _observe(call.tool_id, outcome)
         self._record(call.tool_id, outcome, admission)
         if outcome.error is None:

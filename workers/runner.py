@@ -95,7 +95,7 @@ class Outcome:
 
 
 @dataclass
-class _Streams:
+class Streams:
     """Bytes gathered while the process runs."""
 
     envelope: bytearray = field(default_factory=bytearray)
@@ -136,36 +136,20 @@ class BunRunner:
         project_dir: Path,
         max_concurrent: int,
         base_env: Mapping[str, str] | None = None,
+        slots: threading.BoundedSemaphore | None = None,
     ) -> None:
         self.bun = bun
         self.entrypoint = entrypoint
         self.project_dir = project_dir
         self.base_env = dict(base_env) if base_env is not None else base_environment()
-        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._slots = slots or threading.BoundedSemaphore(max_concurrent)
 
     def run(self, call: Call) -> Outcome:
         started = time.monotonic()
         nonce = secrets.token_hex(16)
-        try:
-            request = json.dumps(
-                {
-                    "tool_id": call.tool_id,
-                    "tool_exec_id": call.tool_exec_id,
-                    "input": call.input,
-                    "config": dict(call.config),
-                    "env": dict(call.env),
-                    "timeout_ms": int(call.limits.timeout_s * 1000),
-                    "nonce": nonce,
-                },
-                separators=(",", ":"),
-                allow_nan=False,
-            ).encode()
-        except (TypeError, ValueError) as exc:
-            return _failed(InvalidInput(f"input is not JSON: {exc}", "ParseError"), started)
-        try:
-            check_input_size(len(request))
-        except InvalidInput as exc:
-            return _failed(exc, started)
+        request = encode_request(call, nonce, {})
+        if isinstance(request, ToolFailure):
+            return failed(request, started)
         with self._slots:
             return self._spawn_and_collect(call, request, nonce.encode())
 
@@ -196,15 +180,15 @@ class BunRunner:
         except OSError as exc:
             os.close(envelope_r)
             shutil.rmtree(tmpdir, ignore_errors=True)
-            return _failed(ToolCrashed(f"cannot start Bun ({self.bun}): {exc}"), started)
+            return failed(ToolCrashed(f"cannot start Bun ({self.bun}): {exc}"), started)
         finally:
             os.close(envelope_w)
         reaper().track(proc.pid)
-        streams = _Streams()
+        streams = Streams()
         try:
-            failure = _collect(proc, request, envelope_r, nonce, call.limits, streams, started)
+            failure = collect(proc, request, envelope_r, nonce, call.limits, streams, started)
         finally:
-            _kill_group(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
             reaper().untrack(proc.pid)
             for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -212,7 +196,32 @@ class BunRunner:
                     stream.close()  # type: ignore[union-attr]
             os.close(envelope_r)
             shutil.rmtree(tmpdir, ignore_errors=True)
-        return _interpret(proc, streams, failure, call, started)
+        return interpret(proc.returncode, streams, failure, call, started)
+
+
+def encode_request(call: Call, nonce: str, extra_env: Mapping[str, str]) -> bytes | ToolFailure:
+    """The wrapper's request line, or why it cannot be sent (not JSON, too big)."""
+    try:
+        request = json.dumps(
+            {
+                "tool_id": call.tool_id,
+                "tool_exec_id": call.tool_exec_id,
+                "input": call.input,
+                "config": dict(call.config),
+                "env": {**extra_env, **call.env},
+                "timeout_ms": int(call.limits.timeout_s * 1000),
+                "nonce": nonce,
+            },
+            separators=(",", ":"),
+            allow_nan=False,
+        ).encode()
+    except (TypeError, ValueError) as exc:
+        return InvalidInput(f"input is not JSON: {exc}", "ParseError")
+    try:
+        check_input_size(len(request))
+    except InvalidInput as exc:
+        return exc
+    return request
 
 
 def base_environment() -> dict[str, str]:
@@ -223,16 +232,22 @@ def base_environment() -> dict[str, str]:
     return env
 
 
-def _collect(
+def collect(
     proc: subprocess.Popen[bytes],
     request: bytes,
     envelope_fd: int,
     nonce: bytes,
     limits: ToolLimits,
-    streams: _Streams,
+    streams: Streams,
     started: float,
+    *,
+    warm: bool = False,
 ) -> ToolFailure | None:
-    """Pump pipes until the envelope, an exit, a limit or a cap; return a failure if any."""
+    """Pump pipes until the envelope, an exit, a limit or a cap; return a failure if any.
+
+    ``warm``: the process serves more calls, so stdin stays open and nothing waits
+    for it to exit after the envelope.
+    """
     assert proc.stdin and proc.stdout and proc.stderr
     stdin_fd, stdout_fd, stderr_fd = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
     pidfd = os.pidfd_open(proc.pid)
@@ -250,7 +265,7 @@ def _collect(
         while True:
             now = time.monotonic()
             if not terminated and now >= soft_at:
-                _kill_group(proc.pid, signal.SIGTERM)
+                kill_group(proc.pid, signal.SIGTERM)
                 terminated = True
             if now >= hard_at:
                 return _timeout(limits, terminated_gracefully=False)
@@ -267,14 +282,15 @@ def _collect(
                         pending = pending[len(pending) :]
                     if not pending:
                         selector.unregister(fd)
-                        proc.stdin.close()
+                        if not warm:
+                            proc.stdin.close()
                 elif fd == pidfd:
                     exited = True
                 elif fd in (stdout_fd, stderr_fd, envelope_fd):
                     failure = _read_into(fd, stdout_fd, stderr_fd, streams, nonce, selector)
                     if failure is None and streams.frame is not None and terminated:
                         return _timeout(limits, terminated_gracefully=True)
-                    if failure is None and streams.frame is not None:
+                    if failure is None and streams.frame is not None and not warm:
                         select.select([pidfd], [], [], _EXIT_GRACE_S)
                     if failure is not None or streams.frame is not None:
                         return failure
@@ -305,7 +321,7 @@ def _read_into(
     fd: int,
     stdout_fd: int,
     stderr_fd: int,
-    streams: _Streams,
+    streams: Streams,
     nonce: bytes,
     selector: selectors.BaseSelector,
 ) -> ToolFailure | None:
@@ -355,16 +371,17 @@ def _timeout(limits: ToolLimits, *, terminated_gracefully: bool) -> ToolTimeout:
     )
 
 
-def _interpret(
-    proc: subprocess.Popen[bytes],
-    streams: _Streams,
+def interpret(
+    returncode: int | None,
+    streams: Streams,
     failure: ToolFailure | None,
     call: Call,
     started: float,
 ) -> Outcome:
+    """Turn what was collected into an outcome (``returncode`` None: still running)."""
     total_ms = int((time.monotonic() - started) * 1000)
     stderr = streams.stderr_text(call.env)
-    code, sig = _exit_status(proc.returncode)
+    code, sig = _exit_status(returncode)
     common = {
         "total_time_ms": total_ms,
         "exit_code": code,
@@ -413,7 +430,7 @@ def _interpret(
     return Outcome(None, info, total_ms, **common)  # type: ignore[arg-type]
 
 
-def _failed(failure: ToolFailure, started: float) -> Outcome:
+def failed(failure: ToolFailure, started: float) -> Outcome:
     elapsed = int((time.monotonic() - started) * 1000)
     return Outcome(None, ToolErrorInfo.from_failure(failure), elapsed, elapsed)
 
@@ -427,6 +444,6 @@ def _exit_status(returncode: int | None) -> tuple[int | None, str | None]:
         return None, f"signal {-returncode}"
 
 
-def _kill_group(pgid: int, sig: int) -> None:
+def kill_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)

@@ -14,6 +14,8 @@ import socket
 from collections.abc import Sequence
 from typing import Literal
 
+from celery.signals import worker_shutdown
+
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import Settings
 from toolq.workers import metrics
@@ -38,7 +40,14 @@ def run_worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run a worker in this process until it is told to stop (SIGTERM: warm shutdown)."""
-    executor = ToolExecutor(settings, max_concurrent=concurrency)
+    # prefork: each pool process runs one call at a time, so it keeps one warm Bun
+    # process (started lazily after the fork); threads: one shared pool, filled now.
+    executor = ToolExecutor(
+        settings, max_concurrent=concurrency, warm_processes=1 if pool == "prefork" else None
+    )
+    if executor.warm is not None and pool == "threads":
+        executor.warm.start()
+    worker_shutdown.connect(lambda **_: executor.close(), weak=False)
     app = make_celery(settings)
     register_tasks(app, executor)
     if settings.performance.enable_metrics:

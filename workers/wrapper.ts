@@ -1,11 +1,12 @@
-// toolq's Bun wrapper: runs one Compozy-style tool call.
+// toolq's Bun wrapper: runs Compozy-style tool calls.
 //
-//   bun wrapper.ts <entrypoint> <envelope-fd>
+//   bun wrapper.ts <entrypoint> <envelope-fd>          spawn mode: one call, then exit
+//   bun wrapper.ts <entrypoint> <envelope-fd> warm     warm mode: one call per stdin line
 //
-// Reads one JSON request from stdin:
+// A request is one JSON object (one line in warm mode):
 //   {tool_id, tool_exec_id, input, config, env, timeout_ms, nonce}
-// and writes exactly one envelope, `<nonce>{result, error, metadata}\n`, to the
-// envelope fd — a pipe of its own, so a tool's stray stdout cannot corrupt it.
+// Each call ends with exactly one envelope, `<nonce>{result, error, metadata}\n`, on
+// the envelope fd — a pipe of its own, so a tool's stray stdout cannot corrupt it.
 // console.* goes to stderr with a level prefix, as in Compozy.
 //
 // I/O uses Bun's own APIs only: the first use of node:fs (readFileSync,
@@ -14,7 +15,8 @@
 
 const MAX_OUTPUT_BYTES = 10 * 1024 * 1024;
 const entrypoint = process.argv[2];
-const envelopeFd = Number(process.argv[3]);
+const envelope = Bun.file(Number(process.argv[3]));
+const warm = process.argv[4] === "warm";
 
 type ErrorInfo = {
   kind: string;
@@ -24,11 +26,18 @@ type ErrorInfo = {
   retryable?: boolean;
 };
 
-let nonce = "";
-let toolId = "";
-let toolExecId = "";
-let started = performance.now();
-let sent = false;
+type Request = {
+  tool_id?: unknown;
+  tool_exec_id?: unknown;
+  input?: unknown;
+  config?: unknown;
+  env?: Record<string, string>;
+  nonce?: unknown;
+};
+
+// The call in progress: late errors (a throwing timer, an unawaited rejection) are its.
+let active: { nonce: string; toolId: string; toolExecId: string; started: number; sent: boolean } | null =
+  null;
 
 const toStderr = console.error.bind(console);
 for (const level of ["log", "info", "warn", "error", "debug", "trace"] as const) {
@@ -37,12 +46,13 @@ for (const level of ["log", "info", "warn", "error", "debug", "trace"] as const)
 }
 
 async function send(result: unknown, error: ErrorInfo | null): Promise<void> {
-  if (sent) return;
-  sent = true;
+  const call = active;
+  if (!call || call.sent) return;
+  call.sent = true;
   const metadata = {
-    tool_id: toolId,
-    tool_exec_id: toolExecId,
-    execution_time: Math.round(performance.now() - started),
+    tool_id: call.toolId,
+    tool_exec_id: call.toolExecId,
+    execution_time: Math.round(performance.now() - call.started),
   };
   let body: string;
   try {
@@ -65,8 +75,7 @@ async function send(result: unknown, error: ErrorInfo | null): Promise<void> {
       metadata,
     });
   }
-  await Bun.write(Bun.file(envelopeFd), `${nonce}${body}\n`);
-  process.exit(error ? 1 : 0);
+  await Bun.write(envelope, `${call.nonce}${body}\n`);
 }
 
 function describe(e: unknown, kind: string, message?: string): ErrorInfo {
@@ -82,39 +91,57 @@ function describe(e: unknown, kind: string, message?: string): ErrorInfo {
   return info;
 }
 
-// A failure after the tool returned control (a throwing timer, a rejected
-// promise nobody awaited) is still the tool's error, not a crash.
-process.on("uncaughtException", (e) => send(null, describe(e, "tool_error")));
-process.on("unhandledRejection", (e) => send(null, describe(e, "tool_error")));
+// A failure outside the tool's own promise is still the call's error. In warm mode
+// the process may hold state the failure left broken, so it exits and is replaced.
+async function onLateError(e: unknown): Promise<void> {
+  await send(null, describe(e, "tool_error"));
+  process.exit(1);
+}
+process.on("uncaughtException", onLateError);
+process.on("unhandledRejection", onLateError);
 
-async function main(): Promise<void> {
-  let request: {
-    tool_id?: unknown;
-    tool_exec_id?: unknown;
-    input?: unknown;
-    config?: unknown;
-    nonce?: unknown;
-  };
+const loaded: Promise<Record<string, unknown> | Error> = import(entrypoint).then(
+  (module) => {
+    const exported = module.default;
+    return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
+  },
+  (e) => new Error(`failed to load entrypoint ${entrypoint}: ${e}`),
+);
+
+const baseEnv = { ...process.env };
+
+function applyEnv(env: Record<string, string> | undefined): void {
+  for (const [key, value] of Object.entries(env ?? {})) process.env[key] = value;
+}
+
+function restoreEnv(): void {
+  for (const key of Object.keys(process.env)) {
+    if (!(key in baseEnv)) delete process.env[key];
+  }
+  for (const [key, value] of Object.entries(baseEnv)) process.env[key] = value;
+}
+
+async function handle(line: string): Promise<void> {
+  let request: Request;
   try {
-    request = JSON.parse(await Bun.stdin.text());
-    nonce = String(request.nonce ?? "");
-    toolId = String(request.tool_id ?? "");
-    toolExecId = String(request.tool_exec_id ?? "");
+    request = JSON.parse(line);
   } catch (e) {
+    active = { nonce: "", toolId: "", toolExecId: "", started: performance.now(), sent: false };
     return send(null, { kind: "invalid_input", name: "ParseError", message: `invalid request: ${e}` });
   }
+  const toolId = String(request.tool_id ?? "");
+  active = {
+    nonce: String(request.nonce ?? ""),
+    toolId,
+    toolExecId: String(request.tool_exec_id ?? ""),
+    started: performance.now(),
+    sent: false,
+  };
   if (!/^[a-zA-Z0-9_/.-]+$/.test(toolId) || toolId.includes("..") || /^[/.]/.test(toolId)) {
     return send(null, { kind: "invalid_input", name: "ValidationError", message: `invalid tool id ${JSON.stringify(toolId)}` });
   }
-
-  let module: Record<string, unknown>;
-  try {
-    module = await import(entrypoint);
-  } catch (e) {
-    return send(null, describe(e, "tool_error", `failed to load entrypoint ${entrypoint}: ${e}`));
-  }
-  const exported = module.default;
-  const tools = (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
+  const tools = await loaded;
+  if (tools instanceof Error) return send(null, describe(tools, "tool_error"));
   const tool = Object.hasOwn(tools, toolId) ? tools[toolId] : undefined;
   if (typeof tool !== "function") {
     const available = Object.keys(tools).filter((k) => typeof tools[k] === "function").sort();
@@ -124,15 +151,23 @@ async function main(): Promise<void> {
       message: `Tool ${toolId} not found in entrypoint exports. Available tools: ${available.join(", ")}`,
     });
   }
-
-  started = performance.now();
-  let result: unknown;
+  if (warm) applyEnv(request.env);
+  active.started = performance.now();
   try {
-    result = await tool(request.input, request.config ?? {});
+    const result = await tool(request.input, request.config ?? {});
+    await send(result, null);
   } catch (e) {
-    return send(null, describe(e, "tool_error"));
+    await send(null, describe(e, "tool_error"));
+  } finally {
+    if (warm) restoreEnv();
   }
-  send(result, null);
 }
 
-await main();
+if (warm) {
+  for await (const line of console) {
+    if (line) await handle(line);
+  }
+} else {
+  await handle(await Bun.stdin.text());
+  process.exit(0);
+}

@@ -1,0 +1,266 @@
+"""Warm mode: long-lived Bun processes with the entrypoint already loaded.
+
+A Bun start costs ~5-10 ms of CPU; for small tools it, not the queue, is the
+bottleneck. In warm mode each worker process keeps a pool of Bun processes
+(``max_concurrent_tools`` of them), one call at a time per process, speaking the
+same request/envelope protocol over its pipes (one request per stdin line).
+
+What users can rely on:
+
+- the call's env is set for that call and restored after it, and it gets its own
+  private TMPDIR, removed afterwards;
+- child processes a call leaves behind are killed when it ends;
+- after a timeout, a crash, an output-cap breach or an unreadable envelope the
+  process (its whole group) is killed and replaced; a process is also retired after
+  ``max_calls_per_process`` calls or once its RSS passes ``max_process_rss_mb``;
+  replacements are started in the background, ahead of need;
+- what does survive between calls of one process is module-level state (caches,
+  globals, listeners a tool registered, timers it left running): a tool that needs
+  a fresh process per call is marked ``mode: spawn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from toolq.errors import ToolCrashed, ToolFailure
+from toolq.workers.bun import WRAPPER
+from toolq.workers.reaper import reaper
+from toolq.workers.runner import (
+    Call,
+    Outcome,
+    Streams,
+    base_environment,
+    collect,
+    encode_request,
+    failed,
+    interpret,
+    kill_group,
+)
+
+log = logging.getLogger("toolq.worker")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class WarmProcess:
+    """One long-lived Bun process running the wrapper in warm mode."""
+
+    def __init__(self, bun: Path, entrypoint: Path, project_dir: Path, env: Mapping[str, str]):
+        self.tmpdir = tempfile.mkdtemp(prefix="toolq-warm-")
+        envelope_r, envelope_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    str(bun),
+                    "--smol",
+                    "--no-install",
+                    "--no-env-file",
+                    str(WRAPPER),
+                    str(entrypoint),
+                    str(envelope_w),
+                    "warm",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(envelope_w,),
+                cwd=project_dir,
+                env={**env, "TMPDIR": self.tmpdir},
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(envelope_r)
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            raise
+        finally:
+            os.close(envelope_w)
+        self.envelope_fd = envelope_r
+        self.calls = 0
+        reaper().track(self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/statm") as statm:
+                return int(statm.read().split()[1]) * _PAGE / 2**20
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def call(self, call: Call) -> tuple[Outcome, bool]:
+        """Run one call; returns the outcome and whether this process may serve another."""
+        started = time.monotonic()
+        nonce = secrets.token_hex(16)
+        call_tmp = tempfile.mkdtemp(prefix="toolq-", dir=self.tmpdir)
+        try:
+            request = encode_request(call, nonce, {"TMPDIR": call_tmp})
+            if isinstance(request, ToolFailure):
+                return failed(request, started), True
+            streams = Streams()
+            failure = collect(
+                self.proc,
+                request + b"\n",
+                self.envelope_fd,
+                nonce.encode(),
+                call.limits,
+                streams,
+                started,
+                warm=True,
+            )
+            healthy = failure is None and streams.frame is not None and self.alive()
+            if not healthy:
+                self.kill()
+            else:
+                self.calls += 1
+                _kill_children(self.pid)
+            return interpret(self.proc.returncode, streams, failure, call, started), healthy
+        finally:
+            shutil.rmtree(call_tmp, ignore_errors=True)
+
+    def kill(self) -> None:
+        kill_group(self.pid, signal.SIGKILL)
+        self.proc.wait()
+        reaper().untrack(self.pid)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()  # type: ignore[union-attr]
+        with contextlib.suppress(OSError):
+            os.close(self.envelope_fd)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+class WarmPool:
+    """At most ``size`` warm processes, one call each at a time; thread-safe."""
+
+    def __init__(
+        self,
+        bun: Path,
+        entrypoint: Path,
+        project_dir: Path,
+        size: int,
+        *,
+        max_calls_per_process: int,
+        max_rss_mb: float,
+        base_env: Mapping[str, str] | None = None,
+        slots: threading.BoundedSemaphore | None = None,
+    ) -> None:
+        self.bun, self.entrypoint, self.project_dir = bun, entrypoint, project_dir
+        self.size = size
+        self.max_calls = max_calls_per_process
+        self.max_rss_mb = max_rss_mb
+        self.env = dict(base_env) if base_env is not None else base_environment()
+        self._slots = slots or threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._idle: list[WarmProcess] = []
+        self._closed = False
+        self._pid = os.getpid()
+
+    def start(self) -> None:
+        """Fill the pool in the background: the first calls should not pay for Bun."""
+        for _ in range(self.size):
+            self._replace()
+
+    def run(self, call: Call) -> Outcome:
+        if self._pid != os.getpid():
+            # A forked pool process (prefork): the parent's processes and pipes are not
+            # ours to use; start this process's own pool.
+            self._pid, self._idle, self._lock = os.getpid(), [], threading.Lock()
+            self.start()
+        with self._slots:
+            process = self._take()
+            if process is None:
+                return failed(ToolCrashed("cannot start a warm Bun process"), time.monotonic())
+            outcome, healthy = process.call(call)
+            retire = (
+                not healthy
+                or process.calls >= self.max_calls
+                or (process.rss_mb() > self.max_rss_mb)
+            )
+            if retire:
+                if healthy:
+                    process.kill()
+                self._replace()
+            else:
+                with self._lock:
+                    self._idle.append(process)
+            return outcome
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for process in idle:
+            process.kill()
+
+    def _take(self) -> WarmProcess | None:
+        with self._lock:
+            while self._idle:
+                process = self._idle.pop()
+                if process.alive():
+                    return process
+                process.kill()  # died while idle (a late timer, the OOM killer)
+        try:  # none ready (first calls, or a replacement still starting): start one now
+            return self._spawn()
+        except OSError:
+            log.exception("cannot start a warm Bun process")
+            return None
+
+    def _spawn(self) -> WarmProcess:
+        return WarmProcess(self.bun, self.entrypoint, self.project_dir, self.env)
+
+    def _replace(self) -> None:
+        def start() -> None:
+            try:
+                process = self._spawn()
+            except OSError:
+                log.exception("cannot start a warm Bun process")
+                return
+            with self._lock:
+                if self._closed or len(self._idle) >= self.size:
+                    keep = False
+                else:
+                    self._idle.append(process)
+                    keep = True
+            if not keep:
+                process.kill()
+
+        threading.Thread(target=start, name="toolq-warm-start", daemon=True).start()
+
+
+def _kill_children(pid: int) -> None:
+    """Kill what a call left running under the warm process (its children and theirs)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    pending: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as children:
+                pending += [int(child) for child in children.read().split()]
+        except OSError:
+            continue
+    while pending:
+        child = pending.pop()
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{child}/task"):
+                with open(f"/proc/{child}/task/{tid}/children") as children:
+                    pending += [int(grandchild) for grandchild in children.read().split()]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
