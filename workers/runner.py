@@ -92,6 +92,8 @@ class Outcome:
     exit_code: int | None = None
     exit_signal: str | None = None
     stderr: str = ""
+    exiting: bool = False
+    """The wrapper said it is exiting (a late error): a warm process must not be reused."""
 
 
 @dataclass
@@ -395,6 +397,7 @@ def interpret(
             metadata = envelope.get("metadata") or {}
             execution_ms = int(metadata.get("execution_time", total_ms))
             error = envelope.get("error")
+            common["exiting"] = bool(metadata.get("exiting"))
         except (ValueError, AttributeError, TypeError) as exc:
             failure = InvalidOutput(f"tool produced an unreadable envelope: {exc}")
         else:

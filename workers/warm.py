@@ -123,13 +123,15 @@ class WarmProcess:
                 started,
                 warm=True,
             )
-            healthy = failure is None and streams.frame is not None and self.alive()
-            if not healthy:
-                self.kill()
-            else:
+            alive = self.alive()  # reaps a dead process, so its exit status is known
+            outcome = interpret(self.proc.returncode, streams, failure, call, started)
+            healthy = (
+                alive and failure is None and streams.frame is not None and not outcome.exiting
+            )
+            if healthy:
                 self.calls += 1
                 _kill_children(self.pid)
-            return interpret(self.proc.returncode, streams, failure, call, started), healthy
+            return outcome, healthy
         finally:
             shutil.rmtree(call_tmp, ignore_errors=True)
 
@@ -166,21 +168,27 @@ class WarmPool:
         self.max_rss_mb = max_rss_mb
         self.env = dict(base_env) if base_env is not None else base_environment()
         self._slots = slots or threading.BoundedSemaphore(size)
-        self._lock = threading.Lock()
-        self._idle: list[WarmProcess] = []
-        self._closed = False
+        self._reset()
+
+    def _reset(self) -> None:
         self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._idle: list[WarmProcess] = []
+        self._live = 0  # idle + busy + starting: never more than size
+        self._starting = 0
+        self._closed = False
 
     def start(self) -> None:
         """Fill the pool in the background: the first calls should not pay for Bun."""
-        for _ in range(self.size):
-            self._replace()
+        with self._cond:
+            while self._live < self.size:
+                self._begin_start()
 
     def run(self, call: Call) -> Outcome:
         if self._pid != os.getpid():
             # A forked pool process (prefork): the parent's processes and pipes are not
-            # ours to use; start this process's own pool.
-            self._pid, self._idle, self._lock = os.getpid(), [], threading.Lock()
+            # ours to use; this process starts its own.
+            self._reset()
             self.start()
         with self._slots:
             process = self._take()
@@ -188,59 +196,71 @@ class WarmPool:
                 return failed(ToolCrashed("cannot start a warm Bun process"), time.monotonic())
             outcome, healthy = process.call(call)
             retire = (
-                not healthy
-                or process.calls >= self.max_calls
-                or (process.rss_mb() > self.max_rss_mb)
+                not healthy or process.calls >= self.max_calls or process.rss_mb() > self.max_rss_mb
             )
             if retire:
-                if healthy:
-                    process.kill()
-                self._replace()
+                self._retire(process)
             else:
-                with self._lock:
+                with self._cond:
                     self._idle.append(process)
+                    self._cond.notify()
             return outcome
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            self._live -= len(idle)
         for process in idle:
             process.kill()
 
     def _take(self) -> WarmProcess | None:
-        with self._lock:
-            while self._idle:
-                process = self._idle.pop()
-                if process.alive():
-                    return process
-                process.kill()  # died while idle (a late timer, the OOM killer)
-        try:  # none ready (first calls, or a replacement still starting): start one now
-            return self._spawn()
+        with self._cond:
+            while not self._closed:
+                while self._idle:
+                    process = self._idle.pop()
+                    if process.alive():
+                        return process
+                    self._live -= 1  # died while idle (a late timer, the OOM killer)
+                    process.kill()
+                if self._starting == 0 and self._live < self.size:
+                    self._begin_start()
+                if self._starting == 0 and not self._idle:
+                    return None  # starting failed
+                self._cond.wait(timeout=30)
+        return None
+
+    def _retire(self, process: WarmProcess) -> None:
+        process.kill()
+        with self._cond:
+            self._live -= 1
+            if not self._closed:
+                self._begin_start()  # the replacement starts now, ahead of the next call
+
+    def _begin_start(self) -> None:
+        """With the lock held: start one process in the background."""
+        self._live += 1
+        self._starting += 1
+        threading.Thread(target=self._finish_start, name="toolq-warm-start", daemon=True).start()
+
+    def _finish_start(self) -> None:
+        try:
+            process: WarmProcess | None = WarmProcess(
+                self.bun, self.entrypoint, self.project_dir, self.env
+            )
         except OSError:
             log.exception("cannot start a warm Bun process")
-            return None
-
-    def _spawn(self) -> WarmProcess:
-        return WarmProcess(self.bun, self.entrypoint, self.project_dir, self.env)
-
-    def _replace(self) -> None:
-        def start() -> None:
-            try:
-                process = self._spawn()
-            except OSError:
-                log.exception("cannot start a warm Bun process")
-                return
-            with self._lock:
-                if self._closed or len(self._idle) >= self.size:
-                    keep = False
-                else:
-                    self._idle.append(process)
-                    keep = True
-            if not keep:
-                process.kill()
-
-        threading.Thread(target=start, name="toolq-warm-start", daemon=True).start()
+            process = None
+        with self._cond:
+            self._starting -= 1
+            if process is not None and not self._closed:
+                self._idle.append(process)
+                process = None
+            else:
+                self._live -= 1
+            self._cond.notify_all()
+        if process is not None:
+            process.kill()  # the pool closed while it started
 
 
 def _kill_children(pid: int) -> None:

@@ -45,15 +45,16 @@ for (const level of ["log", "info", "warn", "error", "debug", "trace"] as const)
   console[level] = (...args: unknown[]) => toStderr(prefix, ...args);
 }
 
-async function send(result: unknown, error: ErrorInfo | null): Promise<void> {
+async function send(result: unknown, error: ErrorInfo | null, exiting = false): Promise<void> {
   const call = active;
   if (!call || call.sent) return;
   call.sent = true;
-  const metadata = {
+  const metadata: Record<string, unknown> = {
     tool_id: call.toolId,
     tool_exec_id: call.toolExecId,
     execution_time: Math.round(performance.now() - call.started),
   };
+  if (exiting) metadata.exiting = true; // warm mode: do not send this process another call
   let body: string;
   try {
     body = JSON.stringify({ result: result ?? null, error, metadata });
@@ -94,7 +95,7 @@ function describe(e: unknown, kind: string, message?: string): ErrorInfo {
 // A failure outside the tool's own promise is still the call's error. In warm mode
 // the process may hold state the failure left broken, so it exits and is replaced.
 async function onLateError(e: unknown): Promise<void> {
-  await send(null, describe(e, "tool_error"));
+  await send(null, describe(e, "tool_error"), true);
   process.exit(1);
 }
 process.on("uncaughtException", onLateError);

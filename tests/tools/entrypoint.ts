@@ -4,6 +4,10 @@ import { appendFileSync, readFileSync, writeFileSync } from "node:fs";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// Module-level state: survives between calls of one warm process, not across processes.
+let calls = 0;
+const hoard: string[] = [];
+
 // Appends this run's start time to a file; returns how many runs it now holds.
 function record(counter: string): number {
   appendFileSync(counter, `${Date.now()}\n`);
@@ -90,6 +94,14 @@ export default {
     writeFileSync(input.marker, String(process.pid));
     await sleep(input.ms);
     return { slept: input.ms, pid: process.pid };
+  },
+
+  // warm mode
+  pid: async () => ({ pid: process.pid }),
+  module_counter: async () => ({ calls: ++calls, pid: process.pid }),
+  grow: async (input: { mb: number }) => {
+    for (let i = 0; i < input.mb; i++) hoard.push(Buffer.alloc(1 << 20, i % 256).toString("latin1"));
+    return { held_mb: hoard.length, pid: process.pid };
   },
 
   // crashes

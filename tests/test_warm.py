@@ -1,0 +1,98 @@
+"""Warm mode's own promises: reuse, recycling, replacement ahead of need, what survives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TOOLS, wait_until
+from tests.test_runner import run
+from toolq.workers.runner import BunRunner
+from toolq.workers.warm import WarmPool
+
+
+@pytest.fixture
+def pool(bun: Path, request: pytest.FixtureRequest) -> Iterator[WarmPool]:
+    options: dict[str, Any] = {"max_calls_per_process": 1000, "max_rss_mb": 512}
+    options.update(getattr(request, "param", {}))
+    warm = WarmPool(bun, TOOLS / "entrypoint.ts", TOOLS, 1, **options)
+    warm.start()
+    yield warm
+    warm.close()
+
+
+def pid_of(pool: WarmPool | BunRunner) -> int:
+    outcome = run(pool, "pid")
+    assert outcome.result is not None
+    return int(outcome.result["pid"])
+
+
+def test_one_process_serves_call_after_call(pool: WarmPool) -> None:
+    assert len({pid_of(pool) for _ in range(5)}) == 1
+
+
+def test_module_state_survives_between_calls_of_one_process(pool: WarmPool, bun: Path) -> None:
+    counts = [run(pool, "module_counter").result["calls"] for _ in range(3)]  # type: ignore[index]
+    assert counts == [1, 2, 3]
+    spawn = BunRunner(bun, TOOLS / "entrypoint.ts", TOOLS, 1)
+    assert [run(spawn, "module_counter").result["calls"] for _ in range(2)] == [1, 1]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("pool", [{"max_calls_per_process": 3}], indirect=True)
+def test_process_is_recycled_after_max_calls(pool: WarmPool) -> None:
+    pids = [pid_of(pool) for _ in range(7)]
+    assert pids[0] == pids[1] == pids[2] != pids[3]
+    assert pids[3] == pids[4] == pids[5] != pids[6]
+
+
+@pytest.mark.parametrize("pool", [{"max_rss_mb": 150}], indirect=True)
+def test_process_is_recycled_when_its_memory_grows(pool: WarmPool) -> None:
+    first = run(pool, "grow", {"mb": 40}).result
+    assert first is not None and first["held_mb"] == 40  # under the limit: kept
+    second = run(pool, "grow", {"mb": 200}).result
+    assert second is not None and second["pid"] == first["pid"] and second["held_mb"] == 240
+    third = run(pool, "grow", {"mb": 1}).result
+    assert third is not None and third["pid"] != first["pid"] and third["held_mb"] == 1
+
+
+@pytest.mark.parametrize(
+    ("tool_id", "payload", "kind"),
+    [
+        ("exit_code", {"code": 3}, "crashed"),
+        ("ignore_sigterm", {}, "timeout"),
+        ("big_output", {"bytes": 11 * 1024 * 1024}, "output_too_large"),
+        ("flood_stdout", {}, "output_too_large"),
+        ("late_throw", {}, "tool_error"),
+    ],
+)
+def test_a_broken_process_is_replaced_before_the_next_call(
+    pool: WarmPool, tool_id: str, payload: Any, kind: str
+) -> None:
+    before = pid_of(pool)
+    outcome = run(pool, tool_id, payload, timeout_s=0.5, hard_timeout_s=1.0)
+    assert outcome.error is not None and outcome.error.kind == kind
+    # the replacement is started in the background, ahead of the next call
+    assert wait_until(lambda: len(pool._idle) == 1 and pool._idle[0].alive(), 10)
+    waiting = pool._idle[0].pid
+    after = pid_of(pool)
+    assert after == waiting  # the next call found it ready
+    if kind != "output_too_large" or tool_id == "flood_stdout":
+        assert after != before
+
+
+def test_env_of_one_call_never_reaches_the_next(pool: WarmPool) -> None:
+    assert run(pool, "env", {"keys": ["SECRET"]}, env={"SECRET": "abc"}).result == {
+        "env": {"SECRET": "abc"}
+    }
+    assert run(pool, "env", {"keys": ["SECRET"]}).result == {"env": {"SECRET": None}}
+    keys = run(pool, "env_keys").result["keys"]  # type: ignore[index]
+    assert set(keys) <= {"PATH", "HOME", "LANG", "TMPDIR"}
+
+
+def test_each_call_gets_its_own_tmpdir(pool: WarmPool) -> None:
+    first = run(pool, "env", {"keys": ["TMPDIR"]}).result["env"]["TMPDIR"]  # type: ignore[index]
+    second = run(pool, "env", {"keys": ["TMPDIR"]}).result["env"]["TMPDIR"]  # type: ignore[index]
+    assert first != second
