@@ -30,7 +30,7 @@ test: setup lint
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/toolq bench --modes spawn
+	$(BIN)/toolq bench --modes spawn,warm --rounds 3
 
 lint: setup typecheck
 	$(BIN)/ruff check .

@@ -1,94 +1,77 @@
 """Which Celery pool fits the seed guide's budget (10 tools at once in 512 MiB)?
 
 Starts a real worker per pool with concurrency 10, keeps 10 slow calls running,
-and samples the resident memory of the whole process tree (worker, pool
-children, reapers, Bun processes). Needs a Redis (TOOLQ_REDIS_URL, else a
-private one is started).
+and samples the resident memory of the whole process tree (worker, pool children,
+reapers, Bun processes). Needs a Redis (TOOLQ_REDIS_URL, else a private one).
 
-    .venv/bin/python bench/pool_memory.py
+    .venv/bin/python bench/pool_memory.py [--mode warm|spawn]
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import tempfile
 import time
 from pathlib import Path
 
+from toolq.bench import tree_rss_mib
 from toolq.config.loader import load_settings
 from toolq.devredis import drop_queue, ensure_redis
 from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ROOT / "tests" / "tools"
+TOOLS = ROOT / "bench" / "tools"
 
 
-def tree_rss_mib(root_pid: int) -> tuple[float, int]:
-    """Total RSS of ``root_pid`` and every process below it, and how many there are."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/statm") as statm:
-                rss[int(entry)] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    total, count, stack = 0, 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        count += 1
-        stack.extend(children.get(pid, []))
-    return total / 2**20, count
-
-
-def measure(pool: str, redis_url: str, config: Path) -> tuple[float, float, int]:
-    settings = load_settings(config, overrides={"redis_url": redis_url, "queue": f"mem-{pool}"})
+def measure(pool: str, mode: str, redis_url: str, config: Path) -> tuple[float, float]:
+    queue = f"mem-{pool}"
+    env = {"TOOLQ_RUNTIME__MODE": mode}
+    settings = load_settings(
+        config, environ=env, overrides={"redis_url": redis_url, "queue": queue}
+    )
     with (
         ToolClient(settings) as client,
         WorkerProcess(
             config=config,
             redis_url=redis_url,
-            queues=[f"mem-{pool}"],
+            queues=[queue],
             concurrency=10,
             pool=pool,
             loglevel="WARNING",
+            env=env,
         ) as worker,
     ):
         worker.start(client.app)
-        idle, _ = tree_rss_mib(worker.pid)
-        calls = [client.enqueue("sleep", {"ms": 3000}, queue=f"mem-{pool}") for _ in range(10)]
-        peak, peak_count = 0.0, 0
+        time.sleep(1.0)  # let a warm pool fill
+        idle = tree_rss_mib(worker.pid)
+        calls = [client.enqueue("sleep", {"ms": 3000}, queue=queue) for _ in range(10)]
+        peak = 0.0
         deadline = time.monotonic() + 2.5
         while time.monotonic() < deadline:
-            rss, count = tree_rss_mib(worker.pid)
-            if rss > peak:
-                peak, peak_count = rss, count
+            peak = max(peak, tree_rss_mib(worker.pid))
             time.sleep(0.1)
         for call in calls:
             assert call.result(timeout=30).ok
             call.forget()
-        drop_queue(redis_url, f"mem-{pool}")
-        return idle, peak, peak_count
+    drop_queue(redis_url, queue)
+    return idle, peak
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="spawn", choices=["spawn", "warm"])
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ensure_redis() as redis_url:
         config = Path(tmp) / "compozy.yaml"
         config.write_text(
             f"runtime:\n  entrypoint: {TOOLS / 'entrypoint.ts'}\n  timeout: 10s\n"
             "performance:\n  max_concurrent_tools: 10\n"
         )
-        print(f"{'pool':10} {'idle MiB':>9} {'10 busy MiB':>12} {'processes':>10}")
+        print(f"mode {args.mode}\n{'pool':10} {'idle MiB':>9} {'10 busy MiB':>12}")
         for pool in ("threads", "prefork"):
-            idle, peak, count = measure(pool, redis_url, config)
-            print(f"{pool:10} {idle:9.0f} {peak:12.0f} {count:10d}")
+            idle, peak = measure(pool, args.mode, redis_url, config)
+            print(f"{pool:10} {idle:9.0f} {peak:12.0f}")
 
 
 if __name__ == "__main__":

@@ -241,13 +241,15 @@ def test_a_call_that_keeps_killing_its_worker_is_given_up(settings: Any) -> None
     executor = ToolExecutor(settings)
     request = {"tool_id": "echo", "input": {}, "env": {}, "enqueued_at": time.time()}
     try:
-        decisions = [
-            executor.handle(request, call_id="poison-call", worker="w")
-            for _ in range(MAX_DELIVERIES + 1)
+        first = executor.handle(request, call_id="poison-call", worker="w")
+        decisions = [first] + [
+            executor.handle(request, call_id="poison-call", worker="w", redelivered=True)
+            for _ in range(MAX_DELIVERIES)
         ]
     finally:
         executor.close()
     assert all(isinstance(d, Final) for d in decisions)
+    assert all(d.envelope["status"] == "success" for d in decisions[:-1])  # type: ignore[union-attr]
     last = decisions[-1].envelope  # type: ignore[union-attr]
     assert last["error"]["kind"] == "crashed" and last["error"]["name"] == "WorkerLost"
     assert last["metadata"]["retry_stopped"] == "max_deliveries"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -111,12 +112,20 @@ def test_env_is_minimal_plus_the_call_env(runner: Runner, monkeypatch: pytest.Mo
     assert keys <= {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN"}
     values = run(leaky, "env", {"keys": ["API_TOKEN", "TMPDIR"]}, env={"API_TOKEN": "abc123"})
     env = values.result["env"]  # type: ignore[index]
-    assert env["API_TOKEN"] == "abc123"
-    assert env["TMPDIR"] and not os.path.exists(env["TMPDIR"])  # private, removed afterwards
+    assert env["API_TOKEN"] == "abc123" and env["TMPDIR"]
     if isinstance(leaky, WarmPool):
         after = run(leaky, "env", {"keys": ["API_TOKEN"]})  # the same warm process
         assert after.result == {"env": {"API_TOKEN": None}}  # the call's env was restored
         leaky.close()
+
+
+def test_each_call_starts_with_an_empty_private_tmpdir(runner: Runner) -> None:
+    wrote = run(runner, "tmp_write").result
+    assert wrote is not None and wrote["dir"] != tempfile.gettempdir()
+    listed = run(runner, "tmp_list").result
+    assert listed is not None and listed["entries"] == []  # nothing a call left survives it
+    if isinstance(runner, BunRunner):
+        assert not os.path.exists(wrote["dir"])  # spawn: the directory itself is gone
 
 
 def test_console_goes_to_stderr_with_levels(runner: Runner) -> None:

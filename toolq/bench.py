@@ -1,23 +1,33 @@
-"""`toolq bench` / `make bench`: toolq measured against a baseline in the same run.
+"""`toolq bench` / `make bench`: toolq measured against its baselines in the same run.
 
-The baseline is a Celery no-op task (``toolq.noop``) through the same Redis, on the
-same worker with the same settings: whatever a tool call costs above it is toolq's
-(and Bun's). Every figure is the median of several rounds, reported as a ratio to
-the baseline measured alongside it. Results go to ``bench/RESULTS.md`` (and a PNG of
-latency percentiles by input size).
+- Throughput and latency of a trivial tool against a Celery no-op task
+  (``toolq.noop``) through the same Redis, on the same worker with the same settings.
+  Throughput is measured by draining a pre-filled queue, so the producer (on the same
+  cores) does not set the pace.
+- The seed guide's input sizes (1 KB to 1 MB) against a no-op task carrying the same
+  payload.
+- Memory: the whole worker tree (worker, reaper, Bun processes) with
+  ``max_concurrent_tools`` calls running at once, against the seed guide's 512 MiB.
+- CPU per call in spawn mode against starting the wrapper with Bun directly.
+
+Every figure is the median of several rounds, reported with the ratio to its baseline.
+Results go to ``bench/RESULTS.md`` and a PNG of latency percentiles by input size.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +39,20 @@ from toolq.config.loader import load_settings
 from toolq.devredis import drop_queue, ensure_redis
 from toolq.loadtest import percentile
 from toolq.producers.client import ToolClient
-from toolq.workers.bun import find_bun
+from toolq.workers.bun import WRAPPER, find_bun
 from toolq.workers.process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "bench" / "tools"
 SIZES = (1024, 10 * 1024, 100 * 1024, 1024 * 1024)
+CONCURRENCY = 10
+MEMORY_BUDGET_MIB = 512
+READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
 @dataclass
 class Figures:
-    """Per mode: medians over rounds of each measurement."""
+    """One runtime mode's measurements, one entry per round."""
 
     throughput: list[float] = field(default_factory=list)
     baseline_throughput: list[float] = field(default_factory=list)
@@ -47,14 +60,16 @@ class Figures:
     baseline_latency_ms: list[float] = field(default_factory=list)
     sizes: dict[int, list[list[float]]] = field(default_factory=dict)
     baseline_sizes: dict[int, list[list[float]]] = field(default_factory=dict)
+    peak_rss_mib: list[float] = field(default_factory=list)
+    cpu_per_call_ms: list[float] = field(default_factory=list)
 
 
 def run_bench(
     *,
-    modes: Sequence[str] = ("spawn",),
+    modes: Sequence[str] = ("spawn", "warm"),
     rounds: int = 3,
-    calls: int = 200,
-    sequential: int = 50,
+    calls: int = 500,
+    sequential: int = 100,
     per_size: int = 15,
     out: Path = ROOT / "bench" / "RESULTS.md",
     say: Callable[[str], None] = print,
@@ -73,7 +88,9 @@ def run_bench(
                 say=say,
             )
         server = redis.Redis.from_url(redis_url).info("server").get("redis_version", "?")
-    out.write_text(_report(results, rounds, calls, sequential, per_size, str(server)))
+    say("bare wrapper starts (spawn's CPU baseline)")
+    bare_cpu_ms = [wrapper_cpu_ms() for _ in range(rounds)]
+    out.write_text(_report(results, bare_cpu_ms, rounds, calls, sequential, per_size, str(server)))
     _plot(results, out.with_name("latency_by_size.png"))
     say(f"wrote {out} and {out.with_name('latency_by_size.png')}")
     return results
@@ -91,7 +108,7 @@ def _bench_mode(
 ) -> Figures:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     config = PROJECT / "compozy.yaml"
-    env = {"TOOLQ_RUNTIME__MODE": mode} if mode != "spawn" else {}
+    env = {"TOOLQ_RUNTIME__MODE": mode}
     settings = load_settings(
         config, environ=env, overrides={"redis_url": redis_url, "queue": queue}
     )
@@ -99,22 +116,32 @@ def _bench_mode(
     with (
         ToolClient(settings) as client,
         WorkerProcess(
-            config=config, redis_url=redis_url, queues=[queue], loglevel="WARNING", env=env
+            config=config,
+            redis_url=redis_url,
+            queues=[queue],
+            loglevel="WARNING",
+            env=env,
+            concurrency=CONCURRENCY,
         ) as worker,
     ):
         worker.start(client.app)
+        drain = functools.partial(_drain_throughput, client, worker.hostname, redis_url, calls)
         _warm_up(client, queue)
         for round_no in range(1, rounds + 1):
             say(f"mode {mode}: round {round_no}/{rounds}")
-            figures.baseline_throughput.append(_throughput(lambda: _noop(client, queue), calls))
-            figures.throughput.append(
-                _throughput(lambda: client.enqueue("noop", {}, queue=queue), calls)
+            figures.baseline_throughput.append(drain(lambda q: _noop(client, q)))
+            cpu_before = process_tree_cpu_s(worker.pid)
+            figures.throughput.append(drain(lambda q: client.enqueue("noop", {}, queue=q)))
+            figures.cpu_per_call_ms.append(
+                (process_tree_cpu_s(worker.pid) - cpu_before) * 1000 / calls
             )
             figures.baseline_latency_ms.append(
-                _median_latency(lambda: _noop(client, queue), sequential)
+                statistics.median(_latencies(lambda: _noop(client, queue), sequential))
             )
             figures.latency_ms.append(
-                _median_latency(lambda: client.enqueue("noop", {}, queue=queue), sequential)
+                statistics.median(
+                    _latencies(lambda: client.enqueue("noop", {}, queue=queue), sequential)
+                )
             )
             for size in SIZES:
                 payload = {"data": "x" * size}
@@ -127,34 +154,72 @@ def _bench_mode(
                         per_size,
                     )
                 )
+            figures.peak_rss_mib.append(_peak_rss_while_busy(client, queue, worker.pid))
     drop_queue(redis_url, queue)
     return figures
 
 
-def _noop(client: ToolClient, queue: str, payload: Any = None) -> Any:
-    async_result = client.app.send_task(NOOP_TASK, args=[payload], queue=queue)
+class _Handle:
+    def __init__(self, async_result: Any) -> None:
+        self._async = async_result
+        self.id = str(async_result.id)
 
-    class Handle:
-        def result(self, timeout: float | None = None) -> Any:
-            return async_result.get(timeout=timeout)
+    def result(self, timeout: float | None = None) -> Any:
+        return self._async.get(timeout=timeout)
 
-    return Handle()
+
+def _noop(client: ToolClient, queue: str, payload: Any = None) -> _Handle:
+    return _Handle(client.app.send_task(NOOP_TASK, args=[payload], queue=queue))
 
 
 def _warm_up(client: ToolClient, queue: str) -> None:
-    for _ in range(5):
+    for _ in range(10):
         _noop(client, queue).result(timeout=60)
         assert client.enqueue("noop", {}, queue=queue).result(timeout=60).ok
 
 
-def _throughput(send: Callable[[], Any], calls: int) -> float:
-    started = time.perf_counter()
-    handles = [send() for _ in range(calls)]
-    for handle in handles:
-        outcome = handle.result(timeout=300)
-        if hasattr(outcome, "ok") and not outcome.ok:
-            raise RuntimeError(f"benchmark call failed: {outcome.error}")
-    return calls / (time.perf_counter() - started)
+def _check(outcome: Any) -> None:
+    if hasattr(outcome, "ok") and not outcome.ok:
+        raise RuntimeError(f"benchmark call failed: {outcome.error}")
+
+
+def _drain_throughput(
+    client: ToolClient, hostname: str, redis_url: str, calls: int, send: Callable[[str], Any]
+) -> float:
+    """Fill a fresh queue, then let the worker drain it: calls per second, worker-side.
+
+    While the worker drains, the producer only polls Redis every 50 ms (no result
+    decoding), and the end is the last result's ``date_done`` as the worker stored it:
+    the figure is the worker's, not the producer's (they share the machine's cores).
+    """
+    queue = f"drain-{uuid.uuid4().hex[:8]}"
+    result_keys = [client.app.backend.get_key_for_task(send(queue).id) for _ in range(calls)]
+    with redis.Redis.from_url(redis_url) as connection:
+        started = time.time()
+        client.app.control.add_consumer(queue, destination=[hostname], reply=True, timeout=5)
+        deadline = time.monotonic() + 300
+        while True:
+            stored = connection.mget(result_keys)
+            if all(stored):
+                metas = [json.loads(item) for item in stored]
+                if all(meta["status"] in READY for meta in metas):
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not drain {calls} calls in 300 s")
+            time.sleep(0.05)
+    client.app.control.cancel_consumer(queue, destination=[hostname], reply=True, timeout=5)
+    drop_queue(redis_url, queue)
+    if any(meta["status"] != "SUCCESS" for meta in metas):
+        raise RuntimeError("benchmark calls did not all succeed")
+    for meta in metas:
+        _check_envelope(meta["result"])
+    finished = max(datetime.fromisoformat(meta["date_done"]).timestamp() for meta in metas)
+    return calls / (finished - started)
+
+
+def _check_envelope(result: Any) -> None:
+    if isinstance(result, dict) and result.get("status") == "error":
+        raise RuntimeError(f"benchmark call failed: {result.get('error')}")
 
 
 def _latencies(send: Callable[[], Any], count: int) -> list[float]:
@@ -163,13 +228,115 @@ def _latencies(send: Callable[[], Any], count: int) -> list[float]:
         started = time.perf_counter()
         outcome = send().result(timeout=300)
         values.append((time.perf_counter() - started) * 1000)
-        if hasattr(outcome, "ok") and not outcome.ok:
-            raise RuntimeError(f"benchmark call failed: {outcome.error}")
+        _check(outcome)
     return values
 
 
-def _median_latency(send: Callable[[], Any], count: int) -> float:
-    return statistics.median(_latencies(send, count))
+def _peak_rss_while_busy(client: ToolClient, queue: str, worker_pid: int) -> float:
+    calls = [client.enqueue("sleep", {"ms": 2000}, queue=queue) for _ in range(CONCURRENCY)]
+    peak = 0.0
+    deadline = time.monotonic() + 1.8
+    while time.monotonic() < deadline:
+        peak = max(peak, tree_rss_mib(worker_pid))
+        time.sleep(0.05)
+    for call in calls:
+        _check(call.result(timeout=60))
+    return peak
+
+
+# -- process measurements -----------------------------------------------------------------
+
+
+def _process_table() -> tuple[dict[int, list[int]], dict[int, list[str]]]:
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    return children, stats
+
+
+def _tree(root_pid: int, children: dict[int, list[int]]) -> list[int]:
+    pids, stack = [], [root_pid]
+    while stack:
+        pid = stack.pop()
+        pids.append(pid)
+        stack.extend(children.get(pid, []))
+    return pids
+
+
+def tree_rss_mib(root_pid: int) -> float:
+    """Resident memory of ``root_pid`` and every process below it."""
+    children, _ = _process_table()
+    total = 0
+    for pid in _tree(root_pid, children):
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
+                total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 2**20
+
+
+def process_tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds of a process tree: its live members plus the children they reaped."""
+    children, stats = _process_table()
+    ticks = 0
+    for pid in _tree(root_pid, children):
+        fields = stats.get(pid)
+        if fields:  # utime, stime, cutime, cstime (fields 14-17 of /proc/pid/stat)
+            ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wrapper_cpu_ms(runs: int = 100) -> float:
+    """CPU per run of the wrapper started with Bun directly, one trivial call each."""
+    bun = find_bun(None, PROJECT)
+    request = json.dumps(
+        {
+            "tool_id": "noop",
+            "tool_exec_id": "bench",
+            "input": {},
+            "config": {},
+            "env": {},
+            "timeout_ms": 30000,
+            "nonce": "n",
+        }
+    ).encode()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(runs):
+        read_fd, write_fd = os.pipe()
+        proc = subprocess.Popen(
+            [
+                str(bun),
+                "--smol",
+                "--no-install",
+                "--no-env-file",
+                str(WRAPPER),
+                str(PROJECT / "entrypoint.ts"),
+                str(write_fd),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+            cwd=PROJECT,
+        )
+        os.close(write_fd)
+        proc.communicate(request)
+        while os.read(read_fd, 65536):
+            pass
+        os.close(read_fd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return used * 1000 / runs
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -177,6 +344,7 @@ def _median_latency(send: Callable[[], Any], count: int) -> float:
 
 def _report(
     results: dict[str, Figures],
+    bare_cpu_ms: list[float],
     rounds: int,
     calls: int,
     sequential: int,
@@ -187,19 +355,21 @@ def _report(
     lines = [
         "# toolq benchmarks",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `toolq bench` "
-        f"(`make bench`): {rounds} rounds, medians of the rounds. The baseline is a Celery "
-        "no-op task (`toolq.noop`) through the same Redis, on the same worker, in the same run.",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
+        f"`toolq bench --rounds {rounds}` (`make bench`); every figure is the median of the "
+        "rounds. Baselines are measured in the same run: a Celery no-op task (`toolq.noop`) "
+        "through the same Redis on the same worker, and Bun starting the wrapper directly.",
         "",
         f"- machine: {_cpu()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB",
         f"- Python {platform.python_version()}, Celery {celery.__version__}, "
         f"Bun {_bun_version()}, Redis {redis_version}",
-        "- worker: threads pool, max_concurrent_tools 10, prefetch 1 per slot, late acks",
+        f"- worker: threads pool, {CONCURRENCY} slots, prefetch 1 per slot, late acks; "
+        "producer, worker and Redis share the machine",
         "",
-        "## Throughput and latency of a trivial tool",
+        "## Trivial tool: throughput and latency",
         "",
-        f"Throughput: {calls} calls enqueued at once, calls/s until the last result. "
-        f"Latency: {sequential} sequential calls, enqueue to result, median.",
+        f"Throughput: a queue pre-filled with {calls} calls, drained by the worker (calls/s). "
+        f"Latency: {sequential} sequential calls, one caller, enqueue to result (median).",
         "",
         "| mode | tool calls/s | no-op tasks/s | ratio | tool p50 ms | no-op p50 ms | diff ms |",
         "|---|---|---|---|---|---|---|",
@@ -207,29 +377,44 @@ def _report(
     for mode, f in results.items():
         lines.append(
             f"| {mode} | {med(f.throughput):.0f} | {med(f.baseline_throughput):.0f} | "
-            f"{med(f.throughput) / med(f.baseline_throughput):.2f}x | {med(f.latency_ms):.2f} | "
-            f"{med(f.baseline_latency_ms):.2f} | "
+            f"{med(f.throughput) / med(f.baseline_throughput):.2f}x | "
+            f"{med(f.latency_ms):.2f} | {med(f.baseline_latency_ms):.2f} | "
             f"{med(f.latency_ms) - med(f.baseline_latency_ms):+.2f} |"
         )
-    if "spawn" in results and len(results) > 1:
-        spawn = med(results["spawn"].throughput)
-        for mode, f in results.items():
-            if mode != "spawn":
-                lines.append(f"\n{mode} vs spawn throughput: {med(f.throughput) / spawn:.1f}x")
+    if "spawn" in results and "warm" in results:
+        ratio = med(results["warm"].throughput) / med(results["spawn"].throughput)
+        lines += ["", f"Warm over spawn throughput: **{ratio:.1f}x**."]
+    lines += [
+        "",
+        "## Memory and CPU",
+        "",
+        f"Peak RSS of the whole worker tree with {CONCURRENCY} calls running at once "
+        f"(budget {MEMORY_BUDGET_MIB} MiB). CPU per call: the worker tree's CPU during the "
+        "throughput runs (Celery, toolq, Bun) divided by the calls, against starting the "
+        f"wrapper with Bun directly ({med(bare_cpu_ms):.2f} ms per start).",
+        "",
+        "| mode | peak RSS MiB | of budget | CPU per call ms | vs bare wrapper start |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, f in results.items():
+        lines.append(
+            f"| {mode} | {med(f.peak_rss_mib):.0f} | "
+            f"{med(f.peak_rss_mib) / MEMORY_BUDGET_MIB:.0%} | {med(f.cpu_per_call_ms):.2f} | "
+            f"{med(f.cpu_per_call_ms) / med(bare_cpu_ms):.2f}x |"
+        )
     lines += [
         "",
         "## Input sizes (the seed guide's 1 KB to 1 MB)",
         "",
-        f"{per_size} sequential calls per size and round; a tool that returns the input's "
-        "length against a no-op task carrying the same payload.",
+        f"{per_size} sequential calls per size and round: a tool that returns the input's "
+        "length, against a no-op task carrying the same payload.",
         "",
         "| mode | input | tool p50 ms | tool p95 ms | no-op p50 ms | ratio p50 |",
         "|---|---|---|---|---|---|",
     ]
     for mode, f in results.items():
         for size in SIZES:
-            tool = _pooled(f.sizes[size])
-            base = _pooled(f.baseline_sizes[size])
+            tool, base = _pooled(f.sizes[size]), _pooled(f.baseline_sizes[size])
             lines.append(
                 f"| {mode} | {_size(size)} | {percentile(tool, 50):.2f} | "
                 f"{percentile(tool, 95):.2f} | {percentile(base, 50):.2f} | "
@@ -270,7 +455,7 @@ def _plot(results: dict[str, Figures], path: Path) -> None:
     )
     ax.set_xscale("log")
     ax.set_xlabel("input size (KiB)")
-    ax.set_ylabel("enqueue → result (ms)")
+    ax.set_ylabel("enqueue to result (ms)")
     ax.set_title("toolq latency by input size")
     ax.legend()
     ax.grid(True, alpha=0.3)

@@ -405,9 +405,9 @@ def loadtest(
 def bench(
     modes: Annotated[
         str, typer.Option(help="Runtime modes to measure, comma-separated.")
-    ] = "spawn",
+    ] = "spawn,warm",
     rounds: Annotated[int, typer.Option(min=1, help="Rounds; figures are medians.")] = 3,
-    calls: Annotated[int, typer.Option(min=10, help="Calls per throughput round.")] = 200,
+    calls: Annotated[int, typer.Option(min=10, help="Calls per throughput round.")] = 500,
     out: Annotated[Path, typer.Option(help="Where to write the report.")] = Path(
         "bench/RESULTS.md"
     ),

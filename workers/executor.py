@@ -45,7 +45,7 @@ STDERR_LOGGED = 16 * 1024
 """How much of a call's (redacted) stderr goes to the worker log."""
 
 MAX_DELIVERIES = 3
-"""A call whose worker died this many times running it is given up as ``crashed``."""
+"""A call redelivered this many times (its worker died running it) ends as ``crashed``."""
 _DEFER_SLACK_S = 0.05  # arrive just after the breaker half-opens, not just before
 
 
@@ -117,7 +117,13 @@ class ToolExecutor:
         self.redis.close()
 
     def handle(
-        self, request: Any, *, call_id: str, worker: str, queue: str | None = None
+        self,
+        request: Any,
+        *,
+        call_id: str,
+        worker: str,
+        queue: str | None = None,
+        redelivered: bool = False,
     ) -> Decision:
         started_at = time.time()
         if not isinstance(request, dict):
@@ -132,9 +138,10 @@ class ToolExecutor:
         policy = self._policy(call.tool_id, request)
         deadline = float(request.get("enqueued_at", started_at)) + policy.max_elapsed_s
 
-        if self._delivered_too_often(call_id, attempt):
+        if redelivered and self._redelivered_too_often(call_id, attempt):
             failure = ToolCrashed(
-                f"the worker running this call died {MAX_DELIVERIES} times; giving up",
+                f"this call was redelivered {MAX_DELIVERIES} times (its worker died or was "
+                "stopped while running it); giving up",
                 "WorkerLost",
             )
             return self._final(
@@ -241,8 +248,8 @@ class ToolExecutor:
             enabled=enabled if isinstance(enabled, bool) else None,
         )
 
-    def _delivered_too_often(self, call_id: str, attempt: int) -> bool:
-        """Count deliveries of this attempt: a call that kills its worker must not loop."""
+    def _redelivered_too_often(self, call_id: str, attempt: int) -> bool:
+        """Count redeliveries of this attempt: a call that kills its worker must not loop."""
         key = keys.deliveries(call_id, attempt)
         try:
             with self.redis.pipeline() as pipe:
@@ -252,7 +259,7 @@ class ToolExecutor:
         except redis.RedisError:
             log.warning("cannot count deliveries of %s; running it", call_id, exc_info=True)
             return False
-        return int(count) > MAX_DELIVERIES
+        return int(count) >= MAX_DELIVERIES
 
     def _admit(self, call: Call) -> Admission:
         if not self.breakers.enabled(call.tool_id):

@@ -187,9 +187,11 @@ class BunRunner:
             os.close(envelope_w)
         reaper().track(proc.pid)
         streams = Streams()
+        pipes = Pipes(proc, envelope_r)
         try:
-            failure = collect(proc, request, envelope_r, nonce, call.limits, streams, started)
+            failure = collect(pipes, request, nonce, call.limits, streams, started)
         finally:
+            pipes.close()
             kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
             reaper().untrack(proc.pid)
@@ -234,10 +236,35 @@ def base_environment() -> dict[str, str]:
     return env
 
 
+class Pipes:
+    """A Bun process's pipes and exit, watched by one selector.
+
+    Spawn mode makes one per call; warm mode keeps one per process, so a call pays
+    for no epoll set-up.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], envelope_fd: int) -> None:
+        assert proc.stdin and proc.stdout and proc.stderr
+        self.proc = proc
+        self.stdin_fd = proc.stdin.fileno()
+        self.stdout_fd = proc.stdout.fileno()
+        self.stderr_fd = proc.stderr.fileno()
+        self.envelope_fd = envelope_fd
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.selector = selectors.DefaultSelector()
+        for fd in (self.stdin_fd, self.stdout_fd, self.stderr_fd, envelope_fd):
+            os.set_blocking(fd, False)
+        for fd in (self.stdout_fd, self.stderr_fd, envelope_fd, self.pidfd):
+            self.selector.register(fd, selectors.EVENT_READ)
+
+    def close(self) -> None:
+        self.selector.close()
+        os.close(self.pidfd)
+
+
 def collect(
-    proc: subprocess.Popen[bytes],
+    pipes: Pipes,
     request: bytes,
-    envelope_fd: int,
     nonce: bytes,
     limits: ToolLimits,
     streams: Streams,
@@ -250,15 +277,10 @@ def collect(
     ``warm``: the process serves more calls, so stdin stays open and nothing waits
     for it to exit after the envelope.
     """
-    assert proc.stdin and proc.stdout and proc.stderr
-    stdin_fd, stdout_fd, stderr_fd = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
-    pidfd = os.pidfd_open(proc.pid)
-    selector = selectors.DefaultSelector()
-    for fd in (stdin_fd, stdout_fd, stderr_fd, envelope_fd):
-        os.set_blocking(fd, False)
+    proc, selector, pidfd = pipes.proc, pipes.selector, pipes.pidfd
+    stdin_fd, stdout_fd, stderr_fd = pipes.stdin_fd, pipes.stdout_fd, pipes.stderr_fd
+    envelope_fd = pipes.envelope_fd
     selector.register(stdin_fd, selectors.EVENT_WRITE)
-    for fd in (stdout_fd, stderr_fd, envelope_fd, pidfd):
-        selector.register(fd, selectors.EVENT_READ)
     pending = memoryview(request)
     soft_at = started + limits.timeout_s
     hard_at = started + limits.hard_timeout_s
@@ -285,6 +307,7 @@ def collect(
                     if not pending:
                         selector.unregister(fd)
                         if not warm:
+                            assert proc.stdin is not None
                             proc.stdin.close()
                 elif fd == pidfd:
                     exited = True
@@ -299,24 +322,21 @@ def collect(
             if exited:
                 # Bun is gone (a zombie until we reap it); take what it left in the pipes.
                 for fd in (envelope_fd, stdout_fd, stderr_fd):
-                    if fd in selector.get_map():
-                        while fd in selector.get_map():
-                            try:
-                                failure = _read_into(
-                                    fd, stdout_fd, stderr_fd, streams, nonce, selector
-                                )
-                            except BlockingIOError:
-                                break
-                            if terminated and failure is None and streams.frame is not None:
-                                return _timeout(limits, terminated_gracefully=True)
-                            if failure is not None or streams.frame is not None:
-                                return failure
+                    while fd in selector.get_map():
+                        try:
+                            failure = _read_into(fd, stdout_fd, stderr_fd, streams, nonce, selector)
+                        except BlockingIOError:
+                            break
+                        if terminated and failure is None and streams.frame is not None:
+                            return _timeout(limits, terminated_gracefully=True)
+                        if failure is not None or streams.frame is not None:
+                            return failure
                 if terminated:
                     return _timeout(limits, terminated_gracefully=True)
                 return None
     finally:
-        selector.close()
-        os.close(pidfd)
+        if stdin_fd in selector.get_map():
+            selector.unregister(stdin_fd)
 
 
 def _read_into(

@@ -36,14 +36,22 @@ def register_tasks(app: Celery, executor: ToolExecutor) -> Task:
     )
     def run_tool(self: Task, request: dict[str, Any]) -> dict[str, Any]:
         call_id = str(self.request.id)
-        stored = self.AsyncResult(call_id)
-        if stored.state == states.SUCCESS and isinstance(stored.result, dict):
-            return stored.result  # redelivered after it finished: one final result only
         delivery = self.request.delivery_info or {}
+        # kombu marks a message it restored after its worker vanished; only then can the
+        # call have run (or finished) before: first deliveries skip these round trips.
+        redelivered = bool(delivery.get("redelivered"))
+        if redelivered:
+            stored = self.AsyncResult(call_id)
+            if stored.state == states.SUCCESS and isinstance(stored.result, dict):
+                return stored.result  # it had finished: one final result only
         worker = str(self.request.hostname)
         try:
             decision = executor.handle(
-                request, call_id=call_id, worker=worker, queue=delivery.get("routing_key")
+                request,
+                call_id=call_id,
+                worker=worker,
+                queue=delivery.get("routing_key"),
+                redelivered=redelivered,
             )
         except SoftTimeLimitExceeded:
             failure = ToolTimeout("Celery's backstop time limit ended the call", "TimeoutError")

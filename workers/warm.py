@@ -40,6 +40,7 @@ from toolq.workers.reaper import reaper
 from toolq.workers.runner import (
     Call,
     Outcome,
+    Pipes,
     Streams,
     base_environment,
     collect,
@@ -86,7 +87,9 @@ class WarmProcess:
         finally:
             os.close(envelope_w)
         self.envelope_fd = envelope_r
+        self.pipes = Pipes(self.proc, envelope_r)
         self.calls = 0
+        self._tmp_mtime = os.stat(self.tmpdir).st_mtime_ns
         reaper().track(self.proc.pid)
 
     @property
@@ -98,8 +101,7 @@ class WarmProcess:
 
     def rss_mb(self) -> float:
         try:
-            with open(f"/proc/{self.pid}/statm") as statm:
-                return int(statm.read().split()[1]) * _PAGE / 2**20
+            return int(_read_proc(f"/proc/{self.pid}/statm").split()[1]) * _PAGE / 2**20
         except (OSError, ValueError, IndexError):
             return 0.0
 
@@ -107,16 +109,14 @@ class WarmProcess:
         """Run one call; returns the outcome and whether this process may serve another."""
         started = time.monotonic()
         nonce = secrets.token_hex(16)
-        call_tmp = tempfile.mkdtemp(prefix="toolq-", dir=self.tmpdir)
         try:
-            request = encode_request(call, nonce, {"TMPDIR": call_tmp})
+            request = encode_request(call, nonce, {"TMPDIR": self.tmpdir})
             if isinstance(request, ToolFailure):
                 return failed(request, started), True
             streams = Streams()
             failure = collect(
-                self.proc,
+                self.pipes,
                 request + b"\n",
-                self.envelope_fd,
                 nonce.encode(),
                 call.limits,
                 streams,
@@ -133,9 +133,25 @@ class WarmProcess:
                 _kill_children(self.pid)
             return outcome, healthy
         finally:
-            shutil.rmtree(call_tmp, ignore_errors=True)
+            self._empty_tmpdir()
+
+    def _empty_tmpdir(self) -> None:
+        """TMPDIR is private to one call at a time: clear whatever a call left in it."""
+        mtime = os.stat(self.tmpdir).st_mtime_ns
+        if mtime == self._tmp_mtime:
+            return  # nothing was created or removed in it
+        with os.scandir(self.tmpdir) as entries:
+            leftovers = [entry.path for entry in entries]
+        for path in leftovers:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        self._tmp_mtime = os.stat(self.tmpdir).st_mtime_ns
 
     def kill(self) -> None:
+        self.pipes.close()
         kill_group(self.pid, signal.SIGKILL)
         self.proc.wait()
         reaper().untrack(self.pid)
@@ -263,24 +279,30 @@ class WarmPool:
             process.kill()  # the pool closed while it started
 
 
-def _kill_children(pid: int) -> None:
-    """Kill what a call left running under the warm process (its children and theirs)."""
+def _read_proc(path: str) -> str:
+    """One small /proc file, without the io layers (this runs after every call)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def _kill_children(pid: int) -> None:
+    """Kill what a call left running under the warm process (its children and theirs).
+
+    Bun starts child processes from its JavaScript thread, whose children list is
+    the main task's; descendants are found level by level.
+    """
+    try:
+        pending = [int(child) for child in _read_proc(f"/proc/{pid}/task/{pid}/children").split()]
     except OSError:
         return
-    pending: list[int] = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as children:
-                pending += [int(child) for child in children.read().split()]
-        except OSError:
-            continue
     while pending:
         child = pending.pop()
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{child}/task"):
-                with open(f"/proc/{child}/task/{tid}/children") as children:
-                    pending += [int(grandchild) for grandchild in children.read().split()]
+                children = _read_proc(f"/proc/{child}/task/{tid}/children")
+                pending += [int(grandchild) for grandchild in children.split()]
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(child, signal.SIGKILL)

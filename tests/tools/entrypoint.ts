@@ -1,6 +1,6 @@
 // Test tools: one behaviour each, in the Compozy convention (default export).
 import { spawn } from "node:child_process";
-import { appendFileSync, readFileSync, writeFileSync } from "node:fs";
+import { appendFileSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -98,6 +98,12 @@ export default {
 
   // warm mode
   pid: async () => ({ pid: process.pid }),
+  tmp_write: async () => {
+    const dir = process.env.TMPDIR!;
+    writeFileSync(`${dir}/left-behind.txt`, "secret scratch data");
+    return { dir };
+  },
+  tmp_list: async () => ({ dir: process.env.TMPDIR, entries: readdirSync(process.env.TMPDIR!) }),
   module_counter: async () => ({ calls: ++calls, pid: process.pid }),
   grow: async (input: { mb: number }) => {
     for (let i = 0; i < input.mb; i++) hoard.push(Buffer.alloc(1 << 20, i % 256).toString("latin1"));
