@@ -5,9 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUN := node_modules/.bin/bun
 
-.PHONY: setup demo test lint typecheck format bench clean
+.PHONY: setup sandbox demo test lint typecheck format bench clean
 
-setup: $(VENV)/.installed $(BUN)
+setup: $(VENV)/.installed $(BUN) sandbox
+
+# Tools run in a bubblewrap sandbox (runtime.sandbox); install it where we can (root on
+# Debian/Ubuntu). Elsewhere `auto` runs unsandboxed with a warning and the sandbox tests fail.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+	      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null)) ; } \
+	  || echo "bubblewrap not installed: install it (package bubblewrap) to sandbox tools"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -90,6 +90,15 @@ class ToolBreakerSettings(_Strict):
     enabled: bool | None = None
 
 
+class LimitSettings(_Strict):
+    """A tool's resource limits under `tools.<id>.limits`; unset keys inherit runtime's."""
+
+    max_memory_mb: PositiveInt | None = None
+    max_cpu_time_s: Duration | None = Field(None, alias="max_cpu_time", gt=0)
+    max_open_files: PositiveInt | None = None
+    max_processes: PositiveInt | None = None
+
+
 class ToolSettings(_Strict):
     """Per-tool overrides under `tools: {<tool_id>: {...}}`; unset keys inherit."""
 
@@ -97,6 +106,7 @@ class ToolSettings(_Strict):
     hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
     permissions: list[str] | None = None
     mode: Literal["warm", "spawn"] | None = None
+    limits: LimitSettings | None = None
     retry: RetrySettings | None = None
     circuit_breaker: ToolBreakerSettings | None = None
 
@@ -114,6 +124,12 @@ class RuntimeSettings(_Strict):
     """warm: long-lived Bun processes, entrypoint loaded once; spawn: a fresh Bun per call."""
     max_calls_per_process: PositiveInt = 1000
     max_process_rss_mb: float = Field(256.0, gt=0)
+    sandbox: Literal["required", "auto", "off"] = "auto"
+    """bubblewrap sandbox: required refuses to start without it; auto warns and runs without."""
+    max_memory_mb: PositiveInt = 2048
+    max_cpu_time_s: Duration | None = Field(None, alias="max_cpu_time", gt=0)
+    max_open_files: PositiveInt = 1024
+    max_processes: PositiveInt = 256
 
     _check_permissions = field_validator("permissions")(_check_permissions)
 
@@ -338,6 +354,24 @@ class Settings(_Strict):
     @property
     def uses_warm_mode(self) -> bool:
         return self.runtime.mode == "warm" or any(t.mode == "warm" for t in self.tools.values())
+
+    def resource_limits(self, tool_id: str) -> dict[str, Any]:
+        """The effective resource limits of one tool: tool > runtime > default."""
+        values: dict[str, Any] = {
+            "max_memory_mb": self.runtime.max_memory_mb,
+            "max_processes": self.runtime.max_processes,
+            "max_open_files": self.runtime.max_open_files,
+            "max_cpu_time_s": self.runtime.max_cpu_time_s,
+        }
+        tool = self.tools.get(tool_id)
+        if tool is not None and tool.limits is not None:
+            values.update(tool.limits.model_dump(exclude_none=True))
+        return values
+
+    def has_own_sandbox(self, tool_id: str) -> bool:
+        """A tool with its own permissions or limits runs in a process of its own (spawn)."""
+        tool = self.tools.get(tool_id)
+        return tool is not None and (tool.permissions is not None or tool.limits is not None)
 
     def permissions_for(self, tool_id: str) -> list[str]:
         tool = self.tools.get(tool_id)

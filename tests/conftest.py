@@ -117,3 +117,42 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def processes_running(*argv: str) -> list[int]:
+    """Host pids whose command line is exactly ``argv`` (zombies excluded)."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if cmdline.read() == wanted and process_alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (by parent pid), at this moment."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(children.get(child, []))
+    return found
+
+
+def unique_seconds() -> str:
+    """A `sleep` duration no other process has: 300.<random digits>."""
+    return f"300.{uuid.uuid4().int % 10**9:09d}"

@@ -37,6 +37,7 @@ def test_error_kinds_map_one_to_one_to_classes() -> None:
         "invalid_output",
         "crashed",
         "circuit_open",
+        "memory_exceeded",
     }
     assert set(FAILURE_CLASSES) == kinds
     assert all(

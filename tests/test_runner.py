@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -13,8 +11,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TOOLS, process_alive, wait_until
+from tests.conftest import TOOLS, processes_running, unique_seconds, wait_until
 from toolq.config.settings import ToolLimits
+from toolq.workers.bun import WRAPPER
+from toolq.workers.launch import Launcher
+from toolq.workers.limits import Cgroups
 from toolq.workers.runner import (
     MAX_OUTPUT_BYTES,
     MAX_STDERR_KEPT,
@@ -22,17 +23,35 @@ from toolq.workers.runner import (
     Call,
     Outcome,
 )
+from toolq.workers.sandbox import Permissions, make_sandbox
 from toolq.workers.warm import WarmPool
 
 Runner = BunRunner | WarmPool
 
 
-def make_runner(mode: str, bun: Path, size: int = 4) -> Runner:
-    if mode == "spawn":
-        return BunRunner(bun, TOOLS / "entrypoint.ts", TOOLS, max_concurrent=size)
-    pool = WarmPool(
-        bun, TOOLS / "entrypoint.ts", TOOLS, size, max_calls_per_process=1000, max_rss_mb=512
+TOOL_PERMISSIONS = Permissions.parse(["--allow-read", "--allow-write"])
+"""The test tools read and write files under tests/tools/.tmp (pytest's basetemp)."""
+
+
+def make_launcher(bun: Path, sandboxed: bool = True) -> Launcher:
+    """What a worker builds: sandboxed and in cgroups wherever this machine allows."""
+    return Launcher(
+        bun,
+        TOOLS / "entrypoint.ts",
+        TOOLS,
+        sandbox=make_sandbox("auto" if sandboxed else "off", bun, WRAPPER, TOOLS),
+        cgroups=Cgroups.detect(),
     )
+
+
+def make_runner(
+    mode: str, bun: Path, size: int = 4, sandboxed: bool = True, **options: Any
+) -> Runner:
+    launcher = make_launcher(bun, sandboxed)
+    if mode == "spawn":
+        return BunRunner(launcher, max_concurrent=size)
+    options = {"max_calls_per_process": 1000, "max_rss_mb": 512, **options}
+    pool = WarmPool(launcher, size, permissions=TOOL_PERMISSIONS, **options)
     pool.start()
     return pool
 
@@ -55,7 +74,9 @@ def run(
     hard_timeout_s: float | None = None,
 ) -> Outcome:
     limits = ToolLimits(timeout_s, hard_timeout_s or timeout_s + 1)
-    return runner.run(Call(tool_id, "exec-1", payload, env or {}, limits))
+    return runner.run(
+        Call(tool_id, "exec-1", payload, env or {}, limits, permissions=TOOL_PERMISSIONS)
+    )
 
 
 def kind(outcome: Outcome) -> str | None:
@@ -102,14 +123,16 @@ def test_unknown_tool_is_not_found_and_lists_tools(runner: Runner) -> None:
     assert "echo" in outcome.error.message
 
 
-def test_env_is_minimal_plus_the_call_env(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_is_minimal_plus_the_call_env(
+    runner: Runner, bun: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WORKER_SECRET", "must-not-leak")
-    leaky = make_runner("warm" if isinstance(runner, WarmPool) else "spawn", runner.bun, 1)
+    leaky = make_runner("warm" if isinstance(runner, WarmPool) else "spawn", bun, 1)
     outcome = run(leaky, "env_keys", env={"API_TOKEN": "abc123"})
     keys = set(outcome.result["keys"])  # type: ignore[index]
     assert "WORKER_SECRET" not in keys
     assert {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN"} <= keys
-    assert keys <= {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN"}
+    assert keys <= {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN", "PWD"}  # bwrap sets PWD
     values = run(leaky, "env", {"keys": ["API_TOKEN", "TMPDIR"]}, env={"API_TOKEN": "abc123"})
     env = values.result["env"]  # type: ignore[index]
     assert env["API_TOKEN"] == "abc123" and env["TMPDIR"]
@@ -121,11 +144,9 @@ def test_env_is_minimal_plus_the_call_env(runner: Runner, monkeypatch: pytest.Mo
 
 def test_each_call_starts_with_an_empty_private_tmpdir(runner: Runner) -> None:
     wrote = run(runner, "tmp_write").result
-    assert wrote is not None and wrote["dir"] != tempfile.gettempdir()
     listed = run(runner, "tmp_list").result
-    assert listed is not None and listed["entries"] == []  # nothing a call left survives it
-    if isinstance(runner, BunRunner):
-        assert not os.path.exists(wrote["dir"])  # spawn: the directory itself is gone
+    assert wrote is not None and listed is not None
+    assert listed["entries"] == []  # nothing a call left survives it
 
 
 def test_console_goes_to_stderr_with_levels(runner: Runner) -> None:
@@ -231,22 +252,19 @@ def test_lingering_handles_do_not_hold_the_call(runner: Runner) -> None:
     assert time.monotonic() - started < 4  # not held until the 5 s limit
 
 
-def test_children_die_with_the_call(runner: Runner, tmp_path: Path) -> None:
-    pidfile = tmp_path / "pid"
-    outcome = run(runner, "fork_child", {"pidfile": str(pidfile), "detach": True})
+@pytest.mark.parametrize("detach", [False, True])
+def test_children_die_with_the_call(runner: Runner, detach: bool) -> None:
+    seconds = unique_seconds()
+    outcome = run(runner, "fork_child", {"seconds": seconds, "detach": detach})
     assert outcome.error is None
-    child = int(pidfile.read_text())
-    assert wait_until(lambda: not process_alive(child), 5)
+    assert wait_until(lambda: not processes_running("sleep", seconds), 5)
 
 
 def test_children_of_a_timed_out_tool_die(runner: Runner, tmp_path: Path) -> None:
-    pidfile = tmp_path / "pid"
-    outcome = run(
-        runner, "fork_and_hang", {"pidfile": str(pidfile)}, timeout_s=0.5, hard_timeout_s=1
-    )
+    seconds = unique_seconds()
+    outcome = run(runner, "fork_and_hang", {"seconds": seconds}, timeout_s=0.5, hard_timeout_s=1)
     assert kind(outcome) == "timeout"
-    bun_pid, child = map(int, pidfile.read_text().split())
-    assert wait_until(lambda: not process_alive(bun_pid) and not process_alive(child), 5)
+    assert wait_until(lambda: not processes_running("sleep", seconds), 5)
 
 
 def test_stdout_flood_is_stopped_at_the_cap(runner: Runner) -> None:

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TOOLS_CONFIG, StartWorker, process_alive, wait_until
+from tests.conftest import (
+    TOOLS_CONFIG,
+    StartWorker,
+    descendants,
+    process_alive,
+    processes_running,
+    unique_seconds,
+    wait_until,
+)
 from tests.test_runner import max_overlap
 from toolq import InvalidInput, ResultTimeout, ToolClient, ToolError, ToolResult
 from toolq.config.celery_app import RUN_TOOL_TASK
@@ -31,6 +39,7 @@ def test_run_returns_a_well_formed_result(client: ToolClient, worker: WorkerProc
     assert meta["attempts"] == 1
     assert meta["worker"] == worker.hostname
     assert meta["queue_wait"] >= 0
+    assert meta["sandbox"] == "bwrap"  # bubblewrap is installed by `make test`
     data = result.to_dict()
     assert set(data) == {"id", "tool_id", "status", "result", "error", "metadata"}
     assert ToolResult.from_dict(json.loads(json.dumps(data))) == result
@@ -78,7 +87,7 @@ FAULTS = [
     ("sleep", {"ms": 10_000}, {"timeout"}),
     ("ignore_sigterm", {}, {"timeout"}),
     ("busy_loop", {}, {"timeout"}),
-    ("fork_and_hang", {"pidfile": "/dev/null"}, {"timeout"}),
+    ("fork_and_hang", {"seconds": "300"}, {"timeout"}),
     ("flood_stdout", {}, {"output_too_large"}),
     ("big_output", {"bytes": 11 * 1024 * 1024}, {"output_too_large"}),
     ("exit_code", {"code": 4}, {"crashed"}),
@@ -185,15 +194,18 @@ def test_killed_worker_leaves_no_bun_or_grandchildren(
 ) -> None:
     worker = start_worker(pool=pool, concurrency=1, env={"TOOLQ_RUNTIME__MODE": mode})
     queue = _queue_of(worker)
-    pidfile = tmp_path / "pids"
-    client.enqueue("fork_and_hang", {"pidfile": str(pidfile)}, timeout="5s", queue=queue)
-    assert wait_until(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, 20)
-    bun_pid, child = map(int, pidfile.read_text().split())
-    assert process_alive(bun_pid) and process_alive(child)
-    worker.kill()  # SIGKILL: no cleanup code in the worker runs
-    assert wait_until(lambda: not process_alive(bun_pid) and not process_alive(child), 10), (
-        f"orphans left: bun={process_alive(bun_pid)} child={process_alive(child)}"
+    marker, seconds = tmp_path / "running", unique_seconds()
+    client.enqueue(
+        "fork_and_hang", {"seconds": seconds, "marker": str(marker)}, timeout="5s", queue=queue
     )
+    assert wait_until(lambda: marker.exists() and processes_running("sleep", seconds), 20)
+    below = [pid for pid in descendants(worker.pid) if pid != worker.pid]
+    assert below  # Bun (and bwrap, the reaper, the pool) are running under the worker
+    worker.kill()  # SIGKILL: no cleanup code in the worker runs
+    assert wait_until(lambda: not any(process_alive(pid) for pid in below), 10), (
+        f"orphans left: {[pid for pid in below if process_alive(pid)]}"
+    )
+    assert not processes_running("sleep", seconds)
 
 
 def test_slow_calls_are_logged_as_json(client: ToolClient, start_worker: StartWorker) -> None:

@@ -12,6 +12,7 @@
         ├── InvalidInput         "invalid_input"     request refused before Bun ran
         ├── OutputTooLarge       "output_too_large"  result or stdout over its cap
         ├── InvalidOutput        "invalid_output"    result not JSON-serialisable / unreadable
+        ├── MemoryExceeded       "memory_exceeded"   the tool passed runtime.max_memory_mb
         └── CircuitOpen          "circuit_open"      the tool's breaker is open; Bun not started
 
 Each failure class knows its envelope ``kind`` and whether retrying can help
@@ -104,6 +105,10 @@ class InvalidOutput(ToolFailure):
     kind = "invalid_output"
 
 
+class MemoryExceeded(ToolFailure):
+    kind = "memory_exceeded"
+
+
 class CircuitOpen(ToolFailure):
     kind = "circuit_open"
 
@@ -118,6 +123,7 @@ FAILURE_CLASSES: dict[str, type[ToolFailure]] = {
         InvalidInput,
         OutputTooLarge,
         InvalidOutput,
+        MemoryExceeded,
         CircuitOpen,
     )
 }

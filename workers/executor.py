@@ -33,9 +33,12 @@ from toolq.validation import validate_env, validate_tool_id
 from toolq.workers import metrics
 from toolq.workers.backoff import RetryPolicy, next_delay
 from toolq.workers.breaker import Admission, Breakers, outcome_of
-from toolq.workers.bun import find_bun
+from toolq.workers.bun import WRAPPER, find_bun
 from toolq.workers.deadletter import DeadLetters
+from toolq.workers.launch import Launcher
+from toolq.workers.limits import Cgroups, ResourceLimits
 from toolq.workers.runner import BunRunner, Call, Outcome
+from toolq.workers.sandbox import Permissions, make_sandbox
 from toolq.workers.warm import WarmPool
 
 log = logging.getLogger("toolq.worker")
@@ -86,24 +89,29 @@ class ToolExecutor:
             )
         self.max_concurrent = max_concurrent or settings.performance.max_concurrent_tools
         bun = find_bun(settings.runtime.bun_path, settings.project_dir)
+        self.launcher = Launcher(
+            bun,
+            entrypoint,
+            settings.project_dir,
+            sandbox=make_sandbox(settings.runtime.sandbox, bun, WRAPPER, settings.project_dir),
+            cgroups=Cgroups.detect(),
+        )
+        if self.launcher.cgroups is None:
+            log.warning(
+                "no cgroup can be made here: memory is watched by RSS, processes are not limited"
+            )
         # One cap for both: warm and spawn calls together never exceed max_concurrent.
         slots = threading.BoundedSemaphore(self.max_concurrent)
-        self.runner = BunRunner(
-            bun=bun,
-            entrypoint=entrypoint,
-            project_dir=settings.project_dir,
-            max_concurrent=self.max_concurrent,
-            slots=slots,
-        )
+        self.runner = BunRunner(self.launcher, self.max_concurrent, slots=slots)
         self.warm: WarmPool | None = None
         if settings.uses_warm_mode:
             self.warm = WarmPool(
-                bun,
-                entrypoint,
-                settings.project_dir,
+                self.launcher,
                 warm_processes or self.max_concurrent,
                 max_calls_per_process=settings.runtime.max_calls_per_process,
                 max_rss_mb=settings.runtime.max_process_rss_mb,
+                permissions=Permissions.parse(settings.runtime.permissions),
+                resources=ResourceLimits(**settings.resource_limits("")),
                 slots=slots,
             )
         self.redis = redis_client(settings)
@@ -179,7 +187,11 @@ class ToolExecutor:
             )
 
         with metrics.running():
-            if self.warm is not None and self.settings.mode_for(call.tool_id) == "warm":
+            if (
+                self.warm is not None
+                and self.settings.mode_for(call.tool_id) == "warm"
+                and not self.settings.has_own_sandbox(call.tool_id)
+            ):
                 outcome = self.warm.run(call)
             else:
                 outcome = self.runner.run(call)
@@ -234,6 +246,8 @@ class ToolExecutor:
             input=request.get("input"),
             env=env,
             limits=self.settings.limits_for(tool_id, timeout_s),
+            permissions=Permissions.parse(self.settings.permissions_for(tool_id)),
+            resources=ResourceLimits(**self.settings.resource_limits(tool_id)),
         )
 
     def _policy(self, tool_id: str, request: dict[str, Any]) -> RetryPolicy:
@@ -309,6 +323,7 @@ class ToolExecutor:
             "attempts": attempt,
             "attempt_history": history,
             "worker": worker,
+            "sandbox": "bwrap" if self.launcher.sandbox is not None else "none",
             "started_at": started_at,
             "finished_at": time.time(),
         }

@@ -31,9 +31,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from toolq.config.durations import format_duration
@@ -42,14 +41,16 @@ from toolq.envelope import ToolErrorInfo, normalize_result
 from toolq.errors import (
     InvalidInput,
     InvalidOutput,
+    MemoryExceeded,
     OutputTooLarge,
     ToolCrashed,
     ToolFailure,
     ToolTimeout,
 )
 from toolq.validation import check_input_size
-from toolq.workers.bun import WRAPPER
-from toolq.workers.reaper import reaper
+from toolq.workers.launch import Launched, Launcher, base_environment
+from toolq.workers.limits import ResourceLimits, cpu_seconds, rss_mb
+from toolq.workers.sandbox import Permissions
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,19 @@ STDERR_IN_ERROR = 4096
 """How much of the stderr tail goes into a crash's error."""
 _ENVELOPE_SLACK = 64 * 1024  # nonce, metadata, framing around a 10 MiB result
 _READ = 1 << 16
-_BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
 _EXIT_GRACE_S = 0.1  # after the envelope, let Bun exit by itself (a true exit status)
-_DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+DEFAULT_RESOURCES = ResourceLimits(
+    max_memory_mb=2048, max_processes=256, max_open_files=1024, max_cpu_time_s=None
+)
+WATCH_INTERVAL_S = 0.1
+"""How often a running call's CPU time (and, without a cgroup, its memory) is checked."""
 
 
 @dataclass(frozen=True)
 class Call:
-    """One tool invocation, validated, with its effective limits."""
+    """One tool invocation, validated, with its effective limits and permissions."""
 
     tool_id: str
     tool_exec_id: str
@@ -78,6 +84,8 @@ class Call:
     env: Mapping[str, str]
     limits: ToolLimits
     config: Mapping[str, Any] = field(default_factory=dict)
+    permissions: Permissions = field(default_factory=Permissions)
+    resources: ResourceLimits = DEFAULT_RESOURCES
 
 
 @dataclass(frozen=True)
@@ -133,17 +141,11 @@ class BunRunner:
 
     def __init__(
         self,
-        bun: Path,
-        entrypoint: Path,
-        project_dir: Path,
+        launcher: Launcher,
         max_concurrent: int,
-        base_env: Mapping[str, str] | None = None,
         slots: threading.BoundedSemaphore | None = None,
     ) -> None:
-        self.bun = bun
-        self.entrypoint = entrypoint
-        self.project_dir = project_dir
-        self.base_env = dict(base_env) if base_env is not None else base_environment()
+        self.launcher = launcher
         self._slots = slots or threading.BoundedSemaphore(max_concurrent)
 
     def run(self, call: Call) -> Outcome:
@@ -158,49 +160,76 @@ class BunRunner:
     def _spawn_and_collect(self, call: Call, request: bytes, nonce: bytes) -> Outcome:
         started = time.monotonic()  # limits count from here, not from waiting for a slot
         tmpdir = tempfile.mkdtemp(prefix="toolq-")
-        env = {**self.base_env, "TMPDIR": tmpdir, **call.env}
-        envelope_r, envelope_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                [
-                    str(self.bun),
-                    "--smol",
-                    "--no-install",
-                    "--no-env-file",
-                    str(WRAPPER),
-                    str(self.entrypoint),
-                    str(envelope_w),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(envelope_w,),
-                cwd=self.project_dir,
-                env=env,
-                start_new_session=True,
+            launched = self.launcher.launch(
+                tmpdir=tmpdir,
+                permissions=call.permissions,
+                limits=call.resources,
+                env={**base_environment(call.permissions.env), **call.env},
+                warm=False,
             )
         except OSError as exc:
-            os.close(envelope_r)
             shutil.rmtree(tmpdir, ignore_errors=True)
-            return failed(ToolCrashed(f"cannot start Bun ({self.bun}): {exc}"), started)
-        finally:
-            os.close(envelope_w)
-        reaper().track(proc.pid)
+            return failed(ToolCrashed(str(exc)), started)
         streams = Streams()
-        pipes = Pipes(proc, envelope_r)
+        pipes = Pipes(launched.proc, launched.envelope_fd, lambda: launched.bun_pid)
         try:
-            failure = collect(pipes, request, nonce, call.limits, streams, started)
+            failure = collect(
+                pipes,
+                request,
+                nonce,
+                call.limits,
+                streams,
+                started,
+                watch=Watch(launched, call.resources),
+            )
         finally:
             pipes.close()
-            kill_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-            reaper().untrack(proc.pid)
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                with contextlib.suppress(OSError):
-                    stream.close()  # type: ignore[union-attr]
-            os.close(envelope_r)
+            launched.stop()
             shutil.rmtree(tmpdir, ignore_errors=True)
-        return interpret(proc.returncode, streams, failure, call, started)
+        return finish(launched, streams, failure, call, started)
+
+
+class Watch:
+    """Checks a running call against limits the kernel does not enforce for us."""
+
+    def __init__(self, launched: Launched, resources: ResourceLimits) -> None:
+        self.launched = launched
+        self.resources = resources
+        # A warm process has used CPU before this call; a new one has not.
+        self.cpu_at_start = cpu_seconds(launched.bun_pid) if launched.bun_started else 0.0
+
+    def __call__(self) -> ToolFailure | None:
+        if not self.launched.bun_started:
+            return None
+        pid = self.launched.bun_pid
+        limit = self.resources.max_cpu_time_s
+        if limit is not None:
+            used = cpu_seconds(pid)
+            if used is not None and used - (self.cpu_at_start or 0.0) > limit:
+                return ToolTimeout(
+                    f"tool used more than its CPU time limit of {format_duration(limit)}",
+                    "CpuTimeExceeded",
+                )
+        if self.launched.cgroup is None and rss_mb(pid) > self.resources.max_memory_mb:
+            return MemoryExceeded(
+                f"tool used more than its memory limit of {self.resources.max_memory_mb} MB",
+                "MemoryExceeded",
+            )
+        return None
+
+
+def finish(
+    launched: Launched, streams: Streams, failure: ToolFailure | None, call: Call, started: float
+) -> Outcome:
+    """The outcome of a call; a process the kernel killed for memory is memory_exceeded."""
+    if launched.memory_exceeded() and streams.frame is None:
+        failure = MemoryExceeded(
+            f"tool used more than its memory limit of {launched.limits.max_memory_mb} MB "
+            "and was killed",
+            "MemoryExceeded",
+        )
+    return interpret(launched.returncode(), streams, failure, call, started)
 
 
 def encode_request(call: Call, nonce: str, extra_env: Mapping[str, str]) -> bytes | ToolFailure:
@@ -228,14 +257,6 @@ def encode_request(call: Call, nonce: str, extra_env: Mapping[str, str]) -> byte
     return request
 
 
-def base_environment() -> dict[str, str]:
-    """The only worker variables a tool sees (TMPDIR is set per call)."""
-    env = {key: os.environ[key] for key in _BASE_ENV_KEYS if key in os.environ}
-    env.setdefault("PATH", _DEFAULT_PATH)
-    env.setdefault("LANG", "C.UTF-8")
-    return env
-
-
 class Pipes:
     """A Bun process's pipes and exit, watched by one selector.
 
@@ -243,9 +264,16 @@ class Pipes:
     for no epoll set-up.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], envelope_fd: int) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        envelope_fd: int,
+        tool_pid: Callable[[], int] | None = None,
+    ) -> None:
         assert proc.stdin and proc.stdout and proc.stderr
         self.proc = proc
+        self.tool_pid = tool_pid or (lambda: proc.pid)
+        """Bun's own pid: SIGTERM at the soft limit goes to it (bwrap would end the sandbox)."""
         self.stdin_fd = proc.stdin.fileno()
         self.stdout_fd = proc.stdout.fileno()
         self.stderr_fd = proc.stderr.fileno()
@@ -271,11 +299,13 @@ def collect(
     started: float,
     *,
     warm: bool = False,
+    watch: Callable[[], ToolFailure | None] | None = None,
 ) -> ToolFailure | None:
     """Pump pipes until the envelope, an exit, a limit or a cap; return a failure if any.
 
     ``warm``: the process serves more calls, so stdin stays open and nothing waits
-    for it to exit after the envelope.
+    for it to exit after the envelope. ``watch`` is called every 100 ms and may end
+    the call with a failure (CPU time, memory).
     """
     proc, selector, pidfd = pipes.proc, pipes.selector, pipes.pidfd
     stdin_fd, stdout_fd, stderr_fd = pipes.stdin_fd, pipes.stdout_fd, pipes.stderr_fd
@@ -285,15 +315,25 @@ def collect(
     soft_at = started + limits.timeout_s
     hard_at = started + limits.hard_timeout_s
     terminated = False
+    next_watch = started + WATCH_INTERVAL_S
     try:
         while True:
             now = time.monotonic()
             if not terminated and now >= soft_at:
-                kill_group(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pipes.tool_pid(), signal.SIGTERM)
                 terminated = True
             if now >= hard_at:
                 return _timeout(limits, terminated_gracefully=False)
-            events = selector.select(max((hard_at if terminated else soft_at) - now, 0.0))
+            if watch is not None and now >= next_watch:
+                next_watch = now + WATCH_INTERVAL_S
+                breach = watch()
+                if breach is not None:
+                    return breach
+            wait = (hard_at if terminated else soft_at) - now
+            if watch is not None:
+                wait = min(wait, next_watch - now)
+            events = selector.select(max(wait, 0.0))
             exited = False
             for key, _ in events:
                 fd = key.fd

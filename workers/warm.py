@@ -27,70 +27,54 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from pathlib import Path
 
 from toolq.errors import ToolCrashed, ToolFailure
-from toolq.workers.bun import WRAPPER
-from toolq.workers.reaper import reaper
+from toolq.workers.launch import Launcher, base_environment
+from toolq.workers.limits import ResourceLimits, rss_mb
 from toolq.workers.runner import (
+    DEFAULT_RESOURCES,
     Call,
     Outcome,
     Pipes,
     Streams,
-    base_environment,
+    Watch,
     collect,
     encode_request,
     failed,
-    interpret,
-    kill_group,
+    finish,
 )
+from toolq.workers.sandbox import Permissions
 
 log = logging.getLogger("toolq.worker")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class WarmProcess:
     """One long-lived Bun process running the wrapper in warm mode."""
 
-    def __init__(self, bun: Path, entrypoint: Path, project_dir: Path, env: Mapping[str, str]):
+    def __init__(
+        self, launcher: Launcher, permissions: Permissions, resources: ResourceLimits
+    ) -> None:
         self.tmpdir = tempfile.mkdtemp(prefix="toolq-warm-")
-        envelope_r, envelope_w = os.pipe()
+        self.resources = resources
         try:
-            self.proc = subprocess.Popen(
-                [
-                    str(bun),
-                    "--smol",
-                    "--no-install",
-                    "--no-env-file",
-                    str(WRAPPER),
-                    str(entrypoint),
-                    str(envelope_w),
-                    "warm",
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(envelope_w,),
-                cwd=project_dir,
-                env={**env, "TMPDIR": self.tmpdir},
-                start_new_session=True,
+            self.launched = launcher.launch(
+                tmpdir=self.tmpdir,
+                permissions=permissions,
+                limits=resources,
+                env=base_environment(permissions.env),
+                warm=True,
             )
         except OSError:
-            os.close(envelope_r)
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise
-        finally:
-            os.close(envelope_w)
-        self.envelope_fd = envelope_r
-        self.pipes = Pipes(self.proc, envelope_r)
+        self.proc = self.launched.proc
+        self.tool_tmpdir = launcher.tmp_path(self.tmpdir)
+        self.pipes = Pipes(self.proc, self.launched.envelope_fd, lambda: self.launched.bun_pid)
         self.calls = 0
         self._tmp_mtime = os.stat(self.tmpdir).st_mtime_ns
-        reaper().track(self.proc.pid)
 
     @property
     def pid(self) -> int:
@@ -100,17 +84,14 @@ class WarmProcess:
         return self.proc.poll() is None
 
     def rss_mb(self) -> float:
-        try:
-            return int(_read_proc(f"/proc/{self.pid}/statm").split()[1]) * _PAGE / 2**20
-        except (OSError, ValueError, IndexError):
-            return 0.0
+        return rss_mb(self.launched.bun_pid)
 
     def call(self, call: Call) -> tuple[Outcome, bool]:
         """Run one call; returns the outcome and whether this process may serve another."""
         started = time.monotonic()
         nonce = secrets.token_hex(16)
         try:
-            request = encode_request(call, nonce, {"TMPDIR": self.tmpdir})
+            request = encode_request(call, nonce, {"TMPDIR": self.tool_tmpdir})
             if isinstance(request, ToolFailure):
                 return failed(request, started), True
             streams = Streams()
@@ -122,15 +103,17 @@ class WarmProcess:
                 streams,
                 started,
                 warm=True,
+                watch=Watch(self.launched, self.resources),
             )
             alive = self.alive()  # reaps a dead process, so its exit status is known
-            outcome = interpret(self.proc.returncode, streams, failure, call, started)
+            outcome = finish(self.launched, streams, failure, call, started)
             healthy = (
                 alive and failure is None and streams.frame is not None and not outcome.exiting
             )
             if healthy:
                 self.calls += 1
-                _kill_children(self.pid)
+                if self.launched.bun_started:  # it answered, so it has; never bwrap itself
+                    _kill_children(self.launched.bun_pid)
             return outcome, healthy
         finally:
             self._empty_tmpdir()
@@ -152,14 +135,7 @@ class WarmProcess:
 
     def kill(self) -> None:
         self.pipes.close()
-        kill_group(self.pid, signal.SIGKILL)
-        self.proc.wait()
-        reaper().untrack(self.pid)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            with contextlib.suppress(OSError):
-                stream.close()  # type: ignore[union-attr]
-        with contextlib.suppress(OSError):
-            os.close(self.envelope_fd)
+        self.launched.stop()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
@@ -168,21 +144,21 @@ class WarmPool:
 
     def __init__(
         self,
-        bun: Path,
-        entrypoint: Path,
-        project_dir: Path,
+        launcher: Launcher,
         size: int,
         *,
         max_calls_per_process: int,
         max_rss_mb: float,
-        base_env: Mapping[str, str] | None = None,
+        permissions: Permissions | None = None,
+        resources: ResourceLimits = DEFAULT_RESOURCES,
         slots: threading.BoundedSemaphore | None = None,
     ) -> None:
-        self.bun, self.entrypoint, self.project_dir = bun, entrypoint, project_dir
+        self.launcher = launcher
         self.size = size
         self.max_calls = max_calls_per_process
         self.max_rss_mb = max_rss_mb
-        self.env = dict(base_env) if base_env is not None else base_environment()
+        self.permissions = permissions or Permissions()
+        self.resources = resources
         self._slots = slots or threading.BoundedSemaphore(size)
         self._reset()
 
@@ -262,7 +238,7 @@ class WarmPool:
     def _finish_start(self) -> None:
         try:
             process: WarmProcess | None = WarmProcess(
-                self.bun, self.entrypoint, self.project_dir, self.env
+                self.launcher, self.permissions, self.resources
             )
         except OSError:
             log.exception("cannot start a warm Bun process")

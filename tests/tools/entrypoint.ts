@@ -6,6 +6,7 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // Module-level state: survives between calls of one warm process, not across processes.
 let calls = 0;
+const instance = crypto.randomUUID(); // names this process, inside a PID namespace or not
 const hoard: string[] = [];
 
 // Appends this run's start time to a file; returns how many runs it now holds.
@@ -97,17 +98,17 @@ export default {
   },
 
   // warm mode
-  pid: async () => ({ pid: process.pid }),
+  pid: async () => ({ pid: instance }),
   tmp_write: async () => {
     const dir = process.env.TMPDIR!;
     writeFileSync(`${dir}/left-behind.txt`, "secret scratch data");
     return { dir };
   },
   tmp_list: async () => ({ dir: process.env.TMPDIR, entries: readdirSync(process.env.TMPDIR!) }),
-  module_counter: async () => ({ calls: ++calls, pid: process.pid }),
+  module_counter: async () => ({ calls: ++calls, pid: instance }),
   grow: async (input: { mb: number }) => {
     for (let i = 0; i < input.mb; i++) hoard.push(Buffer.alloc(1 << 20, i % 256).toString("latin1"));
-    return { held_mb: hoard.length, pid: process.pid };
+    return { held_mb: hoard.length, pid: instance };
   },
 
   // crashes
@@ -151,16 +152,68 @@ export default {
   },
 
   // children
-  fork_child: async (input: { pidfile: string; detach?: boolean }) => {
-    const child = spawn("sleep", ["300"], { stdio: "ignore", detached: false });
-    writeFileSync(input.pidfile, String(child.pid));
+  // `sleep <seconds>` with a unique fraction: the test finds it in /proc by its arguments
+  fork_child: async (input: { seconds: string; detach?: boolean }) => {
+    const child = spawn("sleep", [input.seconds], { stdio: "ignore", detached: !!input.detach });
     if (input.detach) child.unref();
-    return { child: child.pid };
+    return { spawned: true };
   },
-  fork_and_hang: async (input: { pidfile: string }) => {
-    const child = spawn("sleep", ["300"], { stdio: "ignore" });
-    writeFileSync(input.pidfile, `${process.pid} ${child.pid}`);
+  fork_and_hang: async (input: { seconds: string; marker?: string }) => {
+    spawn("sleep", [input.seconds], { stdio: "ignore" });
+    if (input.marker) writeFileSync(input.marker, "running");
     await sleep(300_000);
+  },
+
+  // sandbox probes: each tries one thing and says whether it worked
+  probe: async (input: { action: string; path?: string; port?: number; name?: string }) => {
+    try {
+      switch (input.action) {
+        case "write":
+          writeFileSync(input.path!, "written");
+          return { ok: true };
+        case "read":
+          return { ok: true, text: readFileSync(input.path!, "utf8").slice(0, 100) };
+        case "connect": {
+          const socket = await Bun.connect({
+            hostname: "127.0.0.1",
+            port: input.port!,
+            socket: { data() {} },
+          });
+          socket.end();
+          return { ok: true };
+        }
+        case "env":
+          return { ok: input.name! in process.env, value: process.env[input.name!] ?? null };
+        case "run": {
+          const proc = Bun.spawnSync(["ls", "/"]);
+          return { ok: proc.exitCode === 0 };
+        }
+        default:
+          return { ok: false, error: `unknown action ${input.action}` };
+      }
+    } catch (e) {
+      return { ok: false, error: String(e) };
+    }
+  },
+  open_files_limit: async () => {
+    const line = readFileSync("/proc/self/limits", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith("Max open files"))!;
+    return { limit: Number(line.split(/\s+/)[3]) };
+  },
+  fork_bomb: async (input: { max: number }) => {
+    let spawned = 0;
+    let refused = 0;
+    for (let i = 0; i < input.max; i++) {
+      try {
+        Bun.spawn(["sleep", "5"], { stdio: ["ignore", "ignore", "ignore"] });
+        spawned++;
+      } catch {
+        refused++;
+      }
+    }
+    await sleep(300);
+    return { spawned, refused };
   },
 
   // floods and sizes

@@ -1,0 +1,220 @@
+"""The sandbox: each permission absent and present, resource limits, and their cost.
+
+bubblewrap must be installed (`make test` installs it where it can): these tests fail,
+not skip, without it — a sandbox that silently does not run is the failure to catch.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TOOLS, processes_running, wait_until
+from toolq.config.settings import ToolLimits
+from toolq.errors import ConfigError
+from toolq.workers.bun import WRAPPER
+from toolq.workers.launch import Launcher
+from toolq.workers.limits import Cgroups, ResourceLimits
+from toolq.workers.runner import DEFAULT_RESOURCES, BunRunner, Call, Outcome
+from toolq.workers.sandbox import Permissions, make_sandbox
+from toolq.workers.warm import WarmPool
+
+SCRATCH = TOOLS / ".tmp"
+
+
+@pytest.fixture(scope="module")
+def launcher(bun: Path) -> Launcher:
+    sandbox = make_sandbox("required", bun, WRAPPER, TOOLS)  # ConfigError if bwrap is missing
+    return Launcher(bun, TOOLS / "entrypoint.ts", TOOLS, sandbox=sandbox, cgroups=Cgroups.detect())
+
+
+def call(
+    launcher: Launcher,
+    tool_id: str,
+    payload: Any,
+    flags: list[str],
+    resources: ResourceLimits = DEFAULT_RESOURCES,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 10,
+) -> Outcome:
+    runner = BunRunner(launcher, max_concurrent=1)
+    return runner.run(
+        Call(
+            tool_id,
+            "sandbox-test",
+            payload,
+            env or {},
+            ToolLimits(timeout_s, timeout_s + 2),
+            permissions=Permissions.parse(flags),
+            resources=resources,
+        )
+    )
+
+
+def probe(launcher: Launcher, flags: list[str], **payload: Any) -> dict[str, Any]:
+    outcome = call(launcher, "probe", payload, flags)
+    assert outcome.result is not None, outcome.error
+    return outcome.result
+
+
+@pytest.fixture
+def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory outside the project (and outside pytest's basetemp, which is inside it)."""
+    path = Path("/var/tmp") / f"toolq-sandbox-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    (path / "secret.txt").write_text("host data")
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+def test_nothing_granted_means_nothing_outside(launcher: Launcher, outside: Path) -> None:
+    SCRATCH.mkdir(exist_ok=True)
+    assert not probe(launcher, [], action="read", path=str(outside / "secret.txt"))["ok"]
+    assert not probe(launcher, [], action="read", path="/etc/hostname")["ok"]
+    assert not probe(launcher, [], action="write", path=str(outside / "new.txt"))["ok"]
+    assert not probe(launcher, [], action="write", path=str(SCRATCH / "x.txt"))["ok"]
+    assert not probe(launcher, [], action="connect", port=6379)["ok"]
+    assert not probe(launcher, [], action="run")["ok"]
+    assert not probe(launcher, [], action="read", path="/sys/devices/system/cpu/online")["ok"]
+    # the project itself is readable: that is where the tools live
+    assert probe(launcher, [], action="read", path=str(TOOLS / "compozy.yaml"))["ok"]
+
+
+def test_allow_read(launcher: Launcher, outside: Path) -> None:
+    target = str(outside / "secret.txt")
+    assert probe(launcher, ["--allow-read"], action="read", path=target)["text"] == "host data"
+    assert probe(launcher, [f"--allow-read={outside}"], action="read", path=target)["ok"]
+    assert not probe(launcher, [f"--allow-read={outside}"], action="read", path="/etc/hostname")[
+        "ok"
+    ]
+    assert not probe(launcher, ["--allow-read"], action="write", path=str(outside / "w"))["ok"]
+
+
+def test_allow_write(launcher: Launcher, outside: Path) -> None:
+    SCRATCH.mkdir(exist_ok=True)
+    inside = SCRATCH / f"w-{uuid.uuid4().hex[:6]}.txt"
+    assert probe(launcher, ["--allow-write"], action="write", path=str(inside))["ok"]
+    assert inside.read_text() == "written"
+    inside.unlink()
+    assert not probe(launcher, ["--allow-write"], action="write", path=str(outside / "w.txt"))["ok"]
+    assert probe(
+        launcher, [f"--allow-write={outside}"], action="write", path=str(outside / "w.txt")
+    )["ok"]
+    assert (outside / "w.txt").read_text() == "written"
+
+
+def test_allow_net(launcher: Launcher) -> None:
+    assert probe(launcher, ["--allow-net"], action="connect", port=6379)["ok"]
+
+
+def test_allow_env(launcher: Launcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKER_ONLY_SETTING", "worker-value")
+    assert not probe(launcher, [], action="env", name="WORKER_ONLY_SETTING")["ok"]
+    granted = probe(launcher, ["--allow-env"], action="env", name="WORKER_ONLY_SETTING")
+    assert granted == {"ok": True, "value": "worker-value"}
+
+
+def test_allow_run(launcher: Launcher) -> None:
+    assert probe(launcher, ["--allow-run"], action="run")["ok"]
+
+
+def test_allow_sys(launcher: Launcher) -> None:
+    granted = probe(launcher, ["--allow-sys"], action="read", path="/sys/devices/system/cpu/online")
+    assert granted["ok"], granted
+
+
+def test_unknown_permission_is_a_config_error(tmp_path: Path) -> None:
+    from toolq.config import load_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text("runtime:\n  permissions: [--allow-evrything]\n")
+    with pytest.raises(ConfigError, match="unknown permission"):
+        load_settings(config, environ={})
+
+
+def test_required_sandbox_refuses_to_start_without_bwrap(
+    bun: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="apt-get install bubblewrap"):
+        make_sandbox("required", bun, WRAPPER, TOOLS)
+    assert make_sandbox("auto", bun, WRAPPER, TOOLS) is None
+    assert "UNSANDBOXED" in caplog.text
+    assert make_sandbox("off", bun, WRAPPER, TOOLS) is None
+
+
+# -- resource limits -----------------------------------------------------------------------
+
+LIMITS = ResourceLimits(max_memory_mb=200, max_processes=48, max_open_files=256, max_cpu_time_s=0.5)
+
+
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_memory_hog_is_stopped_as_memory_exceeded(launcher: Launcher, mode: str) -> None:
+    flags = ["--allow-read"]
+    if mode == "spawn":
+        outcome = call(launcher, "memory_hog", {}, flags, LIMITS)
+        after = call(launcher, "echo", {"still": "serving"}, flags, LIMITS)
+    else:
+        pool = WarmPool(
+            launcher,
+            1,
+            max_calls_per_process=100,
+            max_rss_mb=1024,
+            permissions=Permissions.parse(flags),
+            resources=LIMITS,
+        )
+        try:
+            hog = Call("memory_hog", "m", {}, {}, ToolLimits(10, 12))
+            outcome = pool.run(hog)
+            after = pool.run(Call("echo", "e", {"still": "serving"}, {}, ToolLimits(5, 6)))
+        finally:
+            pool.close()
+    assert outcome.error is not None and outcome.error.kind == "memory_exceeded", outcome
+    assert "200 MB" in outcome.error.message
+    assert outcome.total_time_ms < 8000  # stopped by the limit, not by the 10 s timeout
+    assert after.result == {"echo": {"still": "serving"}}
+
+
+def test_cpu_hog_is_stopped_at_its_cpu_time_limit(launcher: Launcher) -> None:
+    outcome = call(launcher, "busy_loop", {}, ["--allow-read"], LIMITS, timeout_s=20)
+    assert outcome.error is not None and outcome.error.kind == "timeout"
+    assert "CPU time limit" in outcome.error.message
+    assert outcome.total_time_ms < 10_000
+
+
+def test_fork_bomb_is_bounded_and_cleaned_up(launcher: Launcher) -> None:
+    assert launcher.cgroups is not None, "no cgroup here: process limits cannot be tested"
+    outcome = call(launcher, "fork_bomb", {"max": 300}, ["--allow-read"], LIMITS)
+    if outcome.result is not None:  # the tool saw its spawns refused...
+        assert outcome.result["spawned"] < LIMITS.max_processes
+        assert outcome.result["refused"] > 0
+    else:  # ...or Bun itself gave up when it could not start a thread: still contained
+        assert outcome.error is not None and outcome.error.kind == "crashed", outcome.error
+    assert wait_until(lambda: not processes_running("sleep", "5"), 10)
+    after = call(launcher, "echo", {"after": "bomb"}, ["--allow-read"], LIMITS)
+    assert after.result == {"echo": {"after": "bomb"}}
+
+
+def test_open_files_are_limited(launcher: Launcher, bun: Path) -> None:
+    outcome = call(
+        launcher, "probe", {"action": "read", "path": "/proc/self/limits"}, ["--allow-read"], LIMITS
+    )
+    assert outcome.result is not None
+    limits_text = outcome.result["text"]
+    assert limits_text  # readable; the limit itself is checked below
+    full = call(launcher, "open_files_limit", {}, ["--allow-read"], LIMITS)
+    assert full.result == {"limit": 256}
+
+
+def test_sandbox_environment_is_only_what_the_call_passes(launcher: Launcher) -> None:
+    outcome = call(launcher, "env_keys", {}, [], env={"API_TOKEN": "t"})
+    assert outcome.result is not None
+    assert set(outcome.result["keys"]) <= {"PATH", "HOME", "LANG", "TMPDIR", "API_TOKEN", "PWD"}
+    assert os.environ.get("HOME") is None or "HOME" in outcome.result["keys"]

@@ -1,0 +1,207 @@
+"""Per-process resource limits for Bun: memory, processes, open files, CPU time.
+
+Bun reserves a lot of virtual memory, so RLIMIT_AS cannot bound it. Memory and the
+number of processes are bounded with a cgroup per Bun process (v2, or v1's memory and
+pids hierarchies), created under the worker's own cgroup so its limits still apply;
+the kernel kills a tool that passes ``max_memory_mb`` and the runner reports
+``memory_exceeded``. Where no cgroup can be made, the runner watches the process's
+RSS instead. Open files are an rlimit; CPU time is watched per call (a warm process
+serves many calls, so an rlimit would add them up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("toolq.worker")
+ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    max_memory_mb: int
+    max_processes: int
+    max_open_files: int
+    max_cpu_time_s: float | None
+
+
+class Cgroup:
+    """One Bun process's cgroup (one directory per hierarchy)."""
+
+    def __init__(self, dirs: dict[str, Path], version: int) -> None:
+        self.dirs = dirs
+        self.version = version
+
+    def procs_files(self) -> list[str]:
+        return [str(path / "cgroup.procs") for path in self.dirs.values()]
+
+    def oom_killed(self) -> bool:
+        """Did the kernel kill a process here for passing the memory limit?"""
+        memory = self.dirs.get("memory")
+        if memory is None:
+            return False
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        with contextlib.suppress(OSError, ValueError):
+            for line in (memory / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and int(value) > 0:
+                    return True
+        return False
+
+    def remove(self) -> None:
+        for path in self.dirs.values():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+class Cgroups:
+    """Makes per-process cgroups, if this machine lets the worker."""
+
+    def __init__(self, version: int, parents: dict[str, Path]) -> None:
+        self.version = version
+        self.parents = parents
+
+    @classmethod
+    def detect(cls) -> Cgroups | None:
+        own = _own_cgroups()
+        unified = ROOT / "cgroup.controllers"
+        if unified.exists():
+            controllers = unified.read_text().split()
+            if {"memory", "pids"} <= set(controllers):
+                parent = ROOT / own.get("", "/").lstrip("/")
+                candidate = cls(2, {"memory": parent, "pids": parent})
+                return candidate if candidate._works() else None
+        parents = {}
+        for controller in ("memory", "pids"):
+            mount = ROOT / controller
+            if not (mount / "cgroup.procs").exists():
+                return None
+            parents[controller] = mount / own.get(controller, "/").lstrip("/")
+        candidate = cls(1, parents)
+        return candidate if candidate._works() else None
+
+    def _works(self) -> bool:
+        try:
+            group = self.create(ResourceLimits(64, 16, 64, None))
+        except OSError:
+            return False
+        group.remove()
+        return True
+
+    def create(self, limits: ResourceLimits) -> Cgroup:
+        name = f"toolq-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if self.version == 2:
+            path = self.parents["memory"] / name
+            path.mkdir()
+            group = Cgroup({"memory": path}, 2)
+            try:
+                (path / "memory.max").write_text(str(limits.max_memory_mb * 2**20))
+                (path / "memory.swap.max").write_text("0")
+                (path / "pids.max").write_text(str(limits.max_processes))
+            except OSError:
+                group.remove()
+                raise
+            return group
+        dirs = {controller: parent / name for controller, parent in self.parents.items()}
+        group = Cgroup({}, 1)
+        try:
+            for controller, path in dirs.items():
+                path.mkdir()
+                group.dirs[controller] = path
+            memory = dirs["memory"]
+            (memory / "memory.limit_in_bytes").write_text(str(limits.max_memory_mb * 2**20))
+            with contextlib.suppress(OSError):  # absent without swap accounting
+                (memory / "memory.memsw.limit_in_bytes").write_text(
+                    str(limits.max_memory_mb * 2**20)
+                )
+            (dirs["pids"] / "pids.max").write_text(str(limits.max_processes))
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+
+def preexec(cgroup: Cgroup | None, limits: ResourceLimits) -> Callable[[], None]:
+    """What the child runs before exec: join its cgroup (before it can fork), set rlimits."""
+    procs = cgroup.procs_files() if cgroup is not None else []
+    nofile = limits.max_open_files
+
+    def setup() -> None:
+        for path in procs:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return setup
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller -> this process's cgroup path ('' for the v2 hierarchy)."""
+    own: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                own[controller] = path
+    return own
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) of one process so far."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            fields = os.read(fd, 4096).decode().rsplit(")", 1)[1].split()
+        finally:
+            os.close(fd)
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 256).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        finally:
+            os.close(fd)
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def main_process(pid: int, sandboxed: bool) -> int | None:
+    """The host pid of Bun itself, below bwrap (and bwrap's init in the PID namespace);
+    None while the sandbox is still starting it."""
+    if not sandboxed:
+        return pid
+    current = pid
+    for _ in range(4):
+        try:
+            if _read(f"/proc/{current}/comm").strip() != "bwrap":
+                return current
+            children = _read(f"/proc/{current}/task/{current}/children").split()
+        except OSError:
+            return None
+        if not children:
+            return None
+        current = int(children[0])
+    return None
+
+
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
