@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -144,7 +145,9 @@ class Launcher:
                 cwd=self.project_dir,
                 env={**env, "TMPDIR": self.tmp_path(tmpdir)},
                 start_new_session=True,
-                preexec_fn=preexec(cgroup, limits),
+                # Joining the cgroup must happen in the child, before bwrap or Bun can fork;
+                # without one, no preexec_fn keeps the fast vfork path of subprocess.
+                preexec_fn=preexec(cgroup, limits) if cgroup is not None else None,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             os.close(envelope_r)
@@ -154,4 +157,8 @@ class Launcher:
         finally:
             os.close(envelope_w)
         reaper().track(proc.pid)
+        if cgroup is None:
+            with contextlib.suppress(OSError):
+                nofile = limits.max_open_files
+                resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
         return Launched(proc, envelope_r, cgroup, self.sandbox is not None, limits)
