@@ -2,7 +2,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nodejs npm \
+    && apt-get install -y --no-install-recommends nodejs npm bubblewrap \
     && rm -rf /var/lib/apt/lists/*
 # Bun from npm (package.json pins it), installed where the runner looks: ./node_modules.
 COPY package.json package-lock.json ./
