@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolq.bench import tree_rss_mib
+from toolq.bench import peak_rss_while_busy, tree_rss_mib
 from toolq.config.loader import load_settings
 from toolq.devredis import drop_queue, ensure_redis
 from toolq.producers.client import ToolClient
@@ -45,15 +45,7 @@ def measure(pool: str, mode: str, redis_url: str, config: Path) -> tuple[float, 
         worker.start(client.app)
         time.sleep(1.0)  # let a warm pool fill
         idle = tree_rss_mib(worker.pid)
-        calls = [client.enqueue("sleep", {"ms": 3000}, queue=queue) for _ in range(10)]
-        peak = 0.0
-        deadline = time.monotonic() + 2.5
-        while time.monotonic() < deadline:
-            peak = max(peak, tree_rss_mib(worker.pid))
-            time.sleep(0.1)
-        for call in calls:
-            assert call.result(timeout=30).ok
-            call.forget()
+        peak = peak_rss_while_busy(client, queue, worker.pid, calls_at_once=10, ms=3000)
     drop_queue(redis_url, queue)
     return idle, peak
 

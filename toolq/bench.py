@@ -154,7 +154,7 @@ def _bench_mode(
                         per_size,
                     )
                 )
-            figures.peak_rss_mib.append(_peak_rss_while_busy(client, queue, worker.pid))
+            figures.peak_rss_mib.append(peak_rss_while_busy(client, queue, worker.pid))
     drop_queue(redis_url, queue)
     return figures
 
@@ -232,10 +232,17 @@ def _latencies(send: Callable[[], Any], count: int) -> list[float]:
     return values
 
 
-def _peak_rss_while_busy(client: ToolClient, queue: str, worker_pid: int) -> float:
-    calls = [client.enqueue("sleep", {"ms": 2000}, queue=queue) for _ in range(CONCURRENCY)]
+def peak_rss_while_busy(
+    client: ToolClient,
+    queue: str,
+    worker_pid: int,
+    calls_at_once: int = CONCURRENCY,
+    ms: int = 2000,
+) -> float:
+    """Peak RSS (MiB) of the worker tree while ``calls_at_once`` slow calls run."""
+    calls = [client.enqueue("sleep", {"ms": ms}, queue=queue) for _ in range(calls_at_once)]
     peak = 0.0
-    deadline = time.monotonic() + 1.8
+    deadline = time.monotonic() + ms / 1000 * 0.9
     while time.monotonic() < deadline:
         peak = max(peak, tree_rss_mib(worker_pid))
         time.sleep(0.05)

@@ -25,6 +25,7 @@ from toolq.envelope import ToolResult
 from toolq.errors import BrokerUnavailable, ConfigError, InvalidInput, ResultTimeout
 
 if TYPE_CHECKING:
+    from toolq.producers import ToolCall
     from toolq.workers.breaker import Breakers
     from toolq.workers.deadletter import DeadLetters
 
@@ -121,6 +122,36 @@ IdempotencyOption = Annotated[
 ]
 
 
+def _enqueue(
+    settings: Settings,
+    tool_id: str,
+    raw_input: str | None,
+    env: list[str] | None,
+    timeout: str | None,
+    queue: str | None,
+    max_attempts: int | None,
+    no_retry: bool,
+    idempotency_key: str | None,
+) -> ToolCall:
+    """`run` and `enqueue`: parse the options, enqueue one call."""
+    from toolq.producers import ToolClient
+
+    client = ToolClient(settings)
+    payload, env_map = _parse_input(raw_input), _parse_env(env)
+    return _guard(
+        lambda: client.enqueue(
+            tool_id,
+            payload,
+            env_map,
+            timeout,
+            queue,
+            max_attempts=max_attempts,
+            retry=not no_retry,
+            idempotency_key=idempotency_key,
+        )
+    )
+
+
 @app.command()
 def worker(
     config: ConfigOption = None,
@@ -179,21 +210,16 @@ def run(
     profile: ProfileOption = None,
 ) -> None:
     """Enqueue a call, wait for it, print the result envelope as JSON."""
-    from toolq.producers import ToolClient
-
-    client = ToolClient(_settings(config, profile))
-    payload, env_map = _parse_input(input), _parse_env(env)
-    call = _guard(
-        lambda: client.enqueue(
-            tool_id,
-            payload,
-            env_map,
-            timeout,
-            queue,
-            max_attempts=max_attempts,
-            retry=not no_retry,
-            idempotency_key=idempotency_key,
-        )
+    call = _enqueue(
+        _settings(config, profile),
+        tool_id,
+        input,
+        env,
+        timeout,
+        queue,
+        max_attempts,
+        no_retry,
+        idempotency_key,
     )
     try:
         result = _guard(lambda: call.result(timeout=wait))
@@ -216,21 +242,16 @@ def enqueue(
     profile: ProfileOption = None,
 ) -> None:
     """Enqueue a call and print its id (fetch the result with `toolq result ID`)."""
-    from toolq.producers import ToolClient
-
-    client = ToolClient(_settings(config, profile))
-    payload, env_map = _parse_input(input), _parse_env(env)
-    call = _guard(
-        lambda: client.enqueue(
-            tool_id,
-            payload,
-            env_map,
-            timeout,
-            queue,
-            max_attempts=max_attempts,
-            retry=not no_retry,
-            idempotency_key=idempotency_key,
-        )
+    call = _enqueue(
+        _settings(config, profile),
+        tool_id,
+        input,
+        env,
+        timeout,
+        queue,
+        max_attempts,
+        no_retry,
+        idempotency_key,
     )
     typer.echo(call.id)
 

@@ -156,14 +156,19 @@ def _own_cgroups() -> dict[str, str]:
     return own
 
 
+def read_proc(path: str) -> str:
+    """One small /proc file, without Python's io layers (this runs during every call)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
 def cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system) of one process so far."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-        try:
-            fields = os.read(fd, 4096).decode().rsplit(")", 1)[1].split()
-        finally:
-            os.close(fd)
+        fields = read_proc(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -171,11 +176,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 def rss_mb(pid: int) -> float:
     try:
-        fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
-        try:
-            return int(os.read(fd, 256).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        finally:
-            os.close(fd)
+        return int(read_proc(f"/proc/{pid}/statm").split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -188,20 +189,12 @@ def main_process(pid: int, sandboxed: bool) -> int | None:
     current = pid
     for _ in range(4):
         try:
-            if _read(f"/proc/{current}/comm").strip() != "bwrap":
+            if read_proc(f"/proc/{current}/comm").strip() != "bwrap":
                 return current
-            children = _read(f"/proc/{current}/task/{current}/children").split()
+            children = read_proc(f"/proc/{current}/task/{current}/children").split()
         except OSError:
             return None
         if not children:
             return None
         current = int(children[0])
     return None
-
-
-def _read(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 4096).decode()
-    finally:
-        os.close(fd)

@@ -33,7 +33,7 @@ import time
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.launch import Launcher, base_environment
-from toolq.workers.limits import ResourceLimits, rss_mb
+from toolq.workers.limits import ResourceLimits, read_proc, rss_mb
 from toolq.workers.runner import (
     DEFAULT_RESOURCES,
     Call,
@@ -255,15 +255,6 @@ class WarmPool:
             process.kill()  # the pool closed while it started
 
 
-def _read_proc(path: str) -> str:
-    """One small /proc file, without the io layers (this runs after every call)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 65536).decode()
-    finally:
-        os.close(fd)
-
-
 def _kill_children(pid: int) -> None:
     """Kill what a call left running under the warm process (its children and theirs).
 
@@ -271,14 +262,14 @@ def _kill_children(pid: int) -> None:
     the main task's; descendants are found level by level.
     """
     try:
-        pending = [int(child) for child in _read_proc(f"/proc/{pid}/task/{pid}/children").split()]
+        pending = [int(child) for child in read_proc(f"/proc/{pid}/task/{pid}/children").split()]
     except OSError:
         return
     while pending:
         child = pending.pop()
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{child}/task"):
-                children = _read_proc(f"/proc/{child}/task/{tid}/children")
+                children = read_proc(f"/proc/{child}/task/{tid}/children")
                 pending += [int(grandchild) for grandchild in children.split()]
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(child, signal.SIGKILL)
