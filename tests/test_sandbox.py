@@ -218,3 +218,17 @@ def test_sandbox_environment_is_only_what_the_call_passes(launcher: Launcher) ->
     assert outcome.result is not None
     assert set(outcome.result["keys"]) <= {"PATH", "HOME", "LANG", "TMPDIR", "API_TOKEN", "PWD"}
     assert os.environ.get("HOME") is None or "HOME" in outcome.result["keys"]
+
+
+def test_project_under_tmp_with_entrypoint_elsewhere(bun: Path) -> None:
+    """The private /tmp must not hide a project that lives under /tmp."""
+    project = Path("/tmp") / f"toolq-project-{uuid.uuid4().hex[:8]}"
+    project.mkdir()
+    try:
+        entrypoint = TOOLS / "entrypoint.ts"
+        sandbox = make_sandbox("required", bun, WRAPPER, project, entrypoint)
+        launcher = Launcher(bun, entrypoint, project, sandbox=sandbox)
+        outcome = call(launcher, "echo", {"from": "tmp"}, [])
+        assert outcome.result == {"echo": {"from": "tmp"}}, outcome.error
+    finally:
+        project.rmdir()

@@ -93,7 +93,9 @@ class ToolExecutor:
             bun,
             entrypoint,
             settings.project_dir,
-            sandbox=make_sandbox(settings.runtime.sandbox, bun, WRAPPER, settings.project_dir),
+            sandbox=make_sandbox(
+                settings.runtime.sandbox, bun, WRAPPER, settings.project_dir, entrypoint
+            ),
             cgroups=Cgroups.detect(),
         )
         if self.launcher.cgroups is None:

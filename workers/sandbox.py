@@ -70,11 +70,14 @@ class Permissions:
 class Sandbox:
     """Builds bwrap command lines; :meth:`probe` checks once that they work here."""
 
-    def __init__(self, bwrap: str, bun: Path, wrapper: Path, project_dir: Path) -> None:
+    def __init__(
+        self, bwrap: str, bun: Path, wrapper: Path, project_dir: Path, entrypoint: Path
+    ) -> None:
         self.bwrap = bwrap
         self.bun = bun.resolve()
         self.wrapper = wrapper
         self.project_dir = project_dir
+        self.entrypoint_dir = entrypoint.resolve().parent
         self._libraries = _shared_libraries(self.bun)
 
     def command(self, permissions: Permissions, tmpdir: str, argv: list[str]) -> list[str]:
@@ -97,8 +100,12 @@ class Sandbox:
             if not permissions.run:
                 for real, seen_as in self._libraries:
                     args += ["--ro-bind", real, seen_as]
+        # The private /tmp first: a project (or granted path) under /tmp is bound over it.
+        args += ["--proc", "/proc", "--dev", "/dev", "--bind", tmpdir, SANDBOX_TMP]
         project = str(self.project_dir)
         args += ["--bind" if permissions.write is True else "--ro-bind", project, project]
+        if not self.entrypoint_dir.is_relative_to(self.project_dir):
+            args += ["--ro-bind", str(self.entrypoint_dir), str(self.entrypoint_dir)]
         args += ["--ro-bind", str(self.wrapper), str(self.wrapper)]
         if isinstance(permissions.read, tuple):
             for path in permissions.read:
@@ -108,7 +115,6 @@ class Sandbox:
                 args += ["--bind-try", path, path]
         if permissions.sys:
             args += ["--ro-bind", "/sys", "/sys"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--bind", tmpdir, SANDBOX_TMP]
         if permissions.read is not True:
             args += ["--remount-ro", "/"]
         args += ["--chdir", project, "--"]
@@ -131,7 +137,13 @@ class Sandbox:
         return None
 
 
-def make_sandbox(mode: SandboxMode, bun: Path, wrapper: Path, project_dir: Path) -> Sandbox | None:
+def make_sandbox(
+    mode: SandboxMode,
+    bun: Path,
+    wrapper: Path,
+    project_dir: Path,
+    entrypoint: Path | None = None,
+) -> Sandbox | None:
     """The sandbox to use, None when off; `required` refuses to start without one."""
     if mode == "off":
         return None
@@ -139,7 +151,7 @@ def make_sandbox(mode: SandboxMode, bun: Path, wrapper: Path, project_dir: Path)
     problem = "bubblewrap (bwrap) is not installed" if bwrap is None else None
     sandbox = None
     if bwrap is not None:
-        sandbox = Sandbox(bwrap, bun, wrapper, project_dir)
+        sandbox = Sandbox(bwrap, bun, wrapper, project_dir, entrypoint or project_dir / "x")
         problem = sandbox.probe()
     if problem is None:
         return sandbox
