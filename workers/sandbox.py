@@ -95,13 +95,13 @@ class Sandbox:
                     args += ["--symlink", os.readlink(target), f"/{name}"]
                 elif target.is_dir():
                     args += ["--ro-bind", str(target), f"/{name}"]
-        if permissions.read is not True:
-            args += ["--ro-bind", str(self.bun), str(self.bun)]
-            if not permissions.run:
-                for real, seen_as in self._libraries:
-                    args += ["--ro-bind", real, seen_as]
-        # The private /tmp first: a project (or granted path) under /tmp is bound over it.
+        if permissions.read is not True and not permissions.run:
+            for real, seen_as in self._libraries:
+                args += ["--ro-bind", real, seen_as]
+        # The private /tmp first: Bun, the project or a granted path under /tmp (a checkout
+        # in /tmp, say) are bound over it, never hidden by it.
         args += ["--proc", "/proc", "--dev", "/dev", "--bind", tmpdir, SANDBOX_TMP]
+        args += ["--ro-bind", str(self.bun), str(self.bun)]
         project = str(self.project_dir)
         args += ["--bind" if permissions.write is True else "--ro-bind", project, project]
         if not self.entrypoint_dir.is_relative_to(self.project_dir):
