@@ -334,8 +334,7 @@ def status(
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Queues and their lengths, workers online with running and reserved calls,
-    breakers that are not closed, and the dead-letter count."""
+    """Queues and lengths, workers with running/reserved calls, open breakers, dead letters."""
     from toolq.status import cluster_status
 
     settings = _settings(config, profile)
