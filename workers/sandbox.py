@@ -1,9 +1,10 @@
 """Run Bun inside a bubblewrap sandbox that grants what `runtime.permissions` lists.
 
 Compozy's permissions are Deno flags that Bun ignores; here they are enforced.
-Deny by default: the project directory read-only, a private empty /tmp, no
-network, only the env the call passes, no executables but Bun, a private /proc;
-nothing else of the host filesystem but the few libraries Bun links against.
+Deny by default: the project directory read-only, a private empty /tmp (a 64 MiB
+tmpfs; TMPDIR is a host directory toolq empties after each call), no network, only
+the env the call passes, no executables but Bun, a private /proc; nothing else of
+the host filesystem but the few libraries Bun links against.
 
 | flag | grants |
 |---|---|
@@ -38,7 +39,9 @@ from toolq.errors import ConfigError
 log = logging.getLogger("toolq.worker")
 
 SandboxMode = Literal["required", "auto", "off"]
-SANDBOX_TMP = "/tmp"
+SANDBOX_TMP = "/tmp/toolq"
+"""TMPDIR inside the sandbox: the call's private host directory, bound onto /tmp's tmpfs."""
+TMPFS_BYTES = 64 * 1024 * 1024
 INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install "
     "bubblewrap) and allow unprivileged user namespaces, or set runtime.sandbox: auto|off"
@@ -98,9 +101,23 @@ class Sandbox:
         if permissions.read is not True and not permissions.run:
             for real, seen_as in self._libraries:
                 args += ["--ro-bind", real, seen_as]
-        # The private /tmp first: Bun, the project or a granted path under /tmp (a checkout
-        # in /tmp, say) are bound over it, never hidden by it.
-        args += ["--proc", "/proc", "--dev", "/dev", "--bind", tmpdir, SANDBOX_TMP]
+        # /tmp is a small tmpfs of the sandbox's own, made first: Bun, the project or a
+        # granted path under /tmp (a checkout in /tmp, say) are bound onto it, and their
+        # mount points never land in a host directory. TMPDIR is the call's private host
+        # directory, bound inside it (the runner empties or removes it after the call).
+        args += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--size",
+            str(TMPFS_BYTES),
+            "--tmpfs",
+            "/tmp",
+            "--bind",
+            tmpdir,
+            SANDBOX_TMP,
+        ]
         args += ["--ro-bind", str(self.bun), str(self.bun)]
         project = str(self.project_dir)
         args += ["--bind" if permissions.write is True else "--ro-bind", project, project]
