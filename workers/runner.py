@@ -1,14 +1,16 @@
-"""Run one tool call in a fresh Bun process and collect exactly one outcome.
+"""Run tool calls in Bun and collect exactly one outcome each.
 
-What this adds to Compozy's runner:
+`BunRunner` is spawn mode (a fresh Bun per call); `collect`, `interpret` and
+`finish` are shared with warm mode (`workers/warm.py`). What this adds to
+Compozy's runner:
 
 - the envelope arrives on a pipe of its own (not stdout), framed with a per-call
   nonce, so stray ``process.stdout.write`` calls cannot corrupt it;
 - the call ends when the envelope arrives, even if the tool left timers or
   sockets open: the whole process group is then killed;
-- Bun leads its own process group: SIGTERM to the group at the soft limit,
-  SIGKILL to the group at the hard limit; a per-process reaper kills every
-  group if the worker itself dies;
+- Bun runs in its own process group: SIGTERM to Bun at the soft limit, SIGKILL
+  to the whole group at the hard limit; a per-process reaper kills every group
+  if the worker itself dies;
 - output is bounded while it streams: envelope and stdout at 10 MiB each
   (``output_too_large``, the process is stopped), stderr keeps its last 1 MiB
   and a tool that writes over 100 MiB there is stopped too;
@@ -506,7 +508,3 @@ def _exit_status(returncode: int | None) -> tuple[int | None, str | None]:
     except ValueError:
         return None, f"signal {-returncode}"
 
-
-def kill_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
