@@ -72,6 +72,7 @@ def run_bench(
     sequential: int = 100,
     per_size: int = 15,
     out: Path = ROOT / "bench" / "RESULTS.md",
+    sandbox: str = "auto",
     say: Callable[[str], None] = print,
 ) -> dict[str, Figures]:
     results: dict[str, Figures] = {}
@@ -85,12 +86,15 @@ def run_bench(
                 calls=calls,
                 sequential=sequential,
                 per_size=per_size,
+                sandbox=sandbox,
                 say=say,
             )
         server = redis.Redis.from_url(redis_url).info("server").get("redis_version", "?")
     say("bare wrapper starts (spawn's CPU baseline)")
     bare_cpu_ms = [wrapper_cpu_ms() for _ in range(rounds)]
-    out.write_text(_report(results, bare_cpu_ms, rounds, calls, sequential, per_size, str(server)))
+    out.write_text(
+        _report(results, bare_cpu_ms, rounds, calls, sequential, per_size, str(server), sandbox)
+    )
     _plot(results, out.with_name("latency_by_size.png"))
     say(f"wrote {out} and {out.with_name('latency_by_size.png')}")
     return results
@@ -104,11 +108,12 @@ def _bench_mode(
     calls: int,
     sequential: int,
     per_size: int,
+    sandbox: str,
     say: Callable[[str], None],
 ) -> Figures:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     config = PROJECT / "compozy.yaml"
-    env = {"TOOLQ_RUNTIME__MODE": mode}
+    env = {"TOOLQ_RUNTIME__MODE": mode, "TOOLQ_RUNTIME__SANDBOX": sandbox}
     settings = load_settings(
         config, environ=env, overrides={"redis_url": redis_url, "queue": queue}
     )
@@ -357,6 +362,7 @@ def _report(
     sequential: int,
     per_size: int,
     redis_version: str,
+    sandbox: str,
 ) -> str:
     med = statistics.median
     lines = [
@@ -370,8 +376,8 @@ def _report(
         f"- machine: {_cpu()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB",
         f"- Python {platform.python_version()}, Celery {celery.__version__}, "
         f"Bun {_bun_version()}, Redis {redis_version}",
-        f"- worker: threads pool, {CONCURRENCY} slots, prefetch 1 per slot, late acks; "
-        "producer, worker and Redis share the machine",
+        f"- worker: threads pool, {CONCURRENCY} slots, prefetch 1 per slot, late acks, "
+        f"`runtime.sandbox: {sandbox}`; producer, worker and Redis share the machine",
         "",
         "## Trivial tool: throughput and latency",
         "",

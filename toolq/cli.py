@@ -431,6 +431,9 @@ def bench(
     out: Annotated[Path, typer.Option(help="Where to write the report.")] = Path(
         "bench/RESULTS.md"
     ),
+    sandbox: Annotated[
+        str, typer.Option(help="runtime.sandbox for the measured worker: auto or off.")
+    ] = "auto",
 ) -> None:
     """Benchmark tool calls against a Celery no-op task through the same Redis (ratios)."""
     from toolq.bench import run_bench
@@ -442,6 +445,7 @@ def bench(
             rounds=rounds,
             calls=calls,
             out=out,
+            sandbox=sandbox,
             say=lambda line: typer.echo(line, err=True),
         )
     )

@@ -507,4 +507,3 @@ def _exit_status(returncode: int | None) -> tuple[int | None, str | None]:
         return None, signal.Signals(-returncode).name
     except ValueError:
         return None, f"signal {-returncode}"
-
