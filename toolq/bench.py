@@ -93,10 +93,21 @@ def run_bench(
     say("bare wrapper starts (spawn's CPU baseline)")
     bare_cpu_ms = [wrapper_cpu_ms() for _ in range(rounds)]
     out.write_text(
-        _report(results, bare_cpu_ms, rounds, calls, sequential, per_size, str(server), sandbox)
+        _report(
+            results,
+            bare_cpu_ms,
+            rounds,
+            calls,
+            sequential,
+            per_size,
+            str(server),
+            sandbox,
+            out.with_suffix(".png").name,
+        )
     )
-    _plot(results, out.with_name("latency_by_size.png"))
-    say(f"wrote {out} and {out.with_name('latency_by_size.png')}")
+    plot = out.with_suffix(".png")  # beside the report, named after it
+    _plot(results, plot)
+    say(f"wrote {out} and {plot}")
     return results
 
 
@@ -363,6 +374,7 @@ def _report(
     per_size: int,
     redis_version: str,
     sandbox: str,
+    plot_name: str,
 ) -> str:
     med = statistics.median
     lines = [
@@ -433,7 +445,7 @@ def _report(
                 f"{percentile(tool, 95):.2f} | {percentile(base, 50):.2f} | "
                 f"{percentile(tool, 50) / percentile(base, 50):.2f}x |"
             )
-    lines += ["", "![latency by input size](latency_by_size.png)", ""]
+    lines += ["", f"![latency by input size]({plot_name})", ""]
     return "\n".join(lines)
 
 
