@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass, replace
 from typing import Literal
 
-RETRYABLE_KINDS = frozenset({"timeout", "crashed", "tool_error"})
-"""Failures worth another try; the other kinds would fail the same way again."""
+from toolq.envelope import ToolErrorInfo
+
 JITTER = 0.5
 
 StopReason = Literal["not_retryable", "disabled", "max_attempts", "deadline"]
@@ -52,26 +52,23 @@ def compute_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None =
     return min(delay, policy.max_interval_s)
 
 
-def is_retryable(kind: str, name: str | None, retryable: bool | None, policy: RetryPolicy) -> bool:
-    """Whether this failure may be retried at all, whatever the budget."""
-    if kind not in RETRYABLE_KINDS or retryable is False:
-        return False
-    return name not in policy.non_retryable_errors
+def is_retryable(error: ToolErrorInfo, policy: RetryPolicy) -> bool:
+    """Whether this failure may be retried at all, whatever the budget: its kind says so
+    (``ToolFailure.retryable``), the tool did not opt out, its name is not listed."""
+    return error.retryable and error.name not in policy.non_retryable_errors
 
 
 def next_delay(
     *,
     attempt: int,
-    kind: str,
-    name: str | None,
-    retryable: bool | None,
+    error: ToolErrorInfo,
     policy: RetryPolicy,
     now: float,
     deadline: float,
     rng: random.Random | None = None,
 ) -> tuple[float | None, StopReason | None]:
     """``(delay, None)`` to try again after ``delay`` seconds, or ``(None, why_not)``."""
-    if not is_retryable(kind, name, retryable, policy):
+    if not is_retryable(error, policy):
         return None, "not_retryable"
     if not policy.enabled:
         return None, "disabled"

@@ -203,9 +203,7 @@ class ToolExecutor:
             return self._final(request, call_id, worker, queue, outcome, started_at, None)
         delay, stop = next_delay(
             attempt=attempt,
-            kind=outcome.error.kind,
-            name=outcome.error.name,
-            retryable=outcome.error.retryable_hint,
+            error=outcome.error,
             policy=policy,
             now=time.time(),
             deadline=deadline,
