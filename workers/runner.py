@@ -183,7 +183,7 @@ class BunRunner:
                 call.limits,
                 streams,
                 started,
-                watch=Watch(launched, call.resources),
+                watch=Watch.over(launched, call.resources),
             )
         finally:
             pipes.close()
@@ -195,11 +195,23 @@ class BunRunner:
 class Watch:
     """Checks a running call against limits the kernel does not enforce for us."""
 
+    @classmethod
+    def over(cls, launched: Launched, resources: ResourceLimits) -> Watch | None:
+        """A watch for this call, or None when there is nothing to watch: no CPU limit
+        and a cgroup that bounds memory (then no /proc reads and no 100 ms wake-ups)."""
+        if resources.max_cpu_time_s is None and launched.cgroup is not None:
+            return None
+        return cls(launched, resources)
+
     def __init__(self, launched: Launched, resources: ResourceLimits) -> None:
         self.launched = launched
         self.resources = resources
         # A warm process has used CPU before this call; a new one has not.
-        self.cpu_at_start = cpu_seconds(launched.bun_pid) if launched.bun_started else 0.0
+        self.cpu_at_start = (
+            cpu_seconds(launched.bun_pid)
+            if resources.max_cpu_time_s is not None and launched.bun_started
+            else 0.0
+        )
 
     def __call__(self) -> ToolFailure | None:
         if not self.launched.bun_started:

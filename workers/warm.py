@@ -103,7 +103,7 @@ class WarmProcess:
                 streams,
                 started,
                 warm=True,
-                watch=Watch(self.launched, self.resources),
+                watch=Watch.over(self.launched, self.resources),
             )
             alive = self.alive()  # reaps a dead process, so its exit status is known
             outcome = finish(self.launched, streams, failure, call, started)
