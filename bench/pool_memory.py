@@ -14,11 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolq.bench import peak_rss_while_busy, tree_rss_mib
-from toolq.config.loader import load_settings
-from toolq.devredis import drop_queue, ensure_redis
-from toolq.producers.client import ToolClient
-from toolq.workers.process import WorkerProcess
+from toolq.bench import bench_worker, peak_rss_while_busy, tree_rss_mib
+from toolq.devredis import ensure_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "bench" / "tools"
@@ -27,26 +24,13 @@ TOOLS = ROOT / "bench" / "tools"
 def measure(pool: str, mode: str, redis_url: str, config: Path) -> tuple[float, float]:
     queue = f"mem-{pool}"
     env = {"TOOLQ_RUNTIME__MODE": mode}
-    settings = load_settings(
-        config, environ=env, overrides={"redis_url": redis_url, "queue": queue}
-    )
-    with (
-        ToolClient(settings) as client,
-        WorkerProcess(
-            config=config,
-            redis_url=redis_url,
-            queues=[queue],
-            concurrency=10,
-            pool=pool,
-            loglevel="WARNING",
-            env=env,
-        ) as worker,
+    with bench_worker(config, redis_url, queue, env, concurrency=10, pool=pool) as (
+        client,
+        worker,
     ):
-        worker.start(client.app)
         time.sleep(1.0)  # let a warm pool fill
         idle = tree_rss_mib(worker.pid)
         peak = peak_rss_while_busy(client, queue, worker.pid, calls_at_once=10, ms=3000)
-    drop_queue(redis_url, queue)
     return idle, peak
 
 

@@ -16,6 +16,7 @@ Results go to ``bench/RESULTS.md`` and a PNG of latency percentiles by input siz
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,7 +26,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -123,24 +124,12 @@ def _bench_mode(
     say: Callable[[str], None],
 ) -> Figures:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
-    config = PROJECT / "compozy.yaml"
     env = {"TOOLQ_RUNTIME__MODE": mode, "TOOLQ_RUNTIME__SANDBOX": sandbox}
-    settings = load_settings(
-        config, environ=env, overrides={"redis_url": redis_url, "queue": queue}
-    )
     figures = Figures()
-    with (
-        ToolClient(settings) as client,
-        WorkerProcess(
-            config=config,
-            redis_url=redis_url,
-            queues=[queue],
-            loglevel="WARNING",
-            env=env,
-            concurrency=CONCURRENCY,
-        ) as worker,
+    with bench_worker(PROJECT / "compozy.yaml", redis_url, queue, env, concurrency=CONCURRENCY) as (
+        client,
+        worker,
     ):
-        worker.start(client.app)
         drain = functools.partial(_drain_throughput, client, worker.hostname, redis_url, calls)
         _warm_up(client, queue)
         for round_no in range(1, rounds + 1):
@@ -171,8 +160,31 @@ def _bench_mode(
                     )
                 )
             figures.peak_rss_mib.append(peak_rss_while_busy(client, queue, worker.pid))
-    drop_queue(redis_url, queue)
     return figures
+
+
+@contextlib.contextmanager
+def bench_worker(
+    config: Path, redis_url: str, queue: str, env: dict[str, str], **worker_options: Any
+) -> Iterator[tuple[ToolClient, WorkerProcess]]:
+    """A client and a running worker on a private queue, stopped and dropped afterwards."""
+    settings = load_settings(
+        config, environ=env, overrides={"redis_url": redis_url, "queue": queue}
+    )
+    with (
+        ToolClient(settings) as client,
+        WorkerProcess(
+            config=config,
+            redis_url=redis_url,
+            queues=[queue],
+            loglevel="WARNING",
+            env=env,
+            **worker_options,
+        ) as worker,
+    ):
+        worker.start(client.app)
+        yield client, worker
+    drop_queue(redis_url, queue)
 
 
 class _Handle:
