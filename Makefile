@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUN := node_modules/.bin/bun
 
-.PHONY: setup sandbox demo test lint typecheck format bench clean
+.PHONY: setup sandbox demo test test-fast lint typecheck format bench clean
 
 setup: $(VENV)/.installed $(BUN) sandbox
 
@@ -34,8 +34,13 @@ $(BUN): package.json package-lock.json
 demo: setup
 	$(BIN)/toolq demo
 
+# Everything: the fast tier, then behaviour tests with real Redis, Celery workers and Bun.
 test: setup lint
 	$(BIN)/python -m pytest
+
+# The policy/unit tier: no Redis, no Bun, no bubblewrap; a few seconds.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest tests/fast
 
 bench: setup
 	$(BIN)/toolq bench --modes spawn,warm --rounds 3

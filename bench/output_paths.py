@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolq.workers.bun import find_bun
+from toolq.workers.runtime.bun import find_bun
 
 READ_STDIN = 'const req = JSON.parse(require("node:fs").readFileSync(0, "utf8"));\n'
 BODY = 'const body = JSON.stringify({result: {data: "x".repeat(1024)}, error: null}) + "\\n";\n'

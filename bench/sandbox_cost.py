@@ -14,13 +14,14 @@ import statistics
 import time
 from pathlib import Path
 
-from toolq.config.settings import ToolLimits
-from toolq.workers.bun import WRAPPER, find_bun
-from toolq.workers.launch import Launcher
-from toolq.workers.limits import Cgroups
-from toolq.workers.runner import BunRunner, Call
-from toolq.workers.sandbox import Permissions, make_sandbox
-from toolq.workers.warm import WarmPool
+from toolq.config.settings import TimeLimits
+from toolq.workers.runtime.base import Call
+from toolq.workers.runtime.bun import WRAPPER, find_bun
+from toolq.workers.runtime.launch import Launcher
+from toolq.workers.runtime.limits import Cgroups
+from toolq.workers.runtime.sandbox import Permissions, make_sandbox
+from toolq.workers.runtime.spawn import SpawnRuntime
+from toolq.workers.runtime.warm import WarmRuntime
 
 PROJECT = Path(__file__).resolve().parent / "tools"
 
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
     bun = find_bun(None, PROJECT)
-    runners: dict[str, BunRunner | WarmPool] = {}
+    runners: dict[str, SpawnRuntime | WarmRuntime] = {}
     for sandboxed in (False, True):
         launcher = Launcher(
             bun,
@@ -40,13 +41,13 @@ def main() -> None:
             cgroups=Cgroups.detect() if sandboxed else None,
         )
         label = "sandboxed" if sandboxed else "plain"
-        runners[f"spawn {label}"] = BunRunner(launcher, 1)
-        pool = WarmPool(
+        runners[f"spawn {label}"] = SpawnRuntime(launcher)
+        pool = WarmRuntime(
             launcher, 1, max_calls_per_process=10**6, max_rss_mb=1024, permissions=Permissions()
         )
         pool.start()
         runners[f"warm {label}"] = pool
-    call = Call("noop", "bench", {}, {}, ToolLimits(10, 12))
+    call = Call("noop", "bench", {}, {}, TimeLimits(10, 12))
     times: dict[str, list[float]] = {name: [] for name in runners}
     for runner in runners.values():
         for _ in range(5):
@@ -58,7 +59,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - started) * 1000)
             assert outcome.error is None, outcome.error
     for runner in runners.values():
-        if isinstance(runner, WarmPool):
+        if isinstance(runner, WarmRuntime):
             runner.close()
     print(f"{'set-up':18} {'median ms':>10}")
     for name, values in times.items():

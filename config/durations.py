@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_TIME_LIMIT_S = 7 * 24 * 3600.0
+"""The longest time limit a tool call may have (a week): bounded so that every derived
+deadline fits the timers it is handed to (epoll, Celery, Redis expiries)."""
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 
 
@@ -36,8 +40,21 @@ def parse_duration(value: object) -> float:
                 ) from None
     else:
         raise ValueError("expected a duration such as 30s, 100ms or 2m")
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration must be a finite number (got {value!r})")
     if seconds < 0:
         raise ValueError(f"duration must not be negative (got {value!r})")
+    return seconds
+
+
+def parse_time_limit(value: object) -> float:
+    """A duration that may serve as a tool's time limit: at most :data:`MAX_TIME_LIMIT_S`."""
+    seconds = parse_duration(value)
+    if seconds > MAX_TIME_LIMIT_S:
+        raise ValueError(
+            f"time limit {format_duration(seconds)} is longer than the maximum of "
+            f"{format_duration(MAX_TIME_LIMIT_S)}"
+        )
     return seconds
 
 

@@ -87,9 +87,17 @@ def load_settings(
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
         raise _config_error(exc, layers) from None
-    project_dir = config_path.parent.resolve() if config_path else Path.cwd()
+    project_dir = config_path.parent.resolve() if config_path else Path.cwd().resolve()
     source = str(config_path) if config_path else "defaults"
-    return settings.located(project_dir, source)
+    settings = settings.located(project_dir, source)
+    if not settings.entrypoint_path.is_relative_to(project_dir):
+        raise ConfigError(
+            f"{source}: runtime.entrypoint: {settings.runtime.entrypoint} resolves to "
+            f"{settings.entrypoint_path}, outside the project directory {project_dir}",
+            key="runtime.entrypoint",
+            source=source,
+        )
+    return settings
 
 
 def _config_path(config: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:

@@ -23,17 +23,25 @@ from pydantic import (
     model_validator,
 )
 
-from toolq.config.durations import format_duration, parse_duration
+from toolq.config.durations import (
+    format_duration,
+    parse_duration,
+    parse_time_limit,
+)
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-"""Seconds, written in YAML as `30s`, `100ms`, `2m` or a number of seconds."""
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration field: seconds in code, written in YAML as `30s`, `100ms`, `2m` or a number."""
+TimeLimit = Annotated[float, BeforeValidator(parse_time_limit)]
+"""A tool time limit: a duration no longer than :data:`MAX_TIME_LIMIT_S`."""
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "toolq"
 HARD_TIMEOUT_GRACE_S = 5.0
 """Default gap between the soft limit (SIGTERM) and the hard one (SIGKILL of the group)."""
 BACKSTOP_MARGIN_S = 10.0
-"""Celery's own time limit sits this far above the hard limit; it should never fire."""
+"""Celery's own (soft) time limit sits this far above the hard limit; it should never fire."""
+CELERY_HARD_MARGIN_S = 5.0
+"""Celery's hard time limit sits this far above its soft backstop."""
 VISIBILITY_MARGIN_S = 60.0
 """Redis redelivers an unacknowledged call this long after the backstop limit."""
 
@@ -62,9 +70,9 @@ def _check_permissions(flags: list[str] | None) -> list[str] | None:
 class RetrySettings(_Strict):
     """A tool's retry policy under `tools.<id>.retry`; unset keys take the top-level backoff_*."""
 
-    initial_interval_s: Duration | None = Field(None, alias="initial_interval")
-    max_interval_s: Duration | None = Field(None, alias="max_interval")
-    max_elapsed_time_s: Duration | None = Field(None, alias="max_elapsed_time")
+    initial_interval_s: Seconds | None = Field(None, alias="initial_interval")
+    max_interval_s: Seconds | None = Field(None, alias="max_interval")
+    max_elapsed_time_s: Seconds | None = Field(None, alias="max_elapsed_time")
     multiplier: float | None = Field(None, ge=1)
     max_attempts: PositiveInt | None = None
     jitter: bool | None = None
@@ -76,7 +84,7 @@ class BreakerSettings(_Strict):
     """Circuit breaker: open after `fail_max` consecutive failures, probe after `reset_timeout`."""
 
     fail_max: PositiveInt = 5
-    reset_timeout_s: Duration = Field(60.0, alias="reset_timeout", gt=0)
+    reset_timeout_s: Seconds = Field(60.0, alias="reset_timeout", gt=0)
     success_threshold: PositiveInt = 1
     enabled: bool = True
 
@@ -85,7 +93,7 @@ class ToolBreakerSettings(_Strict):
     """A tool's breaker overrides under `tools.<id>.circuit_breaker`."""
 
     fail_max: PositiveInt | None = None
-    reset_timeout_s: Duration | None = Field(None, alias="reset_timeout", gt=0)
+    reset_timeout_s: Seconds | None = Field(None, alias="reset_timeout", gt=0)
     success_threshold: PositiveInt | None = None
     enabled: bool | None = None
 
@@ -94,7 +102,7 @@ class LimitSettings(_Strict):
     """A tool's resource limits under `tools.<id>.limits`; unset keys inherit runtime's."""
 
     max_memory_mb: PositiveInt | None = None
-    max_cpu_time_s: Duration | None = Field(None, alias="max_cpu_time", gt=0)
+    max_cpu_time_s: Seconds | None = Field(None, alias="max_cpu_time", gt=0)
     max_open_files: PositiveInt | None = None
     max_processes: PositiveInt | None = None
 
@@ -102,8 +110,8 @@ class LimitSettings(_Strict):
 class ToolSettings(_Strict):
     """Per-tool overrides under `tools: {<tool_id>: {...}}`; unset keys inherit."""
 
-    timeout_s: Duration | None = Field(None, alias="timeout")
-    hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
+    timeout_s: TimeLimit | None = Field(None, alias="timeout", gt=0)
+    hard_timeout_s: TimeLimit | None = Field(None, alias="hard_timeout", gt=0)
     permissions: list[str] | None = None
     mode: Literal["warm", "spawn"] | None = None
     limits: LimitSettings | None = None
@@ -113,21 +121,29 @@ class ToolSettings(_Strict):
     _check_permissions = field_validator("permissions")(_check_permissions)
 
 
+_NO_TOOL_SETTINGS = ToolSettings()
+
+
+def _yaml_off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted `off` as false: take it as the word the user wrote."""
+    return "off" if value is False else value
+
+
 class RuntimeSettings(_Strict):
     type: Literal["bun"] = "bun"
     entrypoint: str = "./entrypoint.ts"
-    timeout_s: Duration = Field(60.0, alias="timeout", gt=0)
-    hard_timeout_s: Duration | None = Field(None, alias="hard_timeout")
+    timeout_s: TimeLimit = Field(60.0, alias="timeout", gt=0)
+    hard_timeout_s: TimeLimit | None = Field(None, alias="hard_timeout", gt=0)
     permissions: list[str] = Field(default_factory=lambda: ["--allow-read"])
     bun_path: str | None = None
     mode: Literal["warm", "spawn"] = "warm"
     """warm: long-lived Bun processes, entrypoint loaded once; spawn: a fresh Bun per call."""
     max_calls_per_process: PositiveInt = 1000
     max_process_rss_mb: float = Field(256.0, gt=0)
-    sandbox: Literal["required", "auto", "off"] = "auto"
+    sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
     """bubblewrap sandbox: required refuses to start without it; auto warns and runs without."""
     max_memory_mb: PositiveInt = 2048
-    max_cpu_time_s: Duration | None = Field(None, alias="max_cpu_time", gt=0)
+    max_cpu_time_s: Seconds | None = Field(None, alias="max_cpu_time", gt=0)
     max_open_files: PositiveInt = 1024
     max_processes: PositiveInt = 256
 
@@ -149,19 +165,28 @@ class PerformanceSettings(_Strict):
     metrics_port: int = Field(9540, ge=0, le=65535)
     """First port tried for a worker's /metrics; the next free one is taken if it is busy."""
     log_slow_queries: bool = False
-    slow_query_threshold_s: Duration = Field(5.0, alias="slow_query_threshold")
+    slow_query_threshold_s: Seconds = Field(5.0, alias="slow_query_threshold")
 
 
 @dataclass(frozen=True)
-class ToolLimits:
-    """The effective time limits of one call, in seconds."""
+class TimeLimits:
+    """The effective time limits of one call, in seconds: SIGTERM at ``timeout_s``,
+    SIGKILL of the process group at ``hard_timeout_s``."""
 
     timeout_s: float
     hard_timeout_s: float
 
     @property
     def backstop_s(self) -> float:
+        """Celery's own soft limit: above the hard limit, so it never fires first."""
         return self.hard_timeout_s + BACKSTOP_MARGIN_S
+
+    def for_call(self, timeout_s: float | None) -> TimeLimits:
+        """A caller's own timeout replaces the soft limit; the tool's grace is kept."""
+        if timeout_s is None:
+            return self
+        grace = self.hard_timeout_s - self.timeout_s
+        return TimeLimits(timeout_s, timeout_s + grace)
 
 
 class Settings(_Strict):
@@ -169,17 +194,17 @@ class Settings(_Strict):
 
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
-    backoff_initial_interval_s: Duration = Field(0.1, alias="backoff_initial_interval")
-    backoff_max_interval_s: Duration = Field(5.0, alias="backoff_max_interval")
-    backoff_max_elapsed_time_s: Duration = Field(30.0, alias="backoff_max_elapsed_time")
+    backoff_initial_interval_s: Seconds = Field(0.1, alias="backoff_initial_interval")
+    backoff_max_interval_s: Seconds = Field(5.0, alias="backoff_max_interval")
+    backoff_max_elapsed_time_s: Seconds = Field(30.0, alias="backoff_max_elapsed_time")
     backoff_multiplier: float = Field(2.0, ge=1)
     backoff_jitter: bool = True
     max_attempts: PositiveInt = 5
     non_retryable_errors: list[str] = Field(default_factory=list)
     circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
-    idempotency_ttl_s: Duration = Field(24 * 3600.0, alias="idempotency_ttl", gt=0)
+    idempotency_ttl_s: Seconds = Field(24 * 3600.0, alias="idempotency_ttl", gt=0)
     dead_letter_max: PositiveInt = 10_000
-    visibility_timeout_s: Duration | None = Field(None, alias="visibility_timeout")
+    visibility_timeout_s: Seconds | None = Field(None, alias="visibility_timeout")
     redis_url: str = DEFAULT_REDIS_URL
     redis_sentinel_master: str | None = None
     """With sentinel:// URLs: the name of the monitored master."""
@@ -245,11 +270,11 @@ class Settings(_Strict):
                 raise ValueError(
                     f"tools.{tool_id}.hard_timeout must not be shorter than its timeout"
                 )
-        floor = self.max_hard_timeout_s + BACKSTOP_MARGIN_S + 5
+        floor = self.max_hard_timeout_s + BACKSTOP_MARGIN_S + CELERY_HARD_MARGIN_S
         if self.visibility_timeout_s is not None and self.visibility_timeout_s < floor:
             raise ValueError(
                 f"visibility_timeout ({format_duration(self.visibility_timeout_s)}) must be at "
-                f"least the longest hard limit + {BACKSTOP_MARGIN_S:g}s + 5s "
+                f"least the longest hard limit + {BACKSTOP_MARGIN_S + CELERY_HARD_MARGIN_S:g}s "
                 f"({format_duration(floor)}), or calls would run twice"
             )
         return self
@@ -277,27 +302,29 @@ class Settings(_Strict):
 
     # -- derived limits ------------------------------------------------------------------
 
-    def limits_for(self, tool_id: str, call_timeout_s: float | None = None) -> ToolLimits:
-        """Effective limits: call > tool > runtime; hard defaults to soft + 5 s."""
-        tool = self.tools.get(tool_id)
-        timeout = self.runtime.timeout_s
-        if tool is not None and tool.timeout_s is not None:
-            timeout = tool.timeout_s
+    def tool(self, tool_id: str) -> ToolSettings:
+        """A tool's own settings (all unset when it has none)."""
+        return self.tools.get(tool_id) or _NO_TOOL_SETTINGS
+
+    def limits_for(self, tool_id: str | None, call_timeout_s: float | None = None) -> TimeLimits:
+        """Effective time limits: call > tool > runtime; hard defaults to soft + 5 s.
+
+        ``tool_id`` None gives the runtime's own limits."""
+        tool = self.tool(tool_id) if tool_id is not None else _NO_TOOL_SETTINGS
+        timeout = self.runtime.timeout_s if tool.timeout_s is None else tool.timeout_s
         hard = self.runtime.hard_timeout_s
-        if tool is not None and tool.hard_timeout_s is not None:
+        if tool.hard_timeout_s is not None:
             hard = tool.hard_timeout_s
-        elif tool is not None and tool.timeout_s is not None:
+        elif tool.timeout_s is not None:
             hard = None  # a tool that sets its own timeout gets its own grace
         grace = HARD_TIMEOUT_GRACE_S if hard is None else hard - timeout
-        if call_timeout_s is not None:
-            timeout = call_timeout_s
-        return ToolLimits(timeout_s=timeout, hard_timeout_s=timeout + max(grace, 0.0))
+        return TimeLimits(timeout, timeout + max(grace, 0.0)).for_call(call_timeout_s)
 
     @property
     def max_hard_timeout_s(self) -> float:
-        """The longest hard limit any configured tool can have."""
+        """The longest hard limit any configured tool can have: no call may outlast it."""
         limits = [self.limits_for(tool_id) for tool_id in self.tools]
-        limits.append(self.limits_for(""))
+        limits.append(self.limits_for(None))
         return max(limit.hard_timeout_s for limit in limits)
 
     @property
@@ -307,77 +334,16 @@ class Settings(_Strict):
             return self.visibility_timeout_s
         return self.max_hard_timeout_s + BACKSTOP_MARGIN_S + VISIBILITY_MARGIN_S
 
-    def retry_settings(self, tool_id: str) -> dict[str, Any]:
-        """The effective retry values for one tool: tool > top level > default."""
-        values: dict[str, Any] = {
-            "initial_interval_s": self.backoff_initial_interval_s,
-            "max_interval_s": self.backoff_max_interval_s,
-            "max_elapsed_s": self.backoff_max_elapsed_time_s,
-            "multiplier": self.backoff_multiplier,
-            "max_attempts": self.max_attempts,
-            "jitter": self.backoff_jitter,
-            "non_retryable_errors": frozenset(self.non_retryable_errors),
-            "enabled": True,
-        }
-        tool = self.tools.get(tool_id)
-        if tool is not None and tool.retry is not None:
-            own = tool.retry
-            for key, value in (
-                ("initial_interval_s", own.initial_interval_s),
-                ("max_interval_s", own.max_interval_s),
-                ("max_elapsed_s", own.max_elapsed_time_s),
-                ("multiplier", own.multiplier),
-                ("max_attempts", own.max_attempts),
-                ("jitter", own.jitter),
-                ("enabled", own.enabled),
-            ):
-                if value is not None:
-                    values[key] = value
-            if own.non_retryable_errors is not None:
-                values["non_retryable_errors"] = frozenset(own.non_retryable_errors)
-        return values
-
     def breaker_settings(self, tool_id: str) -> BreakerSettings:
         """The effective breaker for one tool: tool > top level > default."""
-        tool = self.tools.get(tool_id)
-        if tool is None or tool.circuit_breaker is None:
+        own = self.tool(tool_id).circuit_breaker
+        if own is None:
             return self.circuit_breaker
-        own = tool.circuit_breaker.model_dump(exclude_none=True)
-        return self.circuit_breaker.model_copy(update=own)
-
-    def mode_for(self, tool_id: str) -> str:
-        tool = self.tools.get(tool_id)
-        if tool is not None and tool.mode is not None:
-            return tool.mode
-        return self.runtime.mode
+        return self.circuit_breaker.model_copy(update=own.model_dump(exclude_none=True))
 
     @property
     def uses_warm_mode(self) -> bool:
         return self.runtime.mode == "warm" or any(t.mode == "warm" for t in self.tools.values())
-
-    def resource_limits(self, tool_id: str) -> dict[str, Any]:
-        """The effective resource limits of one tool: tool > runtime > default."""
-        values: dict[str, Any] = {
-            "max_memory_mb": self.runtime.max_memory_mb,
-            "max_processes": self.runtime.max_processes,
-            "max_open_files": self.runtime.max_open_files,
-            "max_cpu_time_s": self.runtime.max_cpu_time_s,
-        }
-        tool = self.tools.get(tool_id)
-        if tool is not None and tool.limits is not None:
-            values.update(tool.limits.model_dump(exclude_none=True))
-        return values
-
-    def has_own_sandbox(self, tool_id: str) -> bool:
-        """A tool with its own permissions or limits runs in a process of its own (spawn)."""
-        tool = self.tools.get(tool_id)
-        return tool is not None and (tool.permissions is not None or tool.limits is not None)
-
-    def permissions_for(self, tool_id: str) -> list[str]:
-        tool = self.tools.get(tool_id)
-        if tool is not None and tool.permissions is not None:
-            return list(tool.permissions)
-        return list(self.runtime.permissions)
 
     def __repr_args__(self) -> Any:
         # Never print credentials: a Redis URL may carry a password.

@@ -15,6 +15,7 @@ Bad calls (an invalid tool id or env, input that is not JSON or is too big) rais
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,9 +35,11 @@ from toolq.config.connections import redis_client
 from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings, redact_url
-from toolq.envelope import ToolErrorInfo, ToolResult
+from toolq.envelope import ToolResult
 from toolq.errors import BrokerUnavailable, InvalidInput, ResultTimeout, ToolCrashed, ToolTimeout
-from toolq.request import build_request, describe
+from toolq.protocol import new_request, validate
+
+log = logging.getLogger("toolq.producer")
 
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
@@ -84,7 +87,7 @@ class ToolCall:
         Celery's result drainer checks the deadline about once a second, so a
         sub-second ``timeout`` may wait up to a second.
         """
-        wait_s = None if timeout is None else parse_duration(timeout)
+        wait_s = None if timeout is None else _seconds(timeout, "timeout")
         try:
             with _redis_errors(self._url):
                 value = self._async.get(timeout=wait_s, propagate=False, interval=0.05)
@@ -98,12 +101,7 @@ class ToolCall:
             if isinstance(value, TimeLimitExceeded)
             else ToolCrashed(f"worker error: {value!r}", type(value).__name__)
         )
-        return ToolResult(
-            self.id,
-            self.tool_id,
-            error=ToolErrorInfo.from_failure(failure),
-            metadata={"tool_exec_id": self.id, "attempts": 1, "execution_time": 0},
-        )
+        return ToolResult.failed(self.id, self.tool_id, failure)
 
     def forget(self) -> None:
         """Drop the stored result from Redis."""
@@ -128,6 +126,7 @@ class ToolClient:
         self.settings = settings
         self.app: Celery = make_celery(settings, name="toolq-producer")
         self._redis_client: redis.Redis | None = None
+        self._warned_queues: set[str] = set()
 
     def enqueue(
         self,
@@ -148,10 +147,21 @@ class ToolClient:
         ``idempotency_ttl`` returns the first call (and so its result) instead of
         running the tool twice.
         """
-        request = build_request(
-            tool_id, input, env, timeout, max_attempts=max_attempts, retry=retry
+        request = validate(
+            new_request(tool_id, input, env, timeout, max_attempts=max_attempts, retry=retry),
+            self.settings,
         )
         call_id = str(uuid.uuid4())
+        queue = queue or self.settings.queue_for(tool_id)
+        if queue not in self.settings.all_queues and queue not in self._warned_queues:
+            self._warned_queues.add(queue)
+            log.warning(
+                "queue %r is not in this configuration (%s): the call waits until a worker "
+                "started with --queues %s takes it",
+                queue,
+                ", ".join(self.settings.all_queues),
+                queue,
+            )
         if idempotency_key is not None:
             first = self._claim(idempotency_key, call_id)
             if first is not None:
@@ -160,10 +170,10 @@ class ToolClient:
             with _redis_errors(self.settings.redis_url):
                 async_result = self.app.send_task(
                     RUN_TOOL_TASK,
-                    args=[request],
+                    args=[request.to_message()],
                     task_id=call_id,
-                    queue=queue or self.settings.queue_for(tool_id),
-                    argsrepr=describe(request),
+                    queue=queue,
+                    argsrepr=request.describe(),
                     kwargsrepr="{}",
                     headers={"toolq_tool_id": tool_id},  # for Flower and the logs
                 )
@@ -217,7 +227,7 @@ class ToolClient:
             self.enqueue(tool_id, item, env, timeout, queue, max_attempts=max_attempts, retry=retry)
             for item in inputs
         ]
-        deadline = None if wait is None else time.monotonic() + parse_duration(wait)
+        deadline = None if wait is None else time.monotonic() + _seconds(wait, "wait")
         results = []
         for call in calls:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
@@ -258,3 +268,10 @@ class ToolClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _seconds(value: Duration, name: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: {exc}", "ValidationError") from None

@@ -16,8 +16,8 @@ import redis
 from toolq.config.loader import load_settings
 from toolq.devredis import ensure_redis
 from toolq.producers.client import ToolClient
-from toolq.workers.bun import find_bun
 from toolq.workers.process import WorkerProcess
+from toolq.workers.runtime.bun import find_bun
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 TOOLS_CONFIG = TOOLS / "compozy.yaml"

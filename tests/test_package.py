@@ -78,7 +78,7 @@ def test_wheel_installs_only_the_toolq_package(tmp_path: Path) -> None:
     assert top_levels == {"toolq", f"toolq-{toolq.__version__}.dist-info"}
     for shipped in (
         "toolq/config/production.yaml",
-        "toolq/workers/wrapper.ts",
+        "toolq/workers/runtime/wrapper.ts",
         "toolq/producers/client.py",
         "toolq/py.typed",
     ):
@@ -98,4 +98,4 @@ def test_profiles_and_wrapper_ship_with_the_package() -> None:
 
     assert resources.files("toolq.config").joinpath("production.yaml").is_file()
     assert resources.files("toolq.config").joinpath("development.yaml").is_file()
-    assert resources.files("toolq.workers").joinpath("wrapper.ts").is_file()
+    assert resources.files("toolq.workers.runtime").joinpath("wrapper.ts").is_file()

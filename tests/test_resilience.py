@@ -22,7 +22,8 @@ from tests.conftest import TOOLS, TOOLS_CONFIG, StartWorker, wait_until
 from toolq import ToolClient, ToolResult
 from toolq.config.loader import load_settings
 from toolq.devredis import RedisServer
-from toolq.workers.executor import MAX_DELIVERIES, Final, ToolExecutor
+from toolq.workers.assembly import build_worker
+from toolq.workers.handler import MAX_DELIVERIES, Delivery, Final
 from toolq.workers.process import WorkerProcess
 
 REDELIVERY_CONFIG = TOOLS / "redelivery.yaml"
@@ -238,16 +239,16 @@ def test_call_of_a_sigkilled_worker_completes_on_another(
 
 
 def test_a_call_that_keeps_killing_its_worker_is_given_up(settings: Any) -> None:
-    executor = ToolExecutor(settings)
+    parts = build_worker(settings)
     request = {"tool_id": "echo", "input": {}, "env": {}, "enqueued_at": time.time()}
     try:
-        first = executor.handle(request, call_id="poison-call", worker="w")
+        first = parts.handler.handle(request, Delivery("poison-call", "w"))
         decisions = [first] + [
-            executor.handle(request, call_id="poison-call", worker="w", redelivered=True)
+            parts.handler.handle(request, Delivery("poison-call", "w", redelivered=True))
             for _ in range(MAX_DELIVERIES)
         ]
     finally:
-        executor.close()
+        parts.close()
     assert all(isinstance(d, Final) for d in decisions)
     assert all(d.envelope["status"] == "success" for d in decisions[:-1])  # type: ignore[union-attr]
     last = decisions[-1].envelope  # type: ignore[union-attr]

@@ -15,14 +15,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import TOOLS, processes_running, wait_until
-from toolq.config.settings import ToolLimits
+from toolq.config.settings import TimeLimits
 from toolq.errors import ConfigError
-from toolq.workers.bun import WRAPPER
-from toolq.workers.launch import Launcher
-from toolq.workers.limits import Cgroups, ResourceLimits
-from toolq.workers.runner import DEFAULT_RESOURCES, BunRunner, Call, Outcome
-from toolq.workers.sandbox import Permissions, make_sandbox
-from toolq.workers.warm import WarmPool
+from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome
+from toolq.workers.runtime.bun import WRAPPER
+from toolq.workers.runtime.launch import Launcher
+from toolq.workers.runtime.limits import Cgroups, ResourceLimits
+from toolq.workers.runtime.sandbox import Permissions, make_sandbox
+from toolq.workers.runtime.spawn import SpawnRuntime
+from toolq.workers.runtime.warm import WarmRuntime
 
 SCRATCH = TOOLS / ".tmp"
 
@@ -42,14 +43,14 @@ def call(
     env: dict[str, str] | None = None,
     timeout_s: float = 10,
 ) -> Outcome:
-    runner = BunRunner(launcher, max_concurrent=1)
+    runner = SpawnRuntime(launcher)
     return runner.run(
         Call(
             tool_id,
             "sandbox-test",
             payload,
             env or {},
-            ToolLimits(timeout_s, timeout_s + 2),
+            TimeLimits(timeout_s, timeout_s + 2),
             permissions=Permissions.parse(flags),
             resources=resources,
         )
@@ -162,7 +163,7 @@ def test_memory_hog_is_stopped_as_memory_exceeded(launcher: Launcher, mode: str)
         outcome = call(launcher, "memory_hog", {}, flags, LIMITS)
         after = call(launcher, "echo", {"still": "serving"}, flags, LIMITS)
     else:
-        pool = WarmPool(
+        pool = WarmRuntime(
             launcher,
             1,
             max_calls_per_process=100,
@@ -171,9 +172,9 @@ def test_memory_hog_is_stopped_as_memory_exceeded(launcher: Launcher, mode: str)
             resources=LIMITS,
         )
         try:
-            hog = Call("memory_hog", "m", {}, {}, ToolLimits(10, 12))
+            hog = Call("memory_hog", "m", {}, {}, TimeLimits(10, 12))
             outcome = pool.run(hog)
-            after = pool.run(Call("echo", "e", {"still": "serving"}, {}, ToolLimits(5, 6)))
+            after = pool.run(Call("echo", "e", {"still": "serving"}, {}, TimeLimits(5, 6)))
         finally:
             pool.close()
     assert outcome.error is not None and outcome.error.kind == "memory_exceeded", outcome

@@ -10,32 +10,32 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.test_runner import make_runner, run
-from toolq.workers.runner import BunRunner
-from toolq.workers.warm import WarmPool
+from toolq.workers.runtime.spawn import SpawnRuntime
+from toolq.workers.runtime.warm import WarmRuntime
 
 
 @pytest.fixture
-def pool(bun: Path, request: pytest.FixtureRequest) -> Iterator[WarmPool]:
+def pool(bun: Path, request: pytest.FixtureRequest) -> Iterator[WarmRuntime]:
     options: dict[str, Any] = {"max_calls_per_process": 1000, "max_rss_mb": 512}
     options.update(getattr(request, "param", {}))
     warm = make_runner("warm", bun, 1, **options)
-    assert isinstance(warm, WarmPool)
+    assert isinstance(warm, WarmRuntime)
     yield warm
     warm.close()
 
 
-def pid_of(pool: WarmPool | BunRunner) -> str:
+def pid_of(pool: WarmRuntime | SpawnRuntime) -> str:
     """Which Bun process served the call (a random id each process draws at start)."""
     outcome = run(pool, "pid")
     assert outcome.result is not None
     return str(outcome.result["pid"])
 
 
-def test_one_process_serves_call_after_call(pool: WarmPool) -> None:
+def test_one_process_serves_call_after_call(pool: WarmRuntime) -> None:
     assert len({pid_of(pool) for _ in range(5)}) == 1
 
 
-def test_module_state_survives_between_calls_of_one_process(pool: WarmPool, bun: Path) -> None:
+def test_module_state_survives_between_calls_of_one_process(pool: WarmRuntime, bun: Path) -> None:
     counts = [run(pool, "module_counter").result["calls"] for _ in range(3)]  # type: ignore[index]
     assert counts == [1, 2, 3]
     spawn = make_runner("spawn", bun, 1)
@@ -43,14 +43,14 @@ def test_module_state_survives_between_calls_of_one_process(pool: WarmPool, bun:
 
 
 @pytest.mark.parametrize("pool", [{"max_calls_per_process": 3}], indirect=True)
-def test_process_is_recycled_after_max_calls(pool: WarmPool) -> None:
+def test_process_is_recycled_after_max_calls(pool: WarmRuntime) -> None:
     pids = [pid_of(pool) for _ in range(7)]
     assert pids[0] == pids[1] == pids[2] != pids[3]
     assert pids[3] == pids[4] == pids[5] != pids[6]
 
 
 @pytest.mark.parametrize("pool", [{"max_rss_mb": 150}], indirect=True)
-def test_process_is_recycled_when_its_memory_grows(pool: WarmPool) -> None:
+def test_process_is_recycled_when_its_memory_grows(pool: WarmRuntime) -> None:
     first = run(pool, "grow", {"mb": 40}).result
     assert first is not None and first["held_mb"] == 40  # under the limit: kept
     second = run(pool, "grow", {"mb": 200}).result
@@ -70,7 +70,7 @@ def test_process_is_recycled_when_its_memory_grows(pool: WarmPool) -> None:
     ],
 )
 def test_a_broken_process_is_replaced_before_the_next_call(
-    pool: WarmPool, tool_id: str, payload: Any, kind: str
+    pool: WarmRuntime, tool_id: str, payload: Any, kind: str
 ) -> None:
     before = pid_of(pool)
     outcome = run(pool, tool_id, payload, timeout_s=0.5, hard_timeout_s=1.0)
@@ -84,7 +84,7 @@ def test_a_broken_process_is_replaced_before_the_next_call(
         assert after != before
 
 
-def test_env_of_one_call_never_reaches_the_next(pool: WarmPool) -> None:
+def test_env_of_one_call_never_reaches_the_next(pool: WarmRuntime) -> None:
     assert run(pool, "env", {"keys": ["SECRET"]}, env={"SECRET": "abc"}).result == {
         "env": {"SECRET": "abc"}
     }

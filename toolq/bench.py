@@ -40,8 +40,8 @@ from toolq.config.loader import load_settings
 from toolq.devredis import drop_queue, ensure_redis
 from toolq.loadtest import percentile
 from toolq.producers.client import ToolClient
-from toolq.workers.bun import WRAPPER, find_bun
 from toolq.workers.process import WorkerProcess
+from toolq.workers.runtime.bun import WRAPPER, find_bun
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "bench" / "tools"

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +81,8 @@ def _parse_input(raw: str | None) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         _fail(f"--input is not valid JSON: {exc}")
+    except RecursionError:
+        _fail("--input nests too deeply")
 
 
 def _parse_env(pairs: list[str] | None) -> dict[str, str]:
@@ -175,9 +175,6 @@ def worker(
     if pool not in ("threads", "prefork"):
         _fail(f"--pool must be threads or prefork (got {pool!r})")
     settings = _settings(config, profile)
-    if pool == "prefork" and settings.performance.enable_metrics:
-        # Must be set before prometheus_client is imported (by the worker module).
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="toolq-metrics-"))
     from toolq.workers.worker import run_worker
 
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None

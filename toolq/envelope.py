@@ -12,6 +12,7 @@ crashes). ``metadata`` holds at least ``tool_exec_id``, ``execution_time``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,12 +75,12 @@ class ToolErrorInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ToolErrorInfo:
         return cls(
-            kind=str(data.get("kind", "tool_error")),
+            kind=str(data.get("kind") or "tool_error"),
             message=str(data.get("message", "")),
             name=str(data.get("name") or "Error"),
             stack=data.get("stack"),
             stderr=data.get("stderr"),
-            retryable_hint=data.get("retryable"),
+            retryable_hint=hint if isinstance(hint := data.get("retryable"), bool) else None,
         )
 
 
@@ -116,6 +117,23 @@ class ToolResult:
             "error": self.error.to_dict() if self.error else None,
             "metadata": dict(self.metadata),
         }
+
+    @classmethod
+    def failed(
+        cls,
+        call_id: str,
+        tool_id: str,
+        failure: ToolFailure,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ToolResult:
+        """A failed call's envelope, for failures found outside a tool run."""
+        base = {"tool_id": tool_id, "tool_exec_id": call_id, "attempts": 1, "execution_time": 0}
+        return cls(
+            call_id,
+            tool_id,
+            error=ToolErrorInfo.from_failure(failure),
+            metadata={**base, **(metadata or {})},
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ToolResult:

@@ -6,6 +6,7 @@ site; workers run them again because a message may come from anywhere.
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 import unicodedata
@@ -27,6 +28,9 @@ FORBIDDEN_ENV_KEYS = frozenset(
     }
 )
 MAX_TOOL_ID_LENGTH = 256
+MAX_JSON_DEPTH = 100
+"""Deeper input is refused: no real tool input nests this far, and a deep enough one
+would exhaust the recursion of every JSON codec on its way (Python's, kombu's)."""
 MAX_INPUT_BYTES = 10 * 1024 * 1024
 """A request (input, config, env) larger than this is refused before anything runs."""
 
@@ -38,7 +42,7 @@ def validate_tool_id(tool_id: Any) -> str:
         raise InvalidInput(
             f"tool id longer than {MAX_TOOL_ID_LENGTH} characters", "ValidationError"
         )
-    if not TOOL_ID.match(tool_id):
+    if not TOOL_ID.fullmatch(tool_id):
         raise InvalidInput(
             f"invalid tool id {tool_id!r}: use letters, digits, '_', '/', '.', '-'",
             "ValidationError",
@@ -59,7 +63,7 @@ def validate_env(env: Any) -> dict[str, str]:
         raise InvalidInput("env must be a mapping of names to strings", "ValidationError")
     checked: dict[str, str] = {}
     for key, value in env.items():
-        if not isinstance(key, str) or not ENV_KEY.match(key):
+        if not isinstance(key, str) or not ENV_KEY.fullmatch(key):
             raise InvalidInput(f"invalid env name {key!r}: use A-Z, 0-9 and '_'", "ValidationError")
         if key in FORBIDDEN_ENV_KEYS:
             raise InvalidInput(f"env name {key} is not allowed", "ValidationError")
@@ -76,3 +80,30 @@ def check_input_size(size: int, limit: int = MAX_INPUT_BYTES) -> None:
         raise InvalidInput(
             f"input is {size} bytes, over the limit of {limit} bytes", "InputTooLarge"
         )
+
+
+def json_size(value: Any, what: str = "input") -> int:
+    """Bytes of ``value`` as compact JSON; :class:`InvalidInput` if it is not JSON (NaN,
+    objects, non-string keys) or nests deeper than :data:`MAX_JSON_DEPTH`."""
+    check_depth(value, what)
+    try:
+        return len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{what} is not JSON-serialisable: {exc}", "ParseError") from None
+
+
+def check_depth(value: Any, what: str = "input", limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse nesting deeper than ``limit``, without recursion (so a deep value cannot
+    blow the stack while being checked)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            raise InvalidInput(f"{what} nests deeper than {limit} levels", "ValidationError")
+        stack.extend((child, depth + 1) for child in children)

@@ -1,7 +1,7 @@
 """Per-tool circuit breakers, shared by every worker on every host through Redis.
 
-Built on pybreaker's model (its states, storage interface, listeners and
-``CircuitBreakerError``), with one fix: pybreaker's own Redis storage reads,
+Built on pybreaker's model (its states and settings), with one fix: pybreaker's
+own Redis storage reads,
 decides and writes in separate steps, so under concurrency every process that
 sees an expired open breaker goes half-open and sends its call through, and
 counters race. Here each transition is one Lua script on a single hash:
@@ -18,9 +18,9 @@ Redis' own clock (``TIME``) is used, so hosts with skewed clocks agree.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import pybreaker
 import redis
@@ -31,7 +31,8 @@ from toolq.config.settings import BreakerSettings
 COUNTED_KINDS = frozenset({"timeout", "crashed", "tool_error"})
 """Failures that say the tool is unwell; user errors (invalid_input...) do not count."""
 
-Outcome = Literal["success", "failure", "neutral"]
+Verdict = Literal["success", "failure", "neutral"]
+"""How one call counts for its tool's health."""
 HALF_OPEN_RECHECK_S = 0.5
 """While another call probes, a waiting call checks back this often (a probe is usually quick;
 its lease, which can be long, only bounds a prober that died)."""
@@ -106,69 +107,18 @@ class BreakerStatus:
     trips: int
 
 
-class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
-    """pybreaker's storage interface over the one hash the Lua scripts keep."""
-
-    def __init__(self, client: redis.Redis, tool_id: str) -> None:
-        super().__init__(tool_id)
-        self._redis = client
-        self._key = keys.breaker(tool_id)
-
-    def _get(self, field: str) -> str | None:
-        value = self._redis.hget(self._key, field)
-        return value.decode() if isinstance(value, bytes) else value
-
-    @property
-    def state(self) -> str:
-        return self._get("state") or pybreaker.STATE_CLOSED
-
-    @state.setter
-    def state(self, state: str) -> None:
-        self._redis.hset(self._key, "state", state)
-
-    def increment_counter(self) -> None:
-        self._redis.hincrby(self._key, "failures", 1)
-
-    def reset_counter(self) -> None:
-        self._redis.hset(self._key, "failures", 0)
-
-    def increment_success_counter(self) -> None:
-        self._redis.hincrby(self._key, "successes", 1)
-
-    def reset_success_counter(self) -> None:
-        self._redis.hset(self._key, "successes", 0)
-
-    @property
-    def counter(self) -> int:
-        return int(self._get("failures") or 0)
-
-    @property
-    def success_counter(self) -> int:
-        return int(self._get("successes") or 0)
-
-    @property
-    def opened_at(self) -> datetime | None:
-        value = self._get("opened_at")
-        return datetime.fromtimestamp(float(value), UTC) if value else None
-
-    @opened_at.setter
-    def opened_at(self, now: datetime) -> None:
-        self._redis.hset(self._key, "opened_at", now.timestamp())
-
-
 class ToolBreaker(pybreaker.CircuitBreaker):
-    """One tool's breaker. ``admit`` before a call, ``record`` after it."""
+    """One tool's breaker: pybreaker's settings (``fail_max``, ``reset_timeout``,
+    ``success_threshold``), its state in Redis. ``admit`` before a call, ``record`` after."""
 
     def __init__(self, client: redis.Redis, tool_id: str, config: BreakerSettings) -> None:
         super().__init__(
             fail_max=config.fail_max,
             reset_timeout=config.reset_timeout_s,
             success_threshold=config.success_threshold,
-            state_storage=RedisBreakerStorage(client, tool_id),
             name=tool_id,
         )
         self.tool_id = tool_id
-        self._redis = client
         self._admit = client.register_script(_ADMIT)
         self._record = client.register_script(_RECORD)
 
@@ -185,45 +135,21 @@ class ToolBreaker(pybreaker.CircuitBreaker):
             return Admission(False, state, min(float(wait), HALF_OPEN_RECHECK_S))
         return Admission(False, state, float(wait))
 
-    def record(self, outcome: Outcome, probe: str = "") -> str:
-        """Report a call's outcome; returns the breaker's state afterwards."""
-        before = self.current_state
-        after: str = self._record(
+    def record(self, verdict: Verdict, probe: str = "") -> str:
+        """Report a call's verdict; returns the breaker's state afterwards."""
+        state: bytes = self._record(
             keys=[keys.breaker(self.tool_id)],
-            args=[outcome, probe, self.fail_max, self.success_threshold],
-        ).decode()
-        if after != before:
-            self._notify(before, after)
-        return after
-
-    def _notify(self, before: str, after: str) -> None:
-        old, new = self._create_new_state(before), self._create_new_state(after)
-        for listener in self.listeners:
-            listener.state_change(self, old, new)
-
-    def call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        """pybreaker's API, with the atomic transitions: raises CircuitBreakerError when open."""
-        admission = self.admit(probe_lease_s=self.reset_timeout)
-        if not admission.allowed:
-            raise pybreaker.CircuitBreakerError(
-                f"circuit for {self.tool_id} is {admission.state}; "
-                f"retry in {admission.retry_in_s:.1f}s"
-            )
-        try:
-            result = func(*args, **kwargs)
-        except BaseException as exc:
-            self.record("failure" if self.is_system_error(exc) else "neutral", admission.probe)
-            raise
-        self.record("success", admission.probe)
-        return result
+            args=[verdict, probe, self.fail_max, self.success_threshold],
+        )
+        return state.decode()
 
 
 class Breakers:
     """All tools' breakers, for a worker (admit/record) and for operators (list/reset)."""
 
-    def __init__(self, client: redis.Redis, config_for: Any) -> None:
+    def __init__(self, client: redis.Redis, config_for: Callable[[str], BreakerSettings]) -> None:
         self._redis = client
-        self._config_for = config_for  # tool_id -> BreakerSettings
+        self._config_for = config_for
         self._breakers: dict[str, ToolBreaker] = {}
 
     def get(self, tool_id: str) -> ToolBreaker:
@@ -233,8 +159,11 @@ class Breakers:
             self._breakers[tool_id] = breaker
         return breaker
 
-    def enabled(self, tool_id: str) -> bool:
-        return bool(self._config_for(tool_id).enabled)
+    def admit(self, tool_id: str, probe_lease_s: float) -> Admission:
+        return self.get(tool_id).admit(probe_lease_s)
+
+    def record(self, tool_id: str, verdict: Verdict, probe: str = "") -> str:
+        return self.get(tool_id).record(verdict, probe)
 
     def statuses(self) -> list[BreakerStatus]:
         seconds, micros = self._redis.time()
@@ -277,7 +206,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def outcome_of(kind: str | None) -> Outcome:
+def verdict_of(kind: str | None) -> Verdict:
     """How a call's result counts for its tool's breaker."""
     if kind is None:
         return "success"

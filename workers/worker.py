@@ -18,8 +18,8 @@ from celery.signals import worker_shutdown
 
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import Settings
-from toolq.workers import metrics
-from toolq.workers.executor import ToolExecutor
+from toolq.workers.assembly import build_worker
+from toolq.workers.metrics import Metrics, serve, use_multiprocess_dir
 from toolq.workers.tasks import register_tasks
 
 Pool = Literal["threads", "prefork"]
@@ -42,23 +42,31 @@ def run_worker(
     """Run a worker in this process until it is told to stop (SIGTERM: warm shutdown)."""
     # prefork: each pool process runs one call at a time, so it keeps one warm Bun
     # process (started lazily after the fork); threads: one shared pool, filled now.
-    executor = ToolExecutor(
-        settings, max_concurrent=concurrency, warm_processes=1 if pool == "prefork" else None
-    )
-    if executor.warm is not None and pool == "threads":
-        executor.warm.start()
-    worker_shutdown.connect(lambda **_: executor.close(), weak=False)
-    app = make_celery(settings)
-    register_tasks(app, executor)
+    metrics = None
     if settings.performance.enable_metrics:
-        metrics.serve(settings.performance.metrics_port)
+        if pool == "prefork":
+            use_multiprocess_dir()
+        metrics = Metrics()
+    parts = build_worker(
+        settings,
+        max_concurrent=concurrency,
+        warm_processes=1 if pool == "prefork" else None,
+        metrics=metrics,
+    )
+    if parts.warm is not None and pool == "threads":
+        parts.warm.start()
+    worker_shutdown.connect(lambda **_: parts.close(), weak=False)
+    app = make_celery(settings)
+    register_tasks(app, parts.handler)
+    if metrics is not None:
+        serve(settings.performance.metrics_port, metrics)
     # Celery logs every result at INFO ("succeeded in ...: {...}"); results may be
     # sensitive, so the executor logs one line per call (tool, outcome, time) instead.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     argv = [
         "worker",
         f"--pool={pool}",
-        f"--concurrency={executor.max_concurrent}",
+        f"--concurrency={parts.max_concurrent}",
         f"--queues={','.join(queues or settings.all_queues)}",
         f"--hostname={hostname or default_hostname()}",
         f"--loglevel={loglevel}",

@@ -32,21 +32,12 @@ import threading
 import time
 
 from toolq.errors import ToolCrashed, ToolFailure
-from toolq.workers.launch import Launcher, base_environment
-from toolq.workers.limits import ResourceLimits, read_proc, rss_mb
-from toolq.workers.runner import (
-    DEFAULT_RESOURCES,
-    Call,
-    Outcome,
-    Pipes,
-    Streams,
-    Watch,
-    collect,
-    encode_request,
-    failed,
-    finish,
-)
-from toolq.workers.sandbox import Permissions
+from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome, failed
+from toolq.workers.runtime.launch import Launcher, base_environment
+from toolq.workers.runtime.limits import ResourceLimits, read_proc, rss_mb
+from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
+from toolq.workers.runtime.sandbox import Permissions
+from toolq.workers.runtime.wire import encode_request, finish
 
 log = logging.getLogger("toolq.worker")
 
@@ -99,7 +90,7 @@ class WarmProcess:
                 self.pipes,
                 request + b"\n",
                 nonce.encode(),
-                call.limits,
+                call.time_limits,
                 streams,
                 started,
                 warm=True,
@@ -139,8 +130,9 @@ class WarmProcess:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-class WarmPool:
-    """At most ``size`` warm processes, one call each at a time; thread-safe."""
+class WarmRuntime:
+    """At most ``size`` warm processes, one call each at a time; thread-safe (a call
+    waits for a free process)."""
 
     def __init__(
         self,
@@ -151,7 +143,6 @@ class WarmPool:
         max_rss_mb: float,
         permissions: Permissions | None = None,
         resources: ResourceLimits = DEFAULT_RESOURCES,
-        slots: threading.BoundedSemaphore | None = None,
     ) -> None:
         self.launcher = launcher
         self.size = size
@@ -159,7 +150,6 @@ class WarmPool:
         self.max_rss_mb = max_rss_mb
         self.permissions = permissions or Permissions()
         self.resources = resources
-        self._slots = slots or threading.BoundedSemaphore(size)
         self._reset()
 
     def _reset(self) -> None:
@@ -182,21 +172,20 @@ class WarmPool:
             # ours to use; this process starts its own.
             self._reset()
             self.start()
-        with self._slots:
-            process = self._take()
-            if process is None:
-                return failed(ToolCrashed("cannot start a warm Bun process"), time.monotonic())
-            outcome, healthy = process.call(call)
-            retire = (
-                not healthy or process.calls >= self.max_calls or process.rss_mb() > self.max_rss_mb
-            )
-            if retire:
-                self._retire(process)
-            else:
-                with self._cond:
-                    self._idle.append(process)
-                    self._cond.notify()
-            return outcome
+        process = self._take()
+        if process is None:
+            return failed(ToolCrashed("cannot start a warm Bun process"), time.monotonic())
+        outcome, healthy = process.call(call)
+        retire = (
+            not healthy or process.calls >= self.max_calls or process.rss_mb() > self.max_rss_mb
+        )
+        if retire:
+            self._retire(process)
+        else:
+            with self._cond:
+                self._idle.append(process)
+                self._cond.notify()
+        return outcome
 
     def close(self) -> None:
         with self._cond:

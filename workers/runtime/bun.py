@@ -12,7 +12,8 @@ from pathlib import Path
 
 from toolq.errors import ConfigError
 
-_CHECKOUT = Path(__file__).resolve().parent.parent
+_CHECKOUT = Path(__file__).resolve().parents[2]
+"""The toolq checkout, in a development install (`make setup` puts Bun there)."""
 WRAPPER = Path(__file__).resolve().with_name("wrapper.ts")
 
 

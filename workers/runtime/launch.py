@@ -16,10 +16,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolq.workers.bun import WRAPPER
-from toolq.workers.limits import Cgroup, Cgroups, ResourceLimits, main_process, preexec
-from toolq.workers.reaper import reaper
-from toolq.workers.sandbox import SANDBOX_TMP, Permissions, Sandbox
+from toolq.workers.runtime.bun import WRAPPER
+from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits, main_process, preexec
+from toolq.workers.runtime.reaper import reaper
+from toolq.workers.runtime.sandbox import SANDBOX_TMP, Permissions, Sandbox
 
 _BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -1,0 +1,196 @@
+"""The call contract: the one typed request producers send and workers read.
+
+A call travels through Redis as Celery's single positional argument, a JSON object::
+
+    {"tool_id", "input", "env", "enqueued_at",            # always
+     "timeout"?,                                          # per-call soft limit, seconds
+     "retry"?: {"max_attempts"?, "enabled"?},             # per-call retry overrides
+     "attempt"?, "history"?}                              # added by workers on retries
+
+:meth:`CallRequest.to_message` and :meth:`CallRequest.from_message` are its only
+encoder and decoder, and :func:`validate` its only rule book: the producer runs it
+before enqueueing (so a bad call fails at the call site) and the worker runs it
+again, because a message may come from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from toolq.config.durations import format_duration, parse_duration
+from toolq.config.settings import Settings
+from toolq.errors import InvalidInput
+from toolq.validation import check_input_size, json_size, validate_env, validate_tool_id
+
+_INPUT_PREVIEW = 200
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """One tool invocation as queued: what to run, with what, and how it went so far."""
+
+    tool_id: str
+    input: Any = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    enqueued_at: float = 0.0
+    """When the call was first enqueued (producer's clock): retries count from here."""
+    timeout_s: float | None = None
+    """The caller's own soft limit, replacing the tool's (never above the ceiling)."""
+    max_attempts: int | None = None
+    retry: bool = True
+    attempt: int = 1
+    history: tuple[Mapping[str, Any], ...] = ()
+    """One entry per earlier attempt or deferral: kind, message, delay, worker, at."""
+
+    # -- the Redis message ---------------------------------------------------------------
+
+    def to_message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "tool_id": self.tool_id,
+            "input": self.input,
+            "env": dict(self.env),
+            "enqueued_at": self.enqueued_at,
+        }
+        if self.timeout_s is not None:
+            message["timeout"] = self.timeout_s
+        overrides: dict[str, Any] = {}
+        if self.max_attempts is not None:
+            overrides["max_attempts"] = self.max_attempts
+        if not self.retry:
+            overrides["enabled"] = False
+        if overrides:
+            message["retry"] = overrides
+        if self.attempt != 1 or self.history:
+            message["attempt"] = self.attempt
+            message["history"] = [dict(entry) for entry in self.history]
+        return message
+
+    @classmethod
+    def from_message(cls, message: Any) -> CallRequest:
+        """Read a message's structure; :class:`InvalidInput` for one that is not a call.
+
+        Field rules (tool id, env, limits) are :func:`validate`'s."""
+        if not isinstance(message, Mapping):
+            raise InvalidInput("request must be a JSON object", "ValidationError")
+        overrides = message.get("retry")
+        overrides = {} if overrides is None else overrides
+        if not isinstance(overrides, Mapping):
+            raise InvalidInput("retry must be an object", "ValidationError")
+        history = message.get("history")
+        history = [] if history is None else history
+        if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
+            raise InvalidInput("history must be a list of objects", "ValidationError")
+        enabled = overrides.get("enabled", True)
+        attempt = message.get("attempt", 1)
+        enqueued_at = message.get("enqueued_at", 0.0)
+        if not isinstance(enabled, bool):
+            raise InvalidInput("retry.enabled must be true or false", "ValidationError")
+        if not _is_int(attempt) or attempt < 1:
+            raise InvalidInput("attempt must be a positive integer", "ValidationError")
+        if not _is_number(enqueued_at):
+            raise InvalidInput("enqueued_at must be a number", "ValidationError")
+        return cls(
+            tool_id=message.get("tool_id"),  # type: ignore[arg-type]  # checked by validate
+            input=message.get("input"),
+            env=message.get("env") or {},
+            enqueued_at=float(enqueued_at),
+            timeout_s=message.get("timeout"),
+            max_attempts=overrides.get("max_attempts"),
+            retry=enabled,
+            attempt=attempt,
+            history=tuple(history),
+        )
+
+    # -- what workers do with it ---------------------------------------------------------
+
+    def next_attempt(self, entry: Mapping[str, Any], *, same_attempt: bool = False) -> CallRequest:
+        """The request for the call's next try, with ``entry`` added to its history
+        (a deferral while the breaker is open keeps the attempt number)."""
+        return replace(
+            self,
+            attempt=self.attempt if same_attempt else self.attempt + 1,
+            history=(*self.history, {**entry, "at": time.time()}),
+        )
+
+    def describe(self) -> str:
+        """What Flower and Celery's logs show: the tool id, a short input, env values hidden."""
+        shown = json.dumps(self.input, separators=(",", ":"), default=str)
+        if len(shown) > _INPUT_PREVIEW:
+            shown = shown[:_INPUT_PREVIEW] + "…"
+        env = {key: "***" for key in self.env}
+        suffix = f", attempt={self.attempt}" if self.attempt > 1 else ""
+        return f"({self.tool_id!r}, input={shown}, env={env}{suffix})"
+
+
+def new_request(
+    tool_id: str,
+    input: Any = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | str | None = None,
+    *,
+    max_attempts: int | None = None,
+    retry: bool = True,
+) -> CallRequest:
+    """A request as a caller states it (durations as ``"30s"`` or seconds), not yet validated."""
+    timeout_s: Any = timeout
+    if isinstance(timeout, str):
+        try:
+            timeout_s = parse_duration(timeout)
+        except ValueError as exc:
+            raise InvalidInput(f"timeout: {exc}", "ValidationError") from None
+    return CallRequest(
+        tool_id=tool_id,
+        input=input,
+        env=env if env is not None else {},
+        enqueued_at=time.time(),
+        timeout_s=timeout_s,
+        max_attempts=max_attempts,
+        retry=retry,
+    )
+
+
+def validate(request: CallRequest, settings: Settings) -> CallRequest:
+    """Everything a worker would refuse, refused: raise :class:`InvalidInput`, or return
+    the request with its env checked. Producer and worker both call this."""
+    validate_tool_id(request.tool_id)
+    env = validate_env(request.env)
+    if not isinstance(request.retry, bool):
+        raise InvalidInput("retry must be true or false", "ValidationError")
+    if request.max_attempts is not None and (
+        not _is_int(request.max_attempts) or request.max_attempts < 1
+    ):
+        raise InvalidInput("max_attempts must be a positive integer", "ValidationError")
+    timeout_s = None
+    if request.timeout_s is not None:
+        timeout_s = _check_timeout(request.timeout_s, settings.max_hard_timeout_s)
+    size = json_size(request.input) + json_size(env, "env")
+    check_input_size(size)
+    return replace(request, env=env, timeout_s=timeout_s)
+
+
+def _check_timeout(timeout: Any, ceiling_s: float) -> float:
+    """Seconds (a message may also carry a duration string such as ``"30s"``)."""
+    try:
+        seconds = parse_duration(timeout)
+    except ValueError as exc:
+        raise InvalidInput(f"timeout: {exc}", "ValidationError") from None
+    if not 0 < seconds <= ceiling_s:
+        raise InvalidInput(
+            f"timeout {format_duration(seconds)} is outside (0, {format_duration(ceiling_s)}]: "
+            "a call may not outlast the longest configured hard limit (raise runtime.timeout "
+            "or the tool's timeout)",
+            "ValidationError",
+        )
+    return seconds
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

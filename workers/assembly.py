@@ -1,0 +1,117 @@
+"""Build a worker from settings, in one place: find Bun, check the entrypoint, probe
+the sandbox and cgroups, start the runtimes, open Redis, build the metrics.
+
+:class:`toolq.workers.handler.CallHandler` only handles calls; everything that
+touches the machine at start-up happens here, once per worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+
+from toolq.config.connections import redis_client
+from toolq.config.settings import Settings
+from toolq.errors import ConfigError
+from toolq.workers.breaker import Breakers
+from toolq.workers.deadletter import DeadLetters
+from toolq.workers.handler import MAX_DELIVERIES, CallHandler
+from toolq.workers.metrics import Metrics
+from toolq.workers.profile import Profiles
+from toolq.workers.redelivery import Deliveries
+from toolq.workers.runtime.base import Mode, Runtime
+from toolq.workers.runtime.bun import WRAPPER, find_bun
+from toolq.workers.runtime.launch import Launcher
+from toolq.workers.runtime.limits import Cgroups
+from toolq.workers.runtime.routing import ByMode
+from toolq.workers.runtime.sandbox import make_sandbox
+from toolq.workers.runtime.spawn import SpawnRuntime
+from toolq.workers.runtime.warm import WarmRuntime
+
+log = logging.getLogger("toolq.worker")
+
+
+@dataclass
+class WorkerParts:
+    """A worker's call handler and what must be closed when it stops."""
+
+    handler: CallHandler
+    runtime: ByMode
+    warm: WarmRuntime | None
+    redis: redis.Redis
+    max_concurrent: int
+
+    def close(self) -> None:
+        """Stop the warm Bun processes and the Redis connection."""
+        self.runtime.close()
+        self.redis.close()
+
+
+def build_launcher(settings: Settings) -> Launcher:
+    """Bun, the entrypoint, the sandbox and cgroups, checked once; ConfigError if unusable."""
+    entrypoint = settings.entrypoint_path
+    if not entrypoint.is_file():
+        raise ConfigError(
+            f"{settings.source}: runtime.entrypoint: {entrypoint} does not exist",
+            key="runtime.entrypoint",
+            source=settings.source,
+        )
+    bun = find_bun(settings.runtime.bun_path, settings.project_dir)
+    launcher = Launcher(
+        bun,
+        entrypoint,
+        settings.project_dir,
+        sandbox=make_sandbox(
+            settings.runtime.sandbox, bun, WRAPPER, settings.project_dir, entrypoint
+        ),
+        cgroups=Cgroups.detect(),
+    )
+    if launcher.cgroups is None:
+        log.warning(
+            "no cgroup can be made here: memory is watched by RSS, processes are not limited"
+        )
+    return launcher
+
+
+def build_worker(
+    settings: Settings,
+    *,
+    max_concurrent: int | None = None,
+    warm_processes: int | None = None,
+    metrics: Metrics | None = None,
+) -> WorkerParts:
+    """Everything one worker process needs to run calls.
+
+    ``warm_processes``: how many warm Bun processes to keep (default: one per slot;
+    prefork pool processes keep one each, started lazily after the fork).
+    """
+    slots = max_concurrent or settings.performance.max_concurrent_tools
+    launcher = build_launcher(settings)
+    profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
+    runtimes: dict[Mode, Runtime] = {"spawn": SpawnRuntime(launcher)}
+    warm = None
+    if settings.uses_warm_mode:
+        warm = WarmRuntime(
+            launcher,
+            warm_processes or slots,
+            max_calls_per_process=settings.runtime.max_calls_per_process,
+            max_rss_mb=settings.runtime.max_process_rss_mb,
+            permissions=profiles.default_permissions(),
+            resources=profiles.default_resources(),
+        )
+        runtimes["warm"] = warm
+    runtime = ByMode(runtimes, slots)
+    client = redis_client(settings)
+    handler = CallHandler(
+        settings=settings,
+        profiles=profiles,
+        runtime=runtime,
+        breakers=Breakers(client, settings.breaker_settings),
+        dead_letters=DeadLetters(client, settings.dead_letter_max),
+        deliveries=Deliveries(client, settings.redelivery_s * (MAX_DELIVERIES + 2)),
+        metrics=metrics or Metrics(),
+        sandbox="bwrap" if launcher.sandbox is not None else "none",
+    )
+    return WorkerParts(handler, runtime, warm, client, slots)

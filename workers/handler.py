@@ -1,0 +1,351 @@
+"""Turn one delivered call into either a final envelope or a retry, in small steps:
+
+    decode + validate → guard redelivery → admit (breaker) → run (runtime)
+    → record (breaker) → decide (retry policy) → finish (envelope, dead letter, log)
+
+Every collaborator is passed in — the runtime, breakers, dead letters, delivery
+counter, metrics and clock — so each decision can be tested against fakes in
+milliseconds (``tests/fast``), while behaviour tests run the same handler with
+real Bun, Redis and Celery. Every outcome, a bad message included, ends as a
+well-formed envelope, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from toolq.config.settings import Settings
+from toolq.envelope import ToolResult
+from toolq.errors import CircuitOpen, InvalidInput, ToolCrashed, ToolFailure, ToolTimeout
+from toolq.protocol import CallRequest, validate
+from toolq.workers.backoff import RetryPolicy, next_delay
+from toolq.workers.breaker import Admission, Verdict, verdict_of
+from toolq.workers.metrics import Metrics
+from toolq.workers.profile import Profiles, ToolProfile
+from toolq.workers.runtime.base import Call, Outcome, Runtime, failed
+
+log = logging.getLogger("toolq.worker")
+tool_log = logging.getLogger("toolq.tool")
+slow_log = logging.getLogger("toolq.slow")
+
+STDERR_LOGGED = 16 * 1024
+"""How much of a call's (redacted) stderr goes to the worker log."""
+MAX_DELIVERIES = 3
+"""A call redelivered this many times (its worker died running it) ends as ``crashed``."""
+DEFER_SLACK_S = 0.05
+"""A deferred call arrives just after its breaker half-opens, not just before."""
+
+
+class BreakerGate(Protocol):
+    """Cluster-wide per-tool breakers (:class:`toolq.workers.breaker.Breakers`)."""
+
+    def admit(self, tool_id: str, probe_lease_s: float) -> Admission: ...
+
+    def record(self, tool_id: str, verdict: Verdict, probe: str) -> str: ...
+
+
+class DeadLetterSink(Protocol):
+    def add(self, entry: dict[str, Any]) -> None: ...
+
+
+class DeliveryCounter(Protocol):
+    def count(self, call_id: str, attempt: int) -> int:
+        """Count one more delivery of this attempt; return how many there were."""
+        ...
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How a message reached this worker."""
+
+    call_id: str
+    worker: str
+    queue: str | None = None
+    redelivered: bool = False
+    """kombu restored it after its worker vanished: it may have run (or finished) before."""
+
+
+@dataclass(frozen=True)
+class Final:
+    """The call is over: store this envelope as its result."""
+
+    envelope: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Run the call again after ``delay_s`` with this (updated) request."""
+
+    request: CallRequest
+    delay_s: float
+
+
+Decision = Final | Retry
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What every step knows about the attempt in hand."""
+
+    message: Any
+    request: CallRequest | None
+    delivery: Delivery
+    started_at: float
+    stop: str | None = None
+
+
+@dataclass
+class CallHandler:
+    settings: Settings
+    profiles: Profiles
+    runtime: Runtime
+    breakers: BreakerGate
+    dead_letters: DeadLetterSink
+    deliveries: DeliveryCounter
+    metrics: Metrics
+    sandbox: str = "none"
+    """What isolates tools on this worker (``bwrap`` or ``none``), for the metadata."""
+    clock: Callable[[], float] = time.time
+
+    def handle(self, message: Any, delivery: Delivery) -> Decision:
+        started_at = self.clock()
+        try:
+            request = validate(CallRequest.from_message(message), self.settings)
+        except InvalidInput as refused:
+            return self._finish(_Attempt(message, None, delivery, started_at), failed(refused))
+        attempt = _Attempt(message, request, delivery, started_at)
+        profile = self.profiles[request.tool_id]
+        policy = profile.retry.overridden(
+            max_attempts=request.max_attempts, enabled=None if request.retry else False
+        )
+        deadline = (request.enqueued_at or started_at) + policy.max_elapsed_s
+
+        if delivery.redelivered and self._redelivered_too_often(delivery, request):
+            lost = ToolCrashed(
+                f"this call was redelivered {MAX_DELIVERIES} times (its worker died or was "
+                "stopped while running it); giving up",
+                "WorkerLost",
+            )
+            return self._finish(_with_stop(attempt, "max_deliveries"), failed(lost))
+
+        if request.attempt == 1 and not request.history and request.enqueued_at:
+            wait = max(0.0, started_at - request.enqueued_at)
+            self.metrics.queue_wait_seconds.labels(request.tool_id).observe(wait)
+
+        admission = self._admit(profile)
+        if not admission.allowed:
+            return self._refuse_open(attempt, request, admission, policy, deadline)
+
+        outcome = self._run(request, delivery, profile)
+        self._record(profile, outcome, admission)
+        if outcome.error is None:
+            return self._finish(attempt, outcome)
+        delay, stop = next_delay(
+            attempt=request.attempt,
+            error=outcome.error,
+            policy=policy,
+            now=self.clock(),
+            deadline=deadline,
+        )
+        if delay is None:
+            return self._finish(_with_stop(attempt, stop), outcome)
+        self.metrics.retries.labels(request.tool_id, outcome.error.kind).inc()
+        entry = {
+            "attempt": request.attempt,
+            "kind": outcome.error.kind,
+            "message": outcome.error.message,
+            "delay": round(delay, 3),
+            "worker": delivery.worker,
+        }
+        return Retry(request.next_attempt(entry), delay)
+
+    def backstop_timeout(self, message: Any, delivery: Delivery) -> Final:
+        """Celery's own time limit fired (the runtime's never did): end the call."""
+        request = _decoded(message)
+        attempt = _Attempt(message, request, delivery, self.clock())
+        stopped = ToolTimeout("Celery's backstop time limit ended the call", "TimeoutError")
+        return self._finish(attempt, failed(stopped))
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _redelivered_too_often(self, delivery: Delivery, request: CallRequest) -> bool:
+        """A call that kills its worker must not loop through every worker forever."""
+        try:
+            return self.deliveries.count(delivery.call_id, request.attempt) >= MAX_DELIVERIES
+        except Exception:  # counting is best effort: without Redis, run the call
+            log.warning("cannot count deliveries of %s; running it", delivery.call_id)
+            return False
+
+    def _admit(self, profile: ToolProfile) -> Admission:
+        if not profile.breaker.enabled:
+            return Admission(True, "disabled")
+        try:
+            # The probe lease outlives the probe itself, so it is never handed out twice.
+            admission = self.breakers.admit(profile.tool_id, profile.time_limits.backstop_s)
+        except Exception:
+            log.warning("breaker for %s unavailable; letting the call through", profile.tool_id)
+            return Admission(True, "unknown")
+        self.metrics.observe_breaker(profile.tool_id, admission.state)
+        return admission
+
+    def _refuse_open(
+        self,
+        attempt: _Attempt,
+        request: CallRequest,
+        admission: Admission,
+        policy: RetryPolicy,
+        deadline: float,
+    ) -> Decision:
+        """An open breaker: wait for it (without spending an attempt) if the deadline
+        allows, else end as ``circuit_open``."""
+        wait = admission.retry_in_s + DEFER_SLACK_S
+        if policy.enabled and self.clock() + wait <= deadline:
+            self.metrics.deferrals.labels(request.tool_id).inc()
+            entry = {
+                "attempt": request.attempt,
+                "kind": "circuit_open",
+                "deferred": True,
+                "message": f"breaker {admission.state}",
+                "delay": round(wait, 3),
+            }
+            return Retry(request.next_attempt(entry, same_attempt=True), wait)
+        refused = CircuitOpen(
+            f"circuit breaker for {request.tool_id} is {admission.state}; "
+            f"it lets a call through in {admission.retry_in_s:.1f}s",
+            "CircuitOpen",
+        )
+        why = "deadline" if policy.enabled else "disabled"
+        return self._finish(_with_stop(attempt, why), failed(refused))
+
+    def _run(self, request: CallRequest, delivery: Delivery, profile: ToolProfile) -> Outcome:
+        call = Call(
+            tool_id=request.tool_id,
+            tool_exec_id=delivery.call_id,
+            input=request.input,
+            env=request.env,
+            time_limits=profile.time_limits.for_call(request.timeout_s),
+            permissions=profile.permissions,
+            resources=profile.resources,
+            mode=profile.mode,
+        )
+        with self.metrics.running():
+            outcome = self.runtime.run(call)
+        self.metrics.observe_run(request.tool_id, outcome)
+        return outcome
+
+    def _record(self, profile: ToolProfile, outcome: Outcome, admission: Admission) -> None:
+        if admission.state in ("disabled", "unknown"):
+            return
+        try:
+            state = self.breakers.record(profile.tool_id, verdict_of(outcome.kind), admission.probe)
+        except Exception:
+            log.warning("cannot record %s's outcome in its breaker", profile.tool_id)
+            return
+        self.metrics.observe_breaker(profile.tool_id, state)
+        if state == "open" and admission.state != "open":
+            log.warning("circuit breaker for %s is open", profile.tool_id)
+
+    def _finish(self, attempt: _Attempt, outcome: Outcome) -> Final:
+        """The envelope of a call that is over; a failed one is dead-lettered."""
+        request, delivery = attempt.request, attempt.delivery
+        tool_id = request.tool_id if request is not None else _raw(attempt.message, "tool_id")
+        metadata: dict[str, Any] = {
+            "tool_id": tool_id,
+            "tool_exec_id": delivery.call_id,
+            "execution_time": outcome.execution_time_ms,
+            "total_time": outcome.total_time_ms,
+            "attempts": request.attempt if request is not None else 1,
+            "attempt_history": [dict(h) for h in request.history] if request else [],
+            "worker": delivery.worker,
+            "sandbox": self.sandbox,
+            "started_at": attempt.started_at,
+            "finished_at": self.clock(),
+        }
+        if attempt.stop is not None:
+            metadata["retry_stopped"] = attempt.stop
+        if request is not None and request.enqueued_at:
+            metadata["enqueued_at"] = request.enqueued_at
+            metadata["queue_wait"] = max(0, int((attempt.started_at - request.enqueued_at) * 1000))
+        result = ToolResult(delivery.call_id, tool_id, outcome.result, outcome.error, metadata)
+        if outcome.error is not None:
+            self.metrics.dead_letters.labels(tool_id).inc()
+            self._dead_letter(attempt, result)
+        self._log(result, outcome)
+        return Final(result.to_dict())
+
+    def _dead_letter(self, attempt: _Attempt, result: ToolResult) -> None:
+        request = attempt.request
+        entry = {
+            "id": result.id,
+            "tool_id": result.tool_id,
+            "input": request.input if request else _raw(attempt.message, "input", None),
+            "env": dict(request.env) if request else _raw(attempt.message, "env", {}),
+            "timeout": request.timeout_s if request else _raw(attempt.message, "timeout", None),
+            "queue": attempt.delivery.queue,
+            "error": result.error.to_dict() if result.error else None,
+            "attempts": result.metadata.get("attempts"),
+            "attempt_history": result.metadata.get("attempt_history"),
+            "retry_stopped": result.metadata.get("retry_stopped"),
+            "worker": result.metadata.get("worker"),
+        }
+        try:
+            self.dead_letters.add(entry)
+        except Exception:
+            log.warning("cannot dead-letter call %s", result.id, exc_info=True)
+
+    def _log(self, result: ToolResult, outcome: Outcome) -> None:
+        meta = result.metadata
+        log.info(
+            "call %s %s: %s in %d ms (attempt %s)",
+            result.id,
+            result.tool_id,
+            result.error.kind if result.error else "success",
+            outcome.total_time_ms,
+            meta.get("attempts"),
+        )
+        if outcome.stderr:
+            # Already redacted: the call's env values never reach the log.
+            tool_log.info(
+                "call %s %s stderr:\n%s", result.id, result.tool_id, outcome.stderr[-STDERR_LOGGED:]
+            )
+        perf = self.settings.performance
+        duration_s = outcome.total_time_ms / 1000
+        if perf.log_slow_queries and duration_s >= perf.slow_query_threshold_s:
+            slow_log.warning(
+                json.dumps(
+                    {
+                        "event": "slow_tool_call",
+                        "tool_id": result.tool_id,
+                        "tool_exec_id": result.id,
+                        "attempt": meta.get("attempts", 1),
+                        "duration_ms": outcome.total_time_ms,
+                        "threshold_ms": int(perf.slow_query_threshold_s * 1000),
+                        "status": result.status,
+                        "worker": meta.get("worker"),
+                    }
+                )
+            )
+
+
+def _with_stop(attempt: _Attempt, stop: str | None) -> _Attempt:
+    return _Attempt(attempt.message, attempt.request, attempt.delivery, attempt.started_at, stop)
+
+
+def _decoded(message: Any) -> CallRequest | None:
+    try:
+        return CallRequest.from_message(message)
+    except ToolFailure:
+        return None
+
+
+def _raw(message: Any, key: str, default: Any = "") -> Any:
+    """A field of a message that could not be decoded, as far as it can be read."""
+    if not isinstance(message, Mapping):
+        return default
+    value = message.get(key, default)
+    return str(value) if key == "tool_id" else value

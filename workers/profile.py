@@ -1,0 +1,115 @@
+"""Per-tool settings resolved once into a typed, frozen :class:`ToolProfile`.
+
+Precedence, with explicit ``is None`` checks: call > tool (``tools.<id>``) > runtime
+or top level > default. The worker asks :class:`Profiles` once per tool id and keeps
+the answer; nothing downstream sees a dict or a ``""`` meaning "the default".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+from toolq.config.settings import (
+    BreakerSettings,
+    LimitSettings,
+    RetrySettings,
+    Settings,
+    TimeLimits,
+)
+from toolq.workers.backoff import RetryPolicy
+from toolq.workers.runtime.base import Mode
+from toolq.workers.runtime.limits import ResourceLimits
+from toolq.workers.runtime.sandbox import Permissions
+
+
+@dataclass(frozen=True)
+class ToolProfile:
+    """Everything the worker needs to know about running one tool."""
+
+    tool_id: str
+    time_limits: TimeLimits
+    resources: ResourceLimits
+    permissions: Permissions
+    retry: RetryPolicy
+    breaker: BreakerSettings
+    mode: Mode
+    """warm only where the worker runs warm processes and the tool shares their sandbox."""
+
+
+class Profiles:
+    """Profiles of every tool a worker meets, resolved on first use (thread-safe enough:
+    two threads resolving the same tool compute the same frozen value)."""
+
+    def __init__(self, settings: Settings, *, warm_available: bool = True) -> None:
+        self.settings = settings
+        self.warm_available = warm_available
+        self._cache: dict[str, ToolProfile] = {}
+
+    def __getitem__(self, tool_id: str) -> ToolProfile:
+        profile = self._cache.get(tool_id)
+        if profile is None:
+            profile = self._cache[tool_id] = self._resolve(tool_id)
+        return profile
+
+    def default_resources(self) -> ResourceLimits:
+        """The runtime's resource limits (warm processes are started with these)."""
+        return resource_limits(self.settings, None)
+
+    def default_permissions(self) -> Permissions:
+        return Permissions.parse(self.settings.runtime.permissions)
+
+    def _resolve(self, tool_id: str) -> ToolProfile:
+        settings = self.settings
+        tool = settings.tool(tool_id)
+        own_sandbox = tool.permissions is not None or tool.limits is not None
+        mode: Mode = tool.mode or settings.runtime.mode
+        if mode == "warm" and (own_sandbox or not self.warm_available):
+            mode = "spawn"  # a warm process runs with the runtime's permissions and limits
+        return ToolProfile(
+            tool_id=tool_id,
+            time_limits=settings.limits_for(tool_id),
+            resources=resource_limits(settings, tool_id),
+            permissions=Permissions.parse(_pick(tool.permissions, settings.runtime.permissions)),
+            retry=retry_policy(settings, tool_id),
+            breaker=settings.breaker_settings(tool_id),
+            mode=mode,
+        )
+
+
+T = TypeVar("T")
+
+
+def _pick(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def resource_limits(settings: Settings, tool_id: str | None) -> ResourceLimits:
+    """tool (``tools.<id>.limits``) > runtime; ``tool_id`` None gives the runtime's own."""
+    runtime = settings.runtime
+    own = settings.tool(tool_id).limits if tool_id is not None else None
+    if own is None:
+        own = LimitSettings()
+    return ResourceLimits(
+        max_memory_mb=_pick(own.max_memory_mb, runtime.max_memory_mb),
+        max_processes=_pick(own.max_processes, runtime.max_processes),
+        max_open_files=_pick(own.max_open_files, runtime.max_open_files),
+        max_cpu_time_s=_pick(own.max_cpu_time_s, runtime.max_cpu_time_s),
+    )
+
+
+def retry_policy(settings: Settings, tool_id: str) -> RetryPolicy:
+    """tool (``tools.<id>.retry``) > top level (``backoff_*``, ``max_attempts``...)."""
+    own = settings.tool(tool_id).retry or RetrySettings()
+    return RetryPolicy(
+        initial_interval_s=_pick(own.initial_interval_s, settings.backoff_initial_interval_s),
+        max_interval_s=_pick(own.max_interval_s, settings.backoff_max_interval_s),
+        max_elapsed_s=_pick(own.max_elapsed_time_s, settings.backoff_max_elapsed_time_s),
+        multiplier=_pick(own.multiplier, settings.backoff_multiplier),
+        max_attempts=_pick(own.max_attempts, settings.max_attempts),
+        jitter=_pick(own.jitter, settings.backoff_jitter),
+        non_retryable_errors=frozenset(
+            _pick(own.non_retryable_errors, settings.non_retryable_errors)
+        ),
+        enabled=_pick(own.enabled, True),
+    )

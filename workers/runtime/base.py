@@ -1,0 +1,76 @@
+"""The seam between call handling and Bun: a :class:`Runtime` runs a :class:`Call`
+and returns an :class:`Outcome`, whatever happened.
+
+Two runtimes implement it — :mod:`.spawn` (a fresh Bun per call) and :mod:`.warm`
+(long-lived Bun processes) — and :class:`.routing.ByMode` picks one per call. Policy
+tests implement it with a fake, so retry and breaker decisions run without Bun.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from toolq.config.settings import TimeLimits
+from toolq.envelope import ToolErrorInfo
+from toolq.errors import ToolFailure
+from toolq.workers.runtime.limits import ResourceLimits
+from toolq.workers.runtime.sandbox import Permissions
+
+Mode = Literal["warm", "spawn"]
+
+DEFAULT_RESOURCES = ResourceLimits(
+    max_memory_mb=2048, max_processes=256, max_open_files=1024, max_cpu_time_s=None
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One tool run, validated, with its effective limits and permissions."""
+
+    tool_id: str
+    tool_exec_id: str
+    input: Any
+    env: Mapping[str, str]
+    time_limits: TimeLimits
+    config: Mapping[str, Any] = field(default_factory=dict)
+    permissions: Permissions = field(default_factory=Permissions)
+    resources: ResourceLimits = DEFAULT_RESOURCES
+    mode: Mode = "spawn"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one run produced: a normalised result or an error, and how it went."""
+
+    result: dict[str, Any] | None
+    error: ToolErrorInfo | None
+    execution_time_ms: int
+    total_time_ms: int
+    output_bytes: int = 0
+    exit_code: int | None = None
+    exit_signal: str | None = None
+    stderr: str = ""
+    exiting: bool = False
+    """The wrapper said it is exiting (a late error): a warm process must not be reused."""
+
+    @property
+    def kind(self) -> str | None:
+        """The error kind, or None for a success."""
+        return self.error.kind if self.error is not None else None
+
+
+class Runtime(Protocol):
+    """Runs calls; thread-safe; never raises for a tool's failure (that is an Outcome)."""
+
+    def run(self, call: Call) -> Outcome: ...
+
+    def close(self) -> None: ...
+
+
+def failed(failure: ToolFailure, started: float | None = None) -> Outcome:
+    """The outcome of a call that ended before (or without) a Bun run."""
+    elapsed = 0 if started is None else int((time.monotonic() - started) * 1000)
+    return Outcome(None, ToolErrorInfo.from_failure(failure), elapsed, elapsed)
