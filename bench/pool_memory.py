@@ -18,7 +18,7 @@ from toolq.bench import bench_worker, peak_rss_while_busy, tree_rss_mib
 from toolq.devredis import ensure_redis
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ROOT / "bench" / "tools"
+TOOLS = ROOT / "toolq" / "projects" / "bench"
 
 
 def measure(pool: str, mode: str, redis_url: str, config: Path) -> tuple[float, float]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 import toolq
 from toolq.errors import FAILURE_CLASSES, ToolFailure
@@ -47,11 +50,15 @@ def test_error_kinds_map_one_to_one_to_classes() -> None:
     assert retryable == {"timeout", "crashed", "tool_error"}
 
 
-def test_wheel_installs_only_the_toolq_package(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "src"  # build from a copy: a build leaves build/ behind
     for name in ("pyproject.toml", "README.md", "toolq", "config", "workers", "producers"):
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name)
+            shutil.copytree(
+                ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
         else:
             source.mkdir(exist_ok=True)
             shutil.copy(ROOT / name, source / name)
@@ -72,7 +79,11 @@ def test_wheel_installs_only_the_toolq_package(tmp_path: Path) -> None:
         capture_output=True,
         cwd=tmp_path,
     )
-    (wheel,) = tmp_path.glob("toolq-*.whl")
+    (built,) = tmp_path.glob("toolq-*.whl")
+    return built
+
+
+def test_wheel_installs_only_the_toolq_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top_levels = {name.split("/", 1)[0] for name in names}
     assert top_levels == {"toolq", f"toolq-{toolq.__version__}.dist-info"}
@@ -80,9 +91,43 @@ def test_wheel_installs_only_the_toolq_package(tmp_path: Path) -> None:
         "toolq/config/production.yaml",
         "toolq/workers/runtime/wrapper.ts",
         "toolq/producers/client.py",
+        "toolq/projects/weather/compozy.yaml",
+        "toolq/projects/weather/entrypoint.ts",
         "toolq/py.typed",
     ):
         assert shipped in names
+    assert not any(name.startswith(("toolq/tests", "bench/")) for name in names)
+
+
+def test_demo_runs_from_the_installed_wheel_outside_the_checkout(
+    wheel: Path, redis_url: str, bun: Path, tmp_path: Path
+) -> None:
+    """As in the Docker image: the wheel installed, Bun on PATH, no checkout anywhere.
+    Twice in a row: the demo's failing examples must not break the next run."""
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site, wheel],
+        check=True,
+        capture_output=True,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),  # ahead of the checkout's editable install
+        "PATH": f"{bun.parent}:{os.environ.get('PATH', '')}",
+        "TOOLQ_REDIS_URL": redis_url,
+    }
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "toolq", "demo"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=180,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        unwrapped = proc.stdout.replace("\n", "")  # rich wraps long paths
+        assert str(site / "toolq" / "projects" / "weather") in unwrapped
 
 
 def test_no_bare_config_or_workers_module_is_importable() -> None:

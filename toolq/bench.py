@@ -43,8 +43,8 @@ from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
 from toolq.workers.runtime.bun import WRAPPER, find_bun
 
-ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ROOT / "bench" / "tools"
+PROJECT = Path(__file__).resolve().parent / "projects" / "bench"
+"""Shipped inside the package: `toolq bench` works from an installed wheel too."""
 SIZES = (1024, 10 * 1024, 100 * 1024, 1024 * 1024)
 CONCURRENCY = 10
 MEMORY_BUDGET_MIB = 512
@@ -72,7 +72,7 @@ def run_bench(
     calls: int = 500,
     sequential: int = 100,
     per_size: int = 15,
-    out: Path = ROOT / "bench" / "RESULTS.md",
+    out: Path = Path("bench") / "RESULTS.md",
     sandbox: str = "auto",
     say: Callable[[str], None] = print,
 ) -> dict[str, Figures]:
@@ -93,6 +93,7 @@ def run_bench(
         server = redis.Redis.from_url(redis_url).info("server").get("redis_version", "?")
     say("bare wrapper starts (spawn's CPU baseline)")
     bare_cpu_ms = [wrapper_cpu_ms() for _ in range(rounds)]
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         _report(
             results,

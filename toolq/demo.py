@@ -19,7 +19,8 @@ from toolq.errors import ConfigError
 from toolq.producers.client import ToolCall, ToolClient
 from toolq.workers.process import WorkerProcess
 
-EXAMPLE_PROJECT = Path(__file__).resolve().parent.parent / "examples" / "weather"
+EXAMPLE_PROJECT = Path(__file__).resolve().parent / "projects" / "weather"
+"""Shipped inside the package, so `toolq demo` works from an installed wheel too."""
 
 BATCH: list[tuple[str, Any, dict[str, str] | None]] = [
     ("weather", {"city": "Lisbon"}, None),
