@@ -282,7 +282,7 @@ def result(
 def demo(
     project: Annotated[
         Path | None,
-        typer.Option(help="A Compozy tool project (default: the weather project shipped with toolq)."),
+        typer.Option(help="A Compozy tool project (default: the weather project in toolq)."),
     ] = None,
 ) -> None:
     """Start a worker on the example project, run a batch of calls, show the outcomes."""
