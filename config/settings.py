@@ -77,22 +77,40 @@ class RetrySettings(_Strict):
     max_attempts: PositiveInt | None = None
     jitter: bool | None = None
     non_retryable_errors: list[str] | None = None
+    retryable_errors: list[str] | None = None
     enabled: bool | None = None
 
 
 class BreakerSettings(_Strict):
-    """Circuit breaker: open after `fail_max` consecutive failures, probe after `reset_timeout`."""
+    """Circuit breaker: open after `fail_max` consecutive failed calls, or once
+    `failure_rate` of the last `window_calls` calls failed (with at least `minimum_calls`
+    of them); let one probe through after `reset_timeout`."""
 
     fail_max: PositiveInt = 5
+    failure_rate: float | None = Field(0.5, gt=0, le=1)
+    window_calls: PositiveInt = 20
+    minimum_calls: PositiveInt = 10
     reset_timeout_s: Seconds = Field(60.0, alias="reset_timeout", gt=0)
     success_threshold: PositiveInt = 1
     enabled: bool = True
+
+    @model_validator(mode="after")
+    def _minimum_fits_window(self) -> BreakerSettings:
+        if self.minimum_calls > self.window_calls:
+            raise ValueError(
+                f"minimum_calls ({self.minimum_calls}) must not exceed window_calls "
+                f"({self.window_calls})"
+            )
+        return self
 
 
 class ToolBreakerSettings(_Strict):
     """A tool's breaker overrides under `tools.<id>.circuit_breaker`."""
 
     fail_max: PositiveInt | None = None
+    failure_rate: float | None = Field(None, gt=0, le=1)
+    window_calls: PositiveInt | None = None
+    minimum_calls: PositiveInt | None = None
     reset_timeout_s: Seconds | None = Field(None, alias="reset_timeout", gt=0)
     success_threshold: PositiveInt | None = None
     enabled: bool | None = None
@@ -201,6 +219,9 @@ class Settings(_Strict):
     backoff_jitter: bool = True
     max_attempts: PositiveInt = 5
     non_retryable_errors: list[str] = Field(default_factory=list)
+    """Names of thrown errors never retried, and neutral for the breaker (the caller's fault)."""
+    retryable_errors: list[str] = Field(default_factory=list)
+    """Names of thrown errors retried although they do not say ``retryable: true``."""
     circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     idempotency_ttl_s: Seconds = Field(24 * 3600.0, alias="idempotency_ttl", gt=0)
     dead_letter_max: PositiveInt = 10_000
@@ -339,7 +360,8 @@ class Settings(_Strict):
         own = self.tool(tool_id).circuit_breaker
         if own is None:
             return self.circuit_breaker
-        return self.circuit_breaker.model_copy(update=own.model_dump(exclude_none=True))
+        merged = {**self.circuit_breaker.model_dump(), **own.model_dump(exclude_none=True)}
+        return BreakerSettings.model_validate(merged)
 
     @property
     def uses_warm_mode(self) -> bool:

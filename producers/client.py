@@ -36,7 +36,14 @@ from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings, redact_url
 from toolq.envelope import ToolResult
-from toolq.errors import BrokerUnavailable, InvalidInput, ResultTimeout, ToolCrashed, ToolTimeout
+from toolq.errors import (
+    BrokerUnavailable,
+    InvalidInput,
+    ResultTimeout,
+    ToolCallFailed,
+    ToolCrashed,
+    ToolTimeout,
+)
 from toolq.protocol import new_request, validate
 
 log = logging.getLogger("toolq.producer")
@@ -95,6 +102,8 @@ class ToolCall:
             raise ResultTimeout(self.id, wait_s or 0.0) from None
         if isinstance(value, dict) and "status" in value:
             return ToolResult.from_dict(value)
+        if isinstance(value, ToolCallFailed):  # a failed call: Celery state FAILURE
+            return ToolResult.from_dict(value.envelope)
         # The task itself failed (it never should): report it as an envelope anyway.
         failure = (
             ToolTimeout(f"worker time limit: {value}", "TimeoutError")
@@ -174,6 +183,7 @@ class ToolClient:
                     task_id=call_id,
                     queue=queue,
                     argsrepr=request.describe(),
+                    shadow=f"toolq:{tool_id}",  # the name Flower shows
                     kwargsrepr="{}",
                     headers={"toolq_tool_id": tool_id},  # for Flower and the logs
                 )

@@ -120,6 +120,35 @@ def test_flower_shows_workers_calls_and_queues(
     assert any(queue["name"] == "toolq" for queue in lengths)
 
 
+def test_flower_shows_failed_calls_as_failure_under_the_tool_id(
+    client: ToolClient, worker: WorkerProcess, flower: tuple[str, str]
+) -> None:
+    base, auth = flower
+
+    def worker_listed() -> bool:  # Flower is listening to events from here on
+        return worker.hostname in json.loads(get(f"{base}/api/workers?refresh=1", auth))
+
+    assert wait_until(worker_listed, 20)
+    ok = client.run("echo", {"x": 1}, wait=30)
+    failed = client.run("throws", {}, wait=30)
+    assert ok.ok and failed.error is not None  # the caller still gets the whole envelope
+    assert failed.error.kind == "tool_error" and failed.error.name == "TypeError"
+    assert failed.error.stack and failed.metadata["attempts"] == 1
+
+    def task(call_id: str, state: str) -> dict[str, Any] | None:
+        found = json.loads(get(f"{base}/api/tasks", auth)).get(call_id)
+        return found if found and found["state"] == state else None
+
+    assert wait_until(lambda: task(ok.id, "SUCCESS") is not None, 20)
+    assert wait_until(lambda: task(failed.id, "FAILURE") is not None, 20)
+    succeeded, failure = task(ok.id, "SUCCESS"), task(failed.id, "FAILURE")
+    assert succeeded is not None and succeeded["name"] == "toolq:echo"
+    assert failure is not None and failure["name"] == "toolq:throws"
+    assert "tool_error" in failure["exception"] and "bad things happened" in failure["exception"]
+    named = json.loads(get(f"{base}/api/tasks?taskname=toolq:throws", auth))
+    assert failed.id in named and ok.id not in named
+
+
 def test_flower_refuses_a_public_address_without_auth(redis_url: str) -> None:
     proc = toolq(redis_url, "flower", "--address=0.0.0.0")
     assert proc.returncode == 2 and "--basic-auth" in proc.stderr

@@ -98,6 +98,11 @@ def test_always_failing_tool_stops_at_the_deadline_and_is_dead_lettered(
     assert entry["attempts"] == meta["attempts"]
     assert entry["attempt_history"] == meta["attempt_history"]
 
+    # piped (not a terminal): whole ids, tab-separated, so they can be fed back
+    piped = toolq(redis_url, "dlq", "list").stdout.splitlines()
+    assert piped[0].split("\t")[0] == "id"
+    assert result.id in [line.split("\t")[0] for line in piped[1:]]
+
     replayed = toolq(redis_url, "dlq", "replay", result.id)
     assert replayed.returncode == 0, replayed.stderr
     old, new = replayed.stdout.strip().split(" -> ")
@@ -214,6 +219,78 @@ def test_calls_with_retry_budget_wait_for_the_breaker_instead_of_failing(
         deferred = [h for h in result.metadata["attempt_history"] if h.get("deferred")]
         assert deferred and all(h["kind"] == "circuit_open" for h in deferred)
     assert len(runs(counter)) == 3
+
+
+# -- breaker accounting: one verdict per call ----------------------------------------------
+
+
+def breaker_status(redis_url: str, tool_id: str) -> dict[str, Any]:
+    listed = json.loads(toolq(redis_url, "breakers", "--json").stdout)
+    return next((s for s in listed if s["tool_id"] == tool_id), {"state": "none", "failures": 0})
+
+
+def test_one_call_failing_every_attempt_leaves_the_breaker_closed(
+    client: ToolClient, worker: WorkerProcess, tmp_path: Path, redis_url: str
+) -> None:
+    toolq(redis_url, "breakers", "reset", "health_once")
+    counter = tmp_path / "runs"
+    failed = client.run("health_once", {"counter": str(counter), "fail": True}, wait=60)
+    assert failed.error is not None and failed.error.kind == "tool_error"
+    assert failed.metadata["attempts"] == 4 == len(runs(counter))  # fail_max is 3
+    status = breaker_status(redis_url, "health_once")
+    assert status["state"] == "closed" and status["failures"] == 1
+    assert client.run("health_once", {}, wait=30).ok  # nobody else is refused
+
+
+def test_caller_shortened_timeouts_leave_the_breaker_closed_and_end_as_timeout(
+    client: ToolClient, worker: WorkerProcess, redis_url: str
+) -> None:
+    toolq(redis_url, "breakers", "reset", "health_once")
+    for _ in range(3):  # fail_max times over
+        result = client.run("health_once", {"ms": 2000}, timeout="200ms", wait=60)
+        assert result.error is not None and result.error.kind == "timeout", result
+        assert result.metadata["attempts"] == 4
+    assert breaker_status(redis_url, "health_once")["failures"] == 0
+    assert client.run("health_once", {}, wait=30).ok
+
+
+def test_distinct_failing_calls_open_it_and_a_call_ends_with_its_own_failure(
+    client: ToolClient, worker: WorkerProcess, redis_url: str
+) -> None:
+    toolq(redis_url, "breakers", "reset", "health_once")
+    calls = [client.enqueue("health_once", {"fail": True, "ms": 300}) for _ in range(3)]
+    results = [call.result(timeout=60) for call in calls]
+    assert breaker_status(redis_url, "health_once")["state"] == "open"
+    # each ended with its own failure, not circuit_open from its siblings' verdicts
+    assert {r.error.kind for r in results if r.error} == {"tool_error"}
+    refused = client.run("health_once", {}, retry=False, wait=30)
+    assert refused.error is not None and refused.error.kind == "circuit_open"
+    toolq(redis_url, "breakers", "reset", "health_once")
+
+
+def test_failure_rate_trips_once_the_window_has_its_minimum(
+    client: ToolClient, worker: WorkerProcess, redis_url: str
+) -> None:
+    toolq(redis_url, "breakers", "reset", "health_rate")
+    for fail in (True, False, True, False, True):  # 3 of 5 failed, under minimum_calls 6
+        client.run("health_rate", {"fail": fail}, wait=30)
+    status = breaker_status(redis_url, "health_rate")
+    assert status["state"] == "closed" and status["window_failures"] == 3
+    client.run("health_rate", {"fail": True}, wait=30)  # 4 of 6: over 50 %
+    assert breaker_status(redis_url, "health_rate")["state"] == "open"
+    refused = client.run("health_rate", {}, retry=False, wait=30)
+    assert refused.error is not None and refused.error.kind == "circuit_open"
+    toolq(redis_url, "breakers", "reset", "health_rate")
+
+
+def test_no_breaker_is_made_for_a_tool_that_does_not_exist(
+    client: ToolClient, start_worker: StartWorker, redis_url: str
+) -> None:
+    guarded = start_worker(env={"TOOLQ_CIRCUIT_BREAKER__ENABLED": "true"})
+    result = client.run("no_such_tool_at_all", {}, queue=queue_of(guarded), wait=30)
+    assert result.error is not None and result.error.kind == "not_found"
+    assert breaker_status(redis_url, "no_such_tool_at_all")["state"] == "none"
+    assert not redis.Redis.from_url(redis_url).exists("toolq:breaker:no_such_tool_at_all")
 
 
 # -- no lost calls -------------------------------------------------------------------------

@@ -94,7 +94,7 @@ FAULTS = [
     ("segfault", {}, {"crashed"}),
     ("late_throw", {}, {"tool_error"}),
     ("returns_bigint", {}, {"invalid_output"}),
-    ("memory_hog", {}, {"timeout", "crashed"}),
+    ("memory_hog", {}, {"timeout", "crashed", "memory_exceeded"}),  # whichever limit is first
 ]
 
 

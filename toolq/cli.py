@@ -95,6 +95,31 @@ def _parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
+def _print_table(
+    columns: list[str], rows: list[list[str]], *, empty: str, title: str | None = None
+) -> None:
+    """A table on a terminal; tab-separated lines with whole values when piped (so an
+    id can be cut and fed back: ``toolq dlq list | cut -f1``). The first column (an id
+    or a name) is never truncated, on a narrow terminal either."""
+    if not rows:
+        typer.echo(empty)
+        return
+    if not sys.stdout.isatty():
+        for line in [columns, *rows]:
+            typer.echo("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in line))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(columns[0], no_wrap=True, overflow="fold", min_width=8)
+    for column in columns[1:]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
 def _print_result(result: ToolResult) -> NoReturn:
     typer.echo(json.dumps(result.to_dict(), indent=2, sort_keys=False))
     raise typer.Exit(EXIT_OK if result.ok else EXIT_FAILED)
@@ -339,25 +364,27 @@ def status(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    queues = Table("queue", "waiting", title="queues")
-    for queue in report["queues"]:
-        queues.add_row(queue["name"], str(queue["length"]))
-    workers = Table("worker", "queues", "running", "reserved", title="workers online")
-    for node in report["workers"]:
-        workers.add_row(
-            node["name"], ",".join(node["queues"]), str(node["running"]), str(node["reserved"])
-        )
-    console.print(queues, workers if report["workers"] else "no workers online")
+    _print_table(
+        ["queue", "waiting"],
+        [[queue["name"], str(queue["length"])] for queue in report["queues"]],
+        empty="no queues",
+        title="queues",
+    )
+    _print_table(
+        ["worker", "queues", "running", "reserved"],
+        [
+            [node["name"], ",".join(node["queues"]), str(node["running"]), str(node["reserved"])]
+            for node in report["workers"]
+        ],
+        empty="no workers online",
+        title="workers online",
+    )
     breakers = [b for b in report["breakers"] if b["state"] != "closed"]
-    console.print(
+    typer.echo(
         "breakers not closed: "
         + (", ".join(f"{b['tool_id']} ({b['state']})" for b in breakers) or "none")
     )
-    console.print(f"dead letters: {report['dead_letters']}")
+    typer.echo(f"dead letters: {report['dead_letters']}")
 
 
 @app.command()
@@ -479,14 +506,11 @@ def breakers_list(
     """List every breaker: state, failures, opened at, reopens in."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
-    from rich.table import Table
-
     statuses = _guard(lambda: _breakers(_settings(config, profile)).statuses())
     if as_json:
         typer.echo(json.dumps([vars(status) for status in statuses], indent=2))
         return
-    table = Table("tool", "state", "failures", "trips", "opened at", "reopens in")
+    rows = []
     for status in statuses:
         opened = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.opened_at))
@@ -494,10 +518,23 @@ def breakers_list(
             else "-"
         )
         reopens = f"{status.reopens_in_s:.1f}s" if status.reopens_in_s is not None else "-"
-        table.add_row(
-            status.tool_id, status.state, str(status.failures), str(status.trips), opened, reopens
+        window = f"{status.window_failures}/{status.window_calls}"
+        rows.append(
+            [
+                status.tool_id,
+                status.state,
+                str(status.failures),
+                window,
+                str(status.trips),
+                opened,
+                reopens,
+            ]
         )
-    Console().print(table if statuses else "no breakers yet")
+    _print_table(
+        ["tool", "state", "failures in a row", "failed/window", "trips", "opened at", "reopens in"],
+        rows,
+        empty="no breakers yet",
+    )
 
 
 @breakers_app.command("reset")
@@ -519,28 +556,31 @@ def dlq_list(
     profile: ProfileOption = None,
 ) -> None:
     """Show failed calls, newest first (env values are never shown)."""
-    from rich.console import Console
-    from rich.table import Table
-
     entries = _guard(lambda: _dead_letters(_settings(config, profile)).list(limit))
     for entry in entries:
         entry["env"] = {key: "***" for key in entry.get("env") or {}}
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
         return
-    table = Table("id", "tool", "kind", "attempts", "stopped", "failed at", "message")
+    rows = []
     for entry in entries:
         error = entry.get("error") or {}
-        table.add_row(
-            entry["id"],
-            entry["tool_id"],
-            error.get("kind", ""),
-            str(entry.get("attempts")),
-            str(entry.get("retry_stopped") or "-"),
-            time.strftime("%H:%M:%S", time.localtime(entry["failed_at"])),
-            str(error.get("message", ""))[:60],
+        rows.append(
+            [
+                entry["id"],
+                entry["tool_id"],
+                error.get("kind", ""),
+                str(entry.get("attempts")),
+                str(entry.get("retry_stopped") or "-"),
+                time.strftime("%H:%M:%S", time.localtime(entry["failed_at"])),
+                str(error.get("message", ""))[:200],
+            ]
         )
-    Console().print(table if entries else "the dead-letter list is empty")
+    _print_table(
+        ["id", "tool", "kind", "attempts", "stopped", "failed at", "message"],
+        rows,
+        empty="the dead-letter list is empty",
+    )
 
 
 @dlq_app.command("replay")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolq.errors import FAILURE_CLASSES, ToolFailure
+from toolq.errors import FAILURE_CLASSES, ToolError, ToolFailure
 
 
 def normalize_result(value: Any) -> dict[str, Any]:
@@ -52,6 +52,9 @@ class ToolErrorInfo:
 
     @property
     def retryable(self) -> bool:
+        """Whether retrying may help: the kind's default, or a thrown error's own say."""
+        if self.kind == ToolError.kind and self.retryable_hint is not None:
+            return self.retryable_hint
         failure_class = FAILURE_CLASSES.get(self.kind)
         return bool(failure_class and failure_class.retryable) and self.retryable_hint is not False
 

@@ -4,6 +4,8 @@
     ├── ConfigError              bad settings file, key, type or value (CLI exit 2)
     ├── BrokerUnavailable        Redis could not be reached (CLI exit 2)
     ├── ResultTimeout            waiting for a call's result took longer than asked
+    ├── ToolCallFailed           a failed call's whole envelope on its way through Celery's
+    │                            result backend (state FAILURE); ToolCall.result() reads it
     └── ToolFailure              a call ended in failure; one leaf per envelope kind
         ├── ToolError            "tool_error"        the tool threw
         ├── ToolTimeout          "timeout"           soft/hard time limit reached
@@ -15,14 +17,15 @@
         ├── MemoryExceeded       "memory_exceeded"   the tool passed runtime.max_memory_mb
         └── CircuitOpen          "circuit_open"      the tool's breaker is open; Bun not started
 
-Each failure class knows its envelope ``kind`` and whether retrying can help
-(``retryable``), so callers never need an isinstance ladder. Every field goes to
+Each failure class knows its envelope ``kind`` and whether retrying can help by
+default (``retryable``; a thrown error's own ``retryable`` property overrides it), so
+callers never need an isinstance ladder. Every field goes to
 ``super().__init__`` because Celery rebuilds exceptions from ``.args``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ToolqError(Exception):
@@ -58,6 +61,23 @@ class ResultTimeout(ToolqError, TimeoutError):
         return f"no result for call {self.call_id} after waiting {self.waited_s:g}s"
 
 
+class ToolCallFailed(ToolqError):
+    """Raised by the worker's task for a call that ended in failure, so that Celery (and
+    Flower) record the call as FAILURE while the result backend keeps the whole envelope
+    (its only argument). Callers never see it: ``ToolCall.result()`` returns the envelope."""
+
+    def __init__(self, envelope: dict[str, Any]) -> None:
+        super().__init__(envelope)
+        self.envelope = envelope
+
+    def __str__(self) -> str:
+        error = self.envelope.get("error") or {}
+        return f"{error.get('kind')}: {error.get('name')}: {error.get('message')}"
+
+    def __repr__(self) -> str:  # what Flower shows in its "exception" column
+        return f"{self.envelope.get('tool_id')} failed with {self}"
+
+
 class ToolFailure(ToolqError):
     """A call that ended in failure. ``kind`` is the envelope's ``error.kind``."""
 
@@ -76,7 +96,7 @@ class ToolFailure(ToolqError):
 
 class ToolError(ToolFailure):
     kind = "tool_error"
-    retryable = True
+    retryable = False  # a thrown error is retried only when it says so (README, "Retries")
 
 
 class ToolTimeout(ToolFailure):

@@ -44,7 +44,9 @@ class CallRequest:
     retry: bool = True
     attempt: int = 1
     history: tuple[Mapping[str, Any], ...] = ()
-    """One entry per earlier attempt or deferral: kind, message, delay, worker, at."""
+    """One entry per earlier attempt or deferral: kind, name, message, delay, worker, at."""
+    counted: bool = False
+    """An earlier attempt already counted against the tool's breaker (once per call)."""
 
     # -- the Redis message ---------------------------------------------------------------
 
@@ -67,6 +69,8 @@ class CallRequest:
         if self.attempt != 1 or self.history:
             message["attempt"] = self.attempt
             message["history"] = [dict(entry) for entry in self.history]
+        if self.counted:
+            message["counted"] = True
         return message
 
     @classmethod
@@ -85,10 +89,11 @@ class CallRequest:
         if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
             raise InvalidInput("history must be a list of objects", "ValidationError")
         enabled = overrides.get("enabled", True)
+        counted = message.get("counted", False)
         attempt = message.get("attempt", 1)
         enqueued_at = message.get("enqueued_at", 0.0)
-        if not isinstance(enabled, bool):
-            raise InvalidInput("retry.enabled must be true or false", "ValidationError")
+        if not isinstance(enabled, bool) or not isinstance(counted, bool):
+            raise InvalidInput("retry.enabled and counted must be true or false", "ValidationError")
         if not _is_int(attempt) or attempt < 1:
             raise InvalidInput("attempt must be a positive integer", "ValidationError")
         if not _is_number(enqueued_at):
@@ -103,17 +108,21 @@ class CallRequest:
             retry=enabled,
             attempt=attempt,
             history=tuple(history),
+            counted=counted,
         )
 
     # -- what workers do with it ---------------------------------------------------------
 
-    def next_attempt(self, entry: Mapping[str, Any], *, same_attempt: bool = False) -> CallRequest:
+    def next_attempt(
+        self, entry: Mapping[str, Any], *, same_attempt: bool = False, counted: bool = False
+    ) -> CallRequest:
         """The request for the call's next try, with ``entry`` added to its history
         (a deferral while the breaker is open keeps the attempt number)."""
         return replace(
             self,
             attempt=self.attempt if same_attempt else self.attempt + 1,
             history=(*self.history, {**entry, "at": time.time()}),
+            counted=self.counted or counted,
         )
 
     def describe(self) -> str:

@@ -29,6 +29,8 @@ class RetryPolicy:
     max_attempts: int = 5
     jitter: bool = True
     non_retryable_errors: frozenset[str] = frozenset()
+    retryable_errors: frozenset[str] = frozenset()
+    """Names of thrown errors retried although they do not say ``retryable: true``."""
     enabled: bool = True
 
     def overridden(
@@ -53,9 +55,12 @@ def compute_delay(attempt: int, policy: RetryPolicy, rng: random.Random | None =
 
 
 def is_retryable(error: ToolErrorInfo, policy: RetryPolicy) -> bool:
-    """Whether this failure may be retried at all, whatever the budget: its kind says so
-    (``ToolFailure.retryable``), the tool did not opt out, its name is not listed."""
-    return error.retryable and error.name not in policy.non_retryable_errors
+    """Whether this failure may be retried at all, whatever the budget: its kind or the
+    thrown error says so (or its name is in ``retryable_errors``), and its name is not in
+    ``non_retryable_errors``."""
+    if error.name in policy.non_retryable_errors:
+        return False
+    return error.retryable or (error.kind == "tool_error" and error.name in policy.retryable_errors)
 
 
 def next_delay(

@@ -1,16 +1,19 @@
 """Per-tool circuit breakers, shared by every worker on every host through Redis.
 
-Built on pybreaker's model (its states and settings), with one fix: pybreaker's
-own Redis storage reads,
-decides and writes in separate steps, so under concurrency every process that
-sees an expired open breaker goes half-open and sends its call through, and
-counters race. Here each transition is one Lua script on a single hash:
+Built on pybreaker's model (its states and settings), with one fix: pybreaker's own
+Redis storage reads, decides and writes in separate steps, so under concurrency every
+process that sees an expired open breaker goes half-open and sends its call through,
+and counters race. Here each transition is one Lua script on a single hash:
 
 - ``admit``: closed lets calls through; open refuses them until ``reset_timeout``
   has passed, then turns half-open; half-open hands out exactly one probe lease
   across the cluster (it expires, so a prober that dies does not wedge the breaker);
-- ``record``: a counted failure in closed state opens the breaker at ``fail_max``;
-  the probe's failure re-opens it; ``success_threshold`` probe successes close it.
+- ``record``: in closed state a failed call opens the breaker at ``fail_max``
+  consecutive failures, or when ``failure_rate`` of the last ``window_calls`` calls
+  failed (once ``minimum_calls`` were seen); the probe's failure re-opens it;
+  ``success_threshold`` probe successes close it.
+
+What counts is the handler's business (one verdict per call, :func:`verdict_of`).
 
 Redis' own clock (``TIME``) is used, so hosts with skewed clocks agree.
 """
@@ -27,9 +30,10 @@ import redis
 
 from toolq import keys
 from toolq.config.settings import BreakerSettings
+from toolq.envelope import ToolErrorInfo
 
 COUNTED_KINDS = frozenset({"timeout", "crashed", "tool_error"})
-"""Failures that say the tool is unwell; user errors (invalid_input...) do not count."""
+"""Failures that may say the tool is unwell; toolq's refusals (invalid_input...) do not."""
 
 Verdict = Literal["success", "failure", "neutral"]
 """How one call counts for its tool's health."""
@@ -37,13 +41,13 @@ HALF_OPEN_RECHECK_S = 0.5
 """While another call probes, a waiting call checks back this often (a probe is usually quick;
 its lease, which can be long, only bounds a prober that died)."""
 
+# Admit never creates a key: a tool id that no call ever ran leaves nothing behind.
 _ADMIT = """
 local h = KEYS[1]
-redis.call('SADD', KEYS[2], ARGV[3])
+local state = redis.call('HGET', h, 'state')
+if not state or state == 'closed' then return {'closed', '0', ''} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HGET', h, 'state') or 'closed'
-if state == 'closed' then return {'closed', '0', ''} end
 if state == 'open' then
   local reopen = tonumber(redis.call('HGET', h, 'opened_at') or '0') + tonumber(ARGV[1])
   if now < reopen then return {'open', tostring(reopen - now), ''} end
@@ -53,34 +57,51 @@ local busy_until = tonumber(redis.call('HGET', h, 'probe_until') or '0')
 if redis.call('HEXISTS', h, 'probe') == 1 and now < busy_until then
   return {'half-open', tostring(busy_until - now), ''}
 end
-redis.call('HSET', h, 'probe', ARGV[4], 'probe_until', tostring(now + tonumber(ARGV[2])))
-return {'probe', '0', ARGV[4]}
+redis.call('HSET', h, 'probe', ARGV[2], 'probe_until', tostring(now + tonumber(ARGV[3])))
+return {'probe', '0', ARGV[2]}
 """
 
+# A closed breaker keeps the last `window_calls` verdicts as a string of 0/1 (1: failed)
+# beside the count of consecutive failures; either threshold opens it.
 _RECORD = """
 local h = KEYS[1]
 local outcome, token = ARGV[1], ARGV[2]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local fail_max, successes_needed = tonumber(ARGV[3]), tonumber(ARGV[4])
+local rate, window, minimum = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local state = redis.call('HGET', h, 'state') or 'closed'
 local probe = token ~= '' and redis.call('HGET', h, 'probe') == token
 if probe then redis.call('HDEL', h, 'probe', 'probe_until') end
-if outcome == 'success' then
-  if state == 'closed' then
+if outcome == 'neutral' then return state end
+redis.call('SADD', KEYS[2], ARGV[8])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function trip()
+  redis.call('HSET', h, 'state', 'open', 'opened_at', tostring(now), 'successes', 0,
+             'window', '')
+  redis.call('HINCRBY', h, 'trips', 1)
+  return 'open'
+end
+if state == 'closed' then
+  local calls = (redis.call('HGET', h, 'window') or '') .. (outcome == 'failure' and '1' or '0')
+  if #calls > window then calls = string.sub(calls, -window) end
+  redis.call('HSET', h, 'window', calls)
+  if outcome == 'success' then
     redis.call('HSET', h, 'failures', 0)
-  elseif state == 'half-open' and probe then
-    if redis.call('HINCRBY', h, 'successes', 1) >= tonumber(ARGV[4]) then
-      redis.call('HSET', h, 'state', 'closed', 'failures', 0, 'successes', 0)
-      redis.call('HDEL', h, 'opened_at')
-      return 'closed'
-    end
+    return 'closed'
   end
-elseif outcome == 'failure' then
   local failures = redis.call('HINCRBY', h, 'failures', 1)
-  if (state == 'closed' and failures >= tonumber(ARGV[3])) or (state == 'half-open' and probe) then
-    redis.call('HSET', h, 'state', 'open', 'opened_at', tostring(now), 'successes', 0)
-    redis.call('HINCRBY', h, 'trips', 1)
-    return 'open'
+  local _, failed = string.gsub(calls, '1', '')
+  if failures >= fail_max or (rate > 0 and #calls >= minimum and failed / #calls >= rate) then
+    return trip()
+  end
+  return 'closed'
+end
+if state == 'half-open' and probe then
+  if outcome == 'failure' then return trip() end
+  if redis.call('HINCRBY', h, 'successes', 1) >= successes_needed then
+    redis.call('HSET', h, 'state', 'closed', 'failures', 0, 'successes', 0, 'window', '')
+    redis.call('HDEL', h, 'opened_at')
+    return 'closed'
   end
 end
 return state
@@ -105,6 +126,9 @@ class BreakerStatus:
     opened_at: float | None
     reopens_in_s: float | None
     trips: int
+    window_calls: int = 0
+    """Calls in the failure-rate window (closed state)."""
+    window_failures: int = 0
 
 
 class ToolBreaker(pybreaker.CircuitBreaker):
@@ -119,14 +143,14 @@ class ToolBreaker(pybreaker.CircuitBreaker):
             name=tool_id,
         )
         self.tool_id = tool_id
+        self.config = config
         self._admit = client.register_script(_ADMIT)
         self._record = client.register_script(_RECORD)
 
     def admit(self, probe_lease_s: float) -> Admission:
         token = uuid.uuid4().hex
         state, wait, probe = self._admit(
-            keys=[keys.breaker(self.tool_id), keys.BREAKERS],
-            args=[self.reset_timeout, probe_lease_s, self.tool_id, token],
+            keys=[keys.breaker(self.tool_id)], args=[self.reset_timeout, token, probe_lease_s]
         )
         state = state.decode()
         if state in ("closed", "probe"):
@@ -137,9 +161,19 @@ class ToolBreaker(pybreaker.CircuitBreaker):
 
     def record(self, verdict: Verdict, probe: str = "") -> str:
         """Report a call's verdict; returns the breaker's state afterwards."""
+        rate = self.config.failure_rate or 0
         state: bytes = self._record(
-            keys=[keys.breaker(self.tool_id)],
-            args=[verdict, probe, self.fail_max, self.success_threshold],
+            keys=[keys.breaker(self.tool_id), keys.BREAKERS],
+            args=[
+                verdict,
+                probe,
+                self.fail_max,
+                self.success_threshold,
+                rate,
+                self.config.window_calls,
+                self.config.minimum_calls,
+                self.tool_id,
+            ],
         )
         return state.decode()
 
@@ -188,6 +222,8 @@ class Breakers:
                     opened_at,
                     reopens_in,
                     int(data.get("trips", 0)),
+                    len(data.get("window", "")),
+                    data.get("window", "").count("1"),
                 )
             )
         return statuses
@@ -195,10 +231,12 @@ class Breakers:
     def reset(self, tool_id: str) -> bool:
         """Close one breaker by hand; False if it never existed."""
         existed = bool(self._redis.exists(keys.breaker(tool_id)))
-        self._redis.hset(
-            keys.breaker(tool_id), mapping={"state": "closed", "failures": 0, "successes": 0}
-        )
-        self._redis.hdel(keys.breaker(tool_id), "opened_at", "probe", "probe_until")
+        if existed:
+            self._redis.hset(
+                keys.breaker(tool_id),
+                mapping={"state": "closed", "failures": 0, "successes": 0, "window": ""},
+            )
+            self._redis.hdel(keys.breaker(tool_id), "opened_at", "probe", "probe_until")
         return existed
 
 
@@ -206,8 +244,25 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def verdict_of(kind: str | None) -> Verdict:
-    """How a call's result counts for its tool's breaker."""
-    if kind is None:
+def verdict_of(
+    error: ToolErrorInfo | None,
+    *,
+    non_retryable_errors: frozenset[str] = frozenset(),
+    shortened: bool = False,
+) -> Verdict:
+    """How one call's outcome counts for its tool's health.
+
+    Neutral: what toolq refused or could not find, errors the tool marks as the
+    caller's fault (``retryable: false``, or a name in ``non_retryable_errors``), and a
+    timeout under a limit the caller shortened (the tool never had its own)."""
+    if error is None:
         return "success"
-    return "failure" if kind in COUNTED_KINDS else "neutral"
+    if error.kind not in COUNTED_KINDS:
+        return "neutral"
+    if error.kind == "tool_error" and (
+        error.retryable_hint is False or error.name in non_retryable_errors
+    ):
+        return "neutral"
+    if error.kind == "timeout" and shortened:
+        return "neutral"
+    return "failure"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from toolq.config.settings import Settings
-from toolq.envelope import ToolResult
+from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import CircuitOpen, InvalidInput, ToolCrashed, ToolFailure, ToolTimeout
 from toolq.protocol import CallRequest, validate
 from toolq.workers.backoff import RetryPolicy, next_delay
@@ -142,7 +142,7 @@ class CallHandler:
             return self._refuse_open(attempt, request, admission, policy, deadline)
 
         outcome = self._run(request, delivery, profile)
-        self._record(profile, outcome, admission)
+        counted = self._record(request, profile, outcome, admission)
         if outcome.error is None:
             return self._finish(attempt, outcome)
         delay, stop = next_delay(
@@ -158,11 +158,12 @@ class CallHandler:
         entry = {
             "attempt": request.attempt,
             "kind": outcome.error.kind,
+            "name": outcome.error.name,
             "message": outcome.error.message,
             "delay": round(delay, 3),
             "worker": delivery.worker,
         }
-        return Retry(request.next_attempt(entry), delay)
+        return Retry(request.next_attempt(entry, counted=counted), delay)
 
     def backstop_timeout(self, message: Any, delivery: Delivery) -> Final:
         """Celery's own time limit fired (the runtime's never did): end the call."""
@@ -214,12 +215,17 @@ class CallHandler:
                 "delay": round(wait, 3),
             }
             return Retry(request.next_attempt(entry, same_attempt=True), wait)
+        why = "deadline" if policy.enabled else "disabled"
+        own = _own_last_failure(request)
+        if own is not None:
+            # The call already failed on its own; that, not the breaker its failures may
+            # have opened, is how it ended.
+            return self._finish(_with_stop(attempt, why), Outcome(None, own, 0, 0))
         refused = CircuitOpen(
             f"circuit breaker for {request.tool_id} is {admission.state}; "
             f"it lets a call through in {admission.retry_in_s:.1f}s",
             "CircuitOpen",
         )
-        why = "deadline" if policy.enabled else "disabled"
         return self._finish(_with_stop(attempt, why), failed(refused))
 
     def _run(self, request: CallRequest, delivery: Delivery, profile: ToolProfile) -> Outcome:
@@ -238,17 +244,35 @@ class CallHandler:
         self.metrics.observe_run(request.tool_id, outcome)
         return outcome
 
-    def _record(self, profile: ToolProfile, outcome: Outcome, admission: Admission) -> None:
+    def _record(
+        self, request: CallRequest, profile: ToolProfile, outcome: Outcome, admission: Admission
+    ) -> bool:
+        """Tell the breaker how this attempt went; True if it counted for the call.
+
+        A call counts once, whatever its attempts: after its first counted attempt the
+        others are not reported — except a half-open probe, whose verdict is the test of
+        the tool's health (and whose lease must be handed back)."""
         if admission.state in ("disabled", "unknown"):
-            return
+            return False
+        shortened = (
+            request.timeout_s is not None and request.timeout_s < profile.time_limits.timeout_s
+        )
+        verdict = verdict_of(
+            outcome.error,
+            non_retryable_errors=profile.retry.non_retryable_errors,
+            shortened=shortened,
+        )
+        if not admission.probe and (request.counted or verdict == "neutral"):
+            return False
         try:
-            state = self.breakers.record(profile.tool_id, verdict_of(outcome.kind), admission.probe)
+            state = self.breakers.record(profile.tool_id, verdict, admission.probe)
         except Exception:
             log.warning("cannot record %s's outcome in its breaker", profile.tool_id)
-            return
+            return False
         self.metrics.observe_breaker(profile.tool_id, state)
         if state == "open" and admission.state != "open":
             log.warning("circuit breaker for %s is open", profile.tool_id)
+        return verdict != "neutral"
 
     def _finish(self, attempt: _Attempt, outcome: Outcome) -> Final:
         """The envelope of a call that is over; a failed one is dead-lettered."""
@@ -334,6 +358,18 @@ class CallHandler:
 
 def _with_stop(attempt: _Attempt, stop: str | None) -> _Attempt:
     return _Attempt(attempt.message, attempt.request, attempt.delivery, attempt.started_at, stop)
+
+
+def _own_last_failure(request: CallRequest) -> ToolErrorInfo | None:
+    """The call's own last failed attempt (deferrals are not attempts), if it had one."""
+    for entry in reversed(request.history):
+        if not entry.get("deferred") and entry.get("kind"):
+            return ToolErrorInfo(
+                kind=str(entry["kind"]),
+                message=str(entry.get("message", "")),
+                name=str(entry.get("name") or "Error"),
+            )
+    return None
 
 
 def _decoded(message: Any) -> CallRequest | None:

@@ -111,5 +111,6 @@ def retry_policy(settings: Settings, tool_id: str) -> RetryPolicy:
         non_retryable_errors=frozenset(
             _pick(own.non_retryable_errors, settings.non_retryable_errors)
         ),
+        retryable_errors=frozenset(_pick(own.retryable_errors, settings.retryable_errors)),
         enabled=_pick(own.enabled, True),
     )

@@ -1,5 +1,10 @@
 """The Celery task: a thin shell that hands each message to the call handler.
 
+A call that ends in failure raises :class:`~toolq.errors.ToolCallFailed` carrying its
+whole envelope, so Celery and Flower record it as FAILURE (declared in ``throws``: an
+expected outcome, logged without a traceback); the caller still gets the envelope.
+Flower shows each call under ``toolq:<tool id>`` (Celery's shadow name).
+
 A retry is a new message for the same call id, published with a countdown
 (Celery's ``Task.retry``): the slot is free while the call waits, any worker may
 take the next attempt, and the caller's ``result()`` simply keeps waiting.
@@ -14,6 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from toolq.config.celery_app import NOOP_TASK, RUN_TOOL_TASK
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S
+from toolq.errors import ToolCallFailed
 from toolq.workers.handler import CallHandler, Delivery, Final
 
 
@@ -24,6 +30,8 @@ def register_tasks(app: Celery, handler: CallHandler) -> Task:
     @app.task(  # type: ignore[untyped-decorator]
         name=RUN_TOOL_TASK,
         bind=True,
+        throws=(ToolCallFailed,),
+        shadow_name=lambda task, args, kwargs, options: shadow_name(args),
         acks_late=True,
         reject_on_worker_lost=True,
         max_retries=None,  # the handler's policy decides, not Celery's counter
@@ -42,14 +50,18 @@ def register_tasks(app: Celery, handler: CallHandler) -> Task:
             redelivered=bool(info.get("redelivered")),
         )
         if delivery.redelivered:
-            stored = self.AsyncResult(delivery.call_id)
+            stored = self.AsyncResult(delivery.call_id)  # it may have finished: one result only
             if stored.state == states.SUCCESS and isinstance(stored.result, dict):
-                return stored.result  # it had finished: one final result only
+                return stored.result
+            if stored.state == states.FAILURE and isinstance(stored.result, ToolCallFailed):
+                raise stored.result
         try:
             decision = handler.handle(message, delivery)
         except SoftTimeLimitExceeded:
             decision = handler.backstop_timeout(message, delivery)
         if isinstance(decision, Final):
+            if decision.envelope.get("error"):
+                raise ToolCallFailed(decision.envelope)
             return decision.envelope
         raise self.retry(
             args=[decision.request.to_message()],
@@ -64,3 +76,10 @@ def register_tasks(app: Celery, handler: CallHandler) -> Task:
         """Does nothing: the baseline that benchmarks compare a tool call against."""
 
     return run_tool
+
+
+def shadow_name(args: Any) -> str | None:
+    """``toolq:<tool id>``: the name Flower and Celery's logs show for a call."""
+    message = args[0] if isinstance(args, list | tuple) and args else None
+    tool_id = message.get("tool_id") if isinstance(message, dict) else None
+    return f"toolq:{tool_id}" if isinstance(tool_id, str) else None

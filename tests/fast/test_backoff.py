@@ -29,7 +29,7 @@ def test_without_jitter_delays_are_exact() -> None:
 
 
 def test_next_delay_stops_for_each_reason() -> None:
-    failure = ToolErrorInfo("tool_error", "boom")
+    failure = ToolErrorInfo("timeout", "too slow")
 
     def decide(attempt: int = 1, policy: RetryPolicy = POLICY, now: float = 0.0) -> object:
         return next_delay(attempt=attempt, error=failure, policy=policy, now=now, deadline=30.0)

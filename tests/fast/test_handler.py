@@ -35,12 +35,12 @@ def test_success_is_final_and_counts_for_the_tool() -> None:
 
 
 def test_a_retryable_failure_is_retried_with_the_policy_delay() -> None:
-    r = rig([error("tool_error")], {"backoff_initial_interval": "100ms"})
+    r = rig([error("crashed")], {"backoff_initial_interval": "100ms"})
     decision = r.handler.handle(message(), DELIVERY)
     assert isinstance(decision, Retry)
     assert decision.delay_s == pytest.approx(0.1)  # jitter off: exactly the policy's
     assert decision.request.attempt == 2
-    assert decision.request.history[0]["kind"] == "tool_error"
+    assert decision.request.history[0]["kind"] == "crashed"
     assert decision.request.history[0]["worker"] == "worker-a"
     assert r.dead_letters.entries == []
 
@@ -65,11 +65,12 @@ def test_no_attempt_is_scheduled_after_the_deadline() -> None:
 @pytest.mark.parametrize(
     ("outcome", "settings", "extra", "stop", "verdict"),
     [
-        (error("not_found"), {}, {}, "not_retryable", "neutral"),
-        (error("tool_error", retryable=False), {}, {}, "not_retryable", "failure"),
+        (error("not_found"), {}, {}, "not_retryable", None),
+        (error("tool_error"), {}, {}, "not_retryable", "failure"),  # a plain thrown Error
+        (error("tool_error", retryable=False), {}, {}, "not_retryable", None),
         (error("tool_error", "BadCity"), {"non_retryable_errors": ["BadCity"]}, {}, None, None),
-        (error("tool_error"), {}, {"retry": {"enabled": False}}, "disabled", "failure"),
-        (error("tool_error"), {}, {"retry": {"max_attempts": 1}}, "max_attempts", "failure"),
+        (error("crashed"), {}, {"retry": {"enabled": False}}, "disabled", "failure"),
+        (error("crashed"), {}, {"retry": {"max_attempts": 1}}, "max_attempts", "failure"),
     ],
 )
 def test_what_is_not_retried(
@@ -83,8 +84,7 @@ def test_what_is_not_retried(
     envelope = final(r.handler.handle(message(**extra), DELIVERY))
     assert envelope["metadata"]["retry_stopped"] == (stop or "not_retryable")
     assert len(r.runtime.calls) == 1
-    if verdict is not None:
-        assert r.breakers.verdicts == [("echo", verdict)]
+    assert r.breakers.verdicts == ([("echo", verdict)] if verdict else [])
 
 
 def test_an_open_breaker_defers_without_spending_an_attempt() -> None:
@@ -176,3 +176,64 @@ def test_celerys_backstop_ends_the_call_as_a_timeout() -> None:
     envelope = r.handler.backstop_timeout(message(), DELIVERY).envelope
     assert envelope["error"]["kind"] == "timeout"
     assert len(r.dead_letters.entries) == 1
+
+
+# -- breaker accounting: one verdict per call ----------------------------------------------
+
+
+def test_a_call_counts_once_against_its_tool_whatever_its_attempts() -> None:
+    settings = {"tools": {"echo": {"retry": {"retryable_errors": ["Error"], "max_attempts": 3}}}}
+    r = rig([error("tool_error")], settings)
+    first = r.handler.handle(message(), DELIVERY)
+    assert isinstance(first, Retry) and first.request.counted
+    second = r.handler.handle(first.request.to_message(), DELIVERY)
+    assert isinstance(second, Retry)
+    final(r.handler.handle(second.request.to_message(), DELIVERY))
+    assert r.breakers.verdicts == [("echo", "failure")]  # three attempts, one verdict
+
+
+def test_a_half_open_probe_always_reports_its_verdict() -> None:
+    probe = Admission(True, "half-open", probe="lease-1")
+    r = rig([ok()], breakers=FakeBreakers([probe]))
+    final(r.handler.handle(message(counted=True, attempt=2, history=[{}]), DELIVERY))
+    assert r.breakers.verdicts == [("echo", "success")]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "settings", "timeout", "verdict"),
+    [
+        (error("tool_error"), {}, None, "failure"),
+        (error("tool_error", retryable=False), {}, None, None),  # the caller's fault
+        (error("tool_error", "BadCity"), {"non_retryable_errors": ["BadCity"]}, None, None),
+        (error("timeout"), {}, None, "failure"),
+        (error("timeout"), {}, 1.0, None),  # the caller shortened the tool's limit
+        (error("timeout"), {"runtime": {"timeout": "2s"}}, 3.0, "failure"),  # lengthened
+        (error("crashed"), {}, None, "failure"),
+        (error("not_found"), {}, None, None),
+        (error("memory_exceeded"), {}, None, None),
+    ],
+)
+def test_what_counts_against_a_tool(
+    outcome: Outcome, settings: dict[str, Any], timeout: float | None, verdict: str | None
+) -> None:
+    r = rig([outcome], {"max_attempts": 1, **settings})
+    extra = {"timeout": timeout} if timeout is not None else {}
+    final(r.handler.handle(message(**extra), DELIVERY))
+    assert r.breakers.verdicts == ([("echo", verdict)] if verdict else [])
+
+
+def test_a_call_ends_with_its_own_failure_not_the_breaker_it_opened() -> None:
+    own = {"attempt": 1, "kind": "timeout", "name": "TimeoutError", "message": "too slow"}
+    breakers = FakeBreakers([Admission(False, "open", retry_in_s=600.0)])
+    r = rig([ok()], breakers=breakers)
+    envelope = final(r.handler.handle(message(attempt=2, history=[own], counted=True), DELIVERY))
+    assert envelope["error"]["kind"] == "timeout" and envelope["error"]["message"] == "too slow"
+    assert envelope["metadata"]["retry_stopped"] == "deadline"
+
+
+def test_a_thrown_plain_error_is_not_retried_unless_it_says_so() -> None:
+    assert final(rig([error("tool_error")]).handler.handle(message(), DELIVERY))
+    says_so = rig([error("tool_error", retryable=True)]).handler.handle(message(), DELIVERY)
+    assert isinstance(says_so, Retry)
+    listed = rig([error("tool_error", "FetchError")], {"retryable_errors": ["FetchError"]})
+    assert isinstance(listed.handler.handle(message(), DELIVERY), Retry)

@@ -91,6 +91,18 @@ export default {
     if (input.fail) throw new Error("breaker_target failed");
     return { runs };
   },
+  // breaker accounting (one verdict per call): the same body under two ids with
+  // different breaker settings in compozy.yaml
+  health_once: async (input: { counter?: string; fail?: boolean; ms?: number }) => {
+    const runs = input.counter ? record(input.counter) : 0;
+    if (input.ms) await sleep(input.ms);
+    if (input.fail) throw new Error("health check failed");
+    return { runs };
+  },
+  health_rate: async (input: { fail?: boolean }) => {
+    if (input.fail) throw new Error("health check failed");
+    return { ok: true };
+  },
   marked_sleep: async (input: { marker: string; ms: number }) => {
     writeFileSync(input.marker, String(process.pid));
     await sleep(input.ms);
