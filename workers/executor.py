@@ -118,7 +118,7 @@ class ToolExecutor:
             )
         self.redis = redis_client(settings)
         self.breakers = Breakers(self.redis, settings.breaker_settings)
-        self.dead_letters = DeadLetters(self.redis, settings.dead_letter_max)
+        self.dead_letters = DeadLetters.from_settings(self.redis, settings)
 
     def close(self) -> None:
         """Stop the warm Bun processes and the Redis connection."""

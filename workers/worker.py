@@ -18,7 +18,7 @@ from celery.signals import worker_shutdown
 
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import Settings
-from toolq.workers import metrics
+from toolq.workers import metrics, poison
 from toolq.workers.executor import ToolExecutor
 from toolq.workers.tasks import register_tasks
 
@@ -48,8 +48,9 @@ def run_worker(
     if executor.warm is not None and pool == "threads":
         executor.warm.start()
     worker_shutdown.connect(lambda **_: executor.close(), weak=False)
-    app = make_celery(settings)
+    app = make_celery(settings, worker=True)
     register_tasks(app, executor)
+    poison.install(app, settings)  # bad messages and broker restarts never stop it
     if settings.performance.enable_metrics:
         metrics.serve(settings.performance.metrics_port)
     # Celery logs every result at INFO ("succeeded in ...: {...}"); results may be
@@ -66,3 +67,4 @@ def run_worker(
         "--without-gossip",
     ]
     app.worker_main(argv)
+    poison.exit_with_worker_code()

@@ -1,0 +1,222 @@
+"""Reliability (issue 11): poison messages, broker restarts, hung Redis, bounded dead letters.
+
+Real Redis (the suite's database, or a private redis-server where a test stops or
+freezes it), real worker processes, real Bun. Waits are generous bounds, never tight
+wall-clock asserts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import redis
+
+from tests.conftest import StartWorker, wait_until
+from toolq import ToolClient
+from toolq.workers.deadletter import DeadLetters
+from toolq.workers.process import WorkerProcess
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def queue_of(worker: WorkerProcess) -> str:
+    return next(arg.split("=", 1)[1] for arg in worker.argv if arg.startswith("--queues="))
+
+
+def template_message(client: ToolClient, redis_url: str) -> dict[str, Any]:
+    """A real run_tool message as kombu stores it, taken from a queue nobody consumes."""
+    parking = f"parking-{uuid.uuid4().hex[:8]}"
+    client.enqueue("echo", {"template": True}, queue=parking)
+    with redis.Redis.from_url(redis_url) as connection:
+        raw = connection.rpop(parking)
+        connection.delete(parking, f"_kombu.binding.{parking}")
+    assert raw is not None
+    message: dict[str, Any] = json.loads(raw)
+    return message
+
+
+def encode_body(value: Any) -> str:
+    return base64.b64encode(json.dumps(value).encode()).decode()
+
+
+def make_message(
+    template: dict[str, Any], queue: str, *, call_id: str | None, marker: str
+) -> dict[str, Any]:
+    message = json.loads(json.dumps(template))
+    message["headers"]["id"] = call_id
+    message["headers"]["root_id"] = call_id
+    message["headers"]["test_marker"] = marker
+    message["properties"]["correlation_id"] = call_id
+    message["properties"]["delivery_tag"] = str(uuid.uuid4())
+    message["properties"]["delivery_info"] = {"exchange": queue, "routing_key": queue}
+    return message
+
+
+def poison_entries(redis_url: str, marker: str) -> list[dict[str, Any]]:
+    with redis.Redis.from_url(redis_url) as connection:
+        letters = DeadLetters(connection, 10_000)
+        return [
+            entry
+            for entry in letters.list()
+            if entry.get("retry_stopped") == "poison" and marker in json.dumps(entry)
+        ]
+
+
+# -- 1. poison messages --------------------------------------------------------------------
+
+
+def poison_cases(template: dict[str, Any]) -> dict[str, Any]:
+    """name -> a function (message) -> the raw entry to push (str or dict)."""
+    good_body = json.loads(base64.b64decode(template["body"]))
+    request = good_body[0][0]
+
+    def body(value: Any) -> Any:
+        def mutate(message: dict[str, Any]) -> dict[str, Any]:
+            message["body"] = encode_body(value)
+            return message
+
+        return mutate
+
+    def headers(**changes: Any) -> Any:
+        def mutate(message: dict[str, Any]) -> dict[str, Any]:
+            for key, value in changes.items():
+                if value is None:
+                    message["headers"].pop(key, None)
+                else:
+                    message["headers"][key] = value
+            return message
+
+        return mutate
+
+    def raw_text(message: dict[str, Any]) -> str:
+        return f"not json at all {message['headers']['test_marker']}"
+
+    def no_properties(message: dict[str, Any]) -> dict[str, Any]:
+        del message["properties"]
+        return message
+
+    def bad_base64(message: dict[str, Any]) -> dict[str, Any]:
+        message["body"] = "!!! not base64 ***"
+        return message
+
+    def pickle_content(message: dict[str, Any]) -> dict[str, Any]:
+        message["content-type"] = "application/x-python-serialize"
+        return message
+
+    return {
+        "body is a JSON object": body({"hello": "world"}),
+        "body is a JSON string": body("just a string"),
+        "args not a dict": body([[42], {}, good_body[2]]),
+        "kwargs do not fit": body([[request], {"bogus": 1}, good_body[2]]),
+        "no args": body([[], {}, good_body[2]]),
+        "no id header": headers(id=None),
+        "no task header": headers(task=None),
+        "unknown task": headers(task="toolq.no_such_task"),
+        "bad eta": headers(eta="yesterday-ish"),
+        "bad timelimit": headers(timelimit="soon"),
+        "body not base64": bad_base64,
+        "not JSON": raw_text,
+        "no properties": no_properties,
+        "pickle content type": pickle_content,
+    }
+
+
+def test_poison_messages_are_refused_recorded_answered_and_the_worker_goes_on(
+    client: ToolClient, start_worker: StartWorker, redis_url: str
+) -> None:
+    worker = start_worker(concurrency=2)
+    queue = queue_of(worker)
+    template = template_message(client, redis_url)
+    marker = f"poison-test-{uuid.uuid4().hex[:8]}"
+    ids: dict[str, str | None] = {}
+    with redis.Redis.from_url(redis_url) as connection:
+        for name, mutate in poison_cases(template).items():
+            call_id = None if name == "no id header" else str(uuid.uuid4())
+            message = make_message(template, queue, call_id=call_id, marker=f"{marker}:{name}")
+            raw = mutate(message)
+            ids[name] = (
+                call_id if isinstance(raw, dict) and raw.get("headers", {}).get("id") else None
+            )
+            connection.lpush(queue, raw if isinstance(raw, str) else json.dumps(raw))
+        # then a valid call on the same worker
+        good = client.enqueue("echo", {"after": "poison"}, queue=queue)
+        result = good.result(timeout=60)
+        assert result.ok and result.result == {"echo": {"after": "poison"}}, result
+        assert worker.proc is not None and worker.proc.poll() is None, worker.output()[-3000:]
+
+        # every message with an id got a toolq failure envelope as its result
+        for name, call_id in ids.items():
+            if call_id is None:
+                continue
+            answer = client.call(call_id).result(timeout=30)
+            assert answer.error is not None, name
+            assert answer.error.kind == "invalid_input", (name, answer.error)
+            assert answer.error.name == "PoisonMessage", name
+            assert set(answer.to_dict()) == {
+                "id",
+                "tool_id",
+                "status",
+                "result",
+                "error",
+                "metadata",
+            }
+            assert answer.id == call_id
+
+        # every one is in the dead-letter list, once, with its reason
+        assert wait_until(lambda: len(poison_entries(redis_url, marker)) >= len(ids), 30)
+        entries = poison_entries(redis_url, marker)
+        assert len(entries) == len(ids), [e["poison"]["reason"] for e in entries]
+        for entry in entries:
+            assert entry["poison"]["reason"]
+            assert entry["error"]["kind"] == "invalid_input"
+        by_reason = " | ".join(e["poison"]["reason"] for e in entries)
+        for expected in (
+            "not Celery's [args, kwargs, embed]",
+            "no 'id' header",
+            "no 'task' header",
+            "unknown task",
+            "not valid base64",
+            "not JSON",
+            "is not a JSON object",
+            "arguments do not fit",
+            "eta",
+        ):
+            assert expected in by_reason, expected
+        # nothing left behind: not queued again, not waiting unacknowledged
+        assert connection.llen(queue) == 0
+        unacked = [json.loads(v)[0] for v in connection.hvals("unacked")]
+        assert not [m for m in unacked if marker in json.dumps(m)]
+    assert worker.proc.poll() is None
+
+
+def test_a_poison_message_reusing_a_finished_calls_id_does_not_rewrite_its_result(
+    client: ToolClient, start_worker: StartWorker, redis_url: str
+) -> None:
+    worker = start_worker()
+    queue = queue_of(worker)
+    done = client.enqueue("echo", {"first": 1}, queue=queue)
+    assert done.result(timeout=60).ok
+    template = template_message(client, redis_url)
+    message = make_message(template, queue, call_id=done.id, marker="reuse")
+    message["body"] = encode_body({"not": "celery"})
+    with redis.Redis.from_url(redis_url) as connection:
+        connection.lpush(queue, json.dumps(message))
+    assert client.run("echo", {"second": 2}, queue=queue, wait=60).ok  # the poison went first
+    assert client.call(done.id).result(timeout=10).result == {"echo": {"first": 1}}
+
+
+def test_a_worker_exits_non_zero_on_an_unrecoverable_error(start_worker: StartWorker) -> None:
+    worker = start_worker()
+    with redis.Redis.from_url(worker.redis_url) as connection:
+        connection.delete(queue_of(worker))
+        connection.set(queue_of(worker), "not a list")  # BRPOP: WRONGTYPE, not a connection error
+    assert worker.proc is not None
+    try:
+        assert wait_until(lambda: worker.proc is not None and worker.proc.poll() is not None, 60)
+        assert worker.proc.returncode not in (0, None), worker.output()[-2000:]
+    finally:
+        with redis.Redis.from_url(worker.redis_url) as connection:
+            connection.delete(queue_of(worker))
