@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import redis
-from celery import Celery
-from celery.exceptions import TimeLimitExceeded
+from celery import Celery, states
+from celery.exceptions import BackendGetMetaError, BackendStoreError, TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -40,6 +40,8 @@ from toolq.request import build_request, describe
 
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
+_OUTAGE_POLL_S = 0.5
+"""How often a caller waiting for a result tries Redis again while it is away."""
 
 
 @contextlib.contextmanager
@@ -49,6 +51,10 @@ def _redis_errors(url: str) -> Iterator[None]:
         yield
     except (OperationalError, RedisError, OSError) as exc:
         raise BrokerUnavailable(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
+    except (BackendGetMetaError, BackendStoreError) as exc:  # the backend's retries ran out
+        raise BrokerUnavailable(
+            f"cannot reach Redis at {redact_url(url)}: {exc.__cause__ or exc}"
+        ) from exc
     except RuntimeError as exc:  # Celery's result consumer gives up with a bare RuntimeError
         if isinstance(exc.__cause__, RedisError | OSError):
             raise BrokerUnavailable(
@@ -82,14 +88,19 @@ class ToolCall:
         """Wait for the call to finish; raise :class:`ResultTimeout` after ``timeout``.
 
         Celery's result drainer checks the deadline about once a second, so a
-        sub-second ``timeout`` may wait up to a second.
+        sub-second ``timeout`` may wait up to a second. A Redis outage shorter than
+        ``timeout`` is ridden out; a longer one raises :class:`BrokerUnavailable` at the
+        deadline.
         """
         wait_s = None if timeout is None else parse_duration(timeout)
+        deadline = None if wait_s is None else time.monotonic() + wait_s
         try:
             with _redis_errors(self._url):
                 value = self._async.get(timeout=wait_s, propagate=False, interval=0.05)
         except CeleryTimeoutError:
             raise ResultTimeout(self.id, wait_s or 0.0) from None
+        except BrokerUnavailable as lost:
+            value = self._through_outage(lost, deadline, wait_s or 0.0)
         if isinstance(value, dict) and "status" in value:
             return ToolResult.from_dict(value)
         # The task itself failed (it never should): report it as an envelope anyway.
@@ -104,6 +115,39 @@ class ToolCall:
             error=ToolErrorInfo.from_failure(failure),
             metadata={"tool_exec_id": self.id, "attempts": 1, "execution_time": 0},
         )
+
+    def _through_outage(
+        self, lost: BrokerUnavailable, deadline: float | None, wait_s: float
+    ) -> Any:
+        """Ride out a Redis outage until our own deadline (without one: as long as it takes).
+
+        Celery's pub/sub result consumer does not reliably see a result stored while it
+        was disconnected, so this polls the stored state instead, every half second.
+        """
+        probe = AsyncResult(self.id, app=self._async.app)
+        last: BrokerUnavailable | None = lost
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(_OUTAGE_POLL_S)
+            try:
+                with _redis_errors(self._url):
+                    if probe.state in states.READY_STATES:
+                        self._drop_pending()
+                        self._async = probe
+                        return probe.result
+                last = None
+            except BrokerUnavailable as exc:
+                last = exc
+        if last is not None:
+            raise last
+        raise ResultTimeout(self.id, wait_s)
+
+    def _drop_pending(self) -> None:
+        """Release the pub/sub wait Celery still holds for us, now, while Redis answers
+        (at garbage collection it would try then, and fail if Redis is gone)."""
+        waiting = self._async
+        with contextlib.suppress(Exception):
+            waiting.backend.remove_pending_result(waiting)
+        waiting.backend = None
 
     def forget(self) -> None:
         """Drop the stored result from Redis."""

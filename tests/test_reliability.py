@@ -8,14 +8,22 @@ wall-clock asserts.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import threading
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
-from tests.conftest import StartWorker, wait_until
+from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
 from toolq import ToolClient
+from toolq.config.loader import load_settings
+from toolq.devredis import RedisServer
 from toolq.workers.deadletter import DeadLetters
 from toolq.workers.process import WorkerProcess
 
@@ -220,3 +228,72 @@ def test_a_worker_exits_non_zero_on_an_unrecoverable_error(start_worker: StartWo
     finally:
         with redis.Redis.from_url(worker.redis_url) as connection:
             connection.delete(queue_of(worker))
+
+
+# -- 2. broker restarts --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own (AOF on, fsync always): we may kill it."""
+    server = RedisServer(persistent=True).start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def kill_redis(server: RedisServer) -> None:
+    assert server.proc is not None
+    server.proc.kill()  # SIGKILL: no goodbye to the clients, only what the AOF holds
+    server.proc.wait()
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_busy_worker_rides_out_a_redis_kill_and_restart(pool: str, tmp_path: Path) -> None:
+    with private_redis() as server:
+        settings = load_settings(TOOLS_CONFIG, environ={}, overrides={"redis_url": server.url})
+        with (
+            ToolClient(settings) as client,
+            WorkerProcess(
+                config=TOOLS_CONFIG, redis_url=server.url, concurrency=2, pool=pool
+            ) as worker,
+        ):
+            worker.start(client.app)
+            # one call running, one slot free: the case that killed workers (exit 0)
+            counter = tmp_path / "long"
+            running = client.enqueue("breaker_target", {"counter": str(counter), "ms": 4000})
+            answers: list[Any] = []
+            waiter = threading.Thread(
+                target=lambda: answers.append(_result_or_error(running, 120)), daemon=True
+            )
+            waiter.start()
+            assert wait_until(lambda: bool(lines(counter)), 30), worker.output()[-3000:]
+            kill_redis(server)
+            time.sleep(8)  # the call finishes while Redis is away
+            server.start()
+            waiter.join(150)
+            assert answers, "the waiting caller never returned"
+            result = answers[0]
+            assert not isinstance(result, Exception), result
+            assert result.ok, result
+            assert result.result == {"runs": 1}
+            assert worker.proc is not None and worker.proc.poll() is None, worker.output()[-4000:]
+            # served after the restart, and the running call was acknowledged, not redone
+            after = client.run("echo", {"after": "restart"}, wait=60)
+            assert after.ok, after
+            with redis.Redis.from_url(server.url) as connection:
+                assert wait_until(lambda: connection.hlen("unacked") == 0, 30)
+            assert len(lines(counter)) == 1  # ran once
+            assert "Unrecoverable error" not in worker.output()
+
+
+def _result_or_error(call: Any, timeout: float) -> Any:
+    try:
+        return call.result(timeout=timeout)
+    except Exception as exc:  # the test reports it
+        return exc
