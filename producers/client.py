@@ -40,6 +40,8 @@ from toolq.request import build_request, describe
 
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
+_REFUSED_RETRY_S = 0.2
+"""How often enqueue tries again while Redis refuses connections (within the timeout)."""
 _OUTAGE_POLL_S = 0.5
 """How often a caller waiting for a result tries Redis again while it is away."""
 
@@ -201,22 +203,36 @@ class ToolClient:
             if first is not None:
                 return self.call(first, tool_id)
         try:
-            with _redis_errors(self.settings.redis_url):
-                async_result = self.app.send_task(
-                    RUN_TOOL_TASK,
-                    args=[request],
-                    task_id=call_id,
-                    queue=queue or self.settings.queue_for(tool_id),
-                    argsrepr=describe(request),
-                    kwargsrepr="{}",
-                    headers={"toolq_tool_id": tool_id},  # for Flower and the logs
-                )
+            async_result = self._send(request, call_id, queue or self.settings.queue_for(tool_id))
         except BrokerUnavailable:
             if idempotency_key is not None:  # do not leave the key pointing at nothing
                 with contextlib.suppress(RedisError):
                     self._redis.delete(keys.idempotency(idempotency_key))
             raise
         return ToolCall(call_id, tool_id, async_result, self.settings.redis_url)
+
+    def _send(self, request: dict[str, Any], call_id: str, queue: str) -> AsyncResult:
+        """Publish once per try, within ``redis_socket_timeout`` in all: a refused
+        connection (a restart) is tried again until then; a hung Redis is not waited
+        for twice (Celery's own publish retries would wait 4-5 socket timeouts)."""
+        deadline = time.monotonic() + self.settings.redis_socket_timeout_s
+        while True:
+            try:
+                with _redis_errors(self.settings.redis_url):
+                    return self.app.send_task(
+                        RUN_TOOL_TASK,
+                        args=[request],
+                        task_id=call_id,
+                        queue=queue,
+                        argsrepr=describe(request),
+                        kwargsrepr="{}",
+                        headers={"toolq_tool_id": request["tool_id"]},  # Flower, logs
+                        retry=False,
+                    )
+            except BrokerUnavailable:
+                if time.monotonic() + _REFUSED_RETRY_S >= deadline:
+                    raise
+                time.sleep(_REFUSED_RETRY_S)
 
     def run(
         self,

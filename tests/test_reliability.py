@@ -10,6 +10,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +25,7 @@ import pytest
 import redis
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
-from toolq import ToolClient
+from toolq import BrokerUnavailable, ToolClient
 from toolq.config.loader import load_settings
 from toolq.devredis import RedisServer
 from toolq.workers.deadletter import DeadLetters
@@ -297,3 +301,97 @@ def _result_or_error(call: Any, timeout: float) -> Any:
         return call.result(timeout=timeout)
     except Exception as exc:  # the test reports it
         return exc
+
+
+# -- 3. producers fail fast ----------------------------------------------------------------
+
+HUNG_TIMEOUT_S = 1.0
+# An enqueue connects twice (its result subscription, then the queue): each may take one
+# socket timeout. The slack is for a loaded 2-core machine, far below the old 30-60 s hangs.
+HUNG_BOUND_S = 2 * HUNG_TIMEOUT_S + 4.0
+
+
+def fast_failing_client(url: str) -> ToolClient:
+    settings = load_settings(
+        TOOLS_CONFIG,
+        environ={},
+        overrides={"redis_url": url, "redis_socket_timeout": f"{HUNG_TIMEOUT_S:g}s"},
+    )
+    return ToolClient(settings)
+
+
+def timed_enqueue(client: ToolClient) -> float:
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        client.enqueue("echo", {"hung": True})
+    return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    finally:
+        listener.close()
+
+
+def test_enqueue_on_a_socket_that_never_answers_fails_fast() -> None:
+    with black_hole() as url, fast_failing_client(url) as client:
+        assert timed_enqueue(client) < HUNG_BOUND_S
+
+
+def test_enqueue_on_a_stopped_redis_fails_fast_warm_or_cold() -> None:
+    with private_redis() as server:
+        assert server.proc is not None
+        warm = fast_failing_client(server.url)
+        warm.enqueue("echo", {"before": "stop"})  # connections open and pooled
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with fast_failing_client(server.url) as cold:
+                assert timed_enqueue(warm) < HUNG_BOUND_S
+                assert timed_enqueue(cold) < HUNG_BOUND_S
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        # and once Redis answers again, the same client works
+        assert warm.enqueue("echo", {"after": "cont"}).id
+        warm.close()
+
+
+def test_cli_enqueue_on_a_hung_redis_exits_2_with_one_line() -> None:
+    with black_hole() as url:
+        env = {
+            **os.environ,
+            "TOOLQ_REDIS_URL": url,
+            "TOOLQ_CONFIG": str(TOOLS_CONFIG),
+            "TOOLQ_REDIS_SOCKET_TIMEOUT": f"{HUNG_TIMEOUT_S:g}s",
+        }
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "toolq", "enqueue", "echo", "--input", "{}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        elapsed = time.monotonic() - started
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "cannot reach Redis" in done.stderr
+    assert elapsed < HUNG_BOUND_S + 5  # + Python and Celery start-up
+
+
+def test_socket_timeouts_do_not_break_an_idle_worker(
+    client: ToolClient, start_worker: StartWorker
+) -> None:
+    """The worker's blocking BRPOP reads outlast the socket timeout: idle is not hung."""
+    worker = start_worker(env={"TOOLQ_REDIS_SOCKET_TIMEOUT": "1s"})
+    time.sleep(5)  # several socket timeouts with nothing to read
+    result = client.run("echo", {"idle": "worker"}, queue=queue_of(worker), wait=60)
+    assert result.ok, result
+    assert "Connection to broker lost" not in worker.output()
