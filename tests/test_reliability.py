@@ -395,3 +395,124 @@ def test_socket_timeouts_do_not_break_an_idle_worker(
     result = client.run("echo", {"idle": "worker"}, queue=queue_of(worker), wait=60)
     assert result.ok, result
     assert "Connection to broker lost" not in worker.output()
+
+
+# -- 4. bounded dead letters ---------------------------------------------------------------
+
+
+@pytest.fixture
+def scratch_redis() -> Iterator[RedisServer]:
+    """An empty redis-server of the test's own: the dead-letter keys are global."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def entry(call_id: str, input_bytes: int) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "tool_id": "echo",
+        "input": {"pad": "x" * input_bytes},
+        "env": {"TOKEN": "secret"},
+        "timeout": None,
+        "queue": "toolq",
+        "error": {"kind": "tool_error", "name": "Error", "message": "boom", "stack": None},
+        "attempts": 1,
+        "attempt_history": [],
+        "retry_stopped": "max_attempts",
+        "worker": "w",
+    }
+
+
+def stored_bytes(connection: redis.Redis) -> int:
+    return sum(len(value) for value in connection.hvals("toolq:dlq:entries"))
+
+
+def test_dead_letters_stay_within_their_byte_budget_oldest_first(
+    scratch_redis: RedisServer,
+) -> None:
+    with redis.Redis.from_url(scratch_redis.url) as connection:
+        letters = DeadLetters(connection, 10_000, max_bytes=64 * 1024, ttl_s=3600)
+        for n in range(100):
+            letters.add(entry(f"call-{n:03d}", 2000))
+            assert letters.bytes_used() <= 64 * 1024
+        kept = [e["id"] for e in letters.list()]
+        assert 20 < len(kept) < 100  # evicted by bytes, not by count
+        assert kept == [f"call-{n:03d}" for n in range(99, 99 - len(kept), -1)]  # newest kept
+        assert letters.bytes_used() == stored_bytes(connection)
+        assert all(e["input"] == {"pad": "x" * 2000} for e in letters.list())  # whole
+        letters.remove(kept[0])
+        assert letters.bytes_used() == stored_bytes(connection)
+
+
+def test_an_entry_over_a_tenth_of_the_budget_keeps_a_preview_and_replay_refuses_it(
+    scratch_redis: RedisServer,
+) -> None:
+    with redis.Redis.from_url(scratch_redis.url) as connection:
+        letters = DeadLetters(connection, 10_000, max_bytes=64 * 1024, ttl_s=3600)
+        letters.add(entry("small", 1000))
+        letters.add(entry("huge", 200_000))
+        huge = letters.get("huge")
+        assert huge is not None and huge["input_truncated"] is True
+        assert huge["input_bytes"] > 200_000
+        assert isinstance(huge["input"], str) and huge["input"].startswith('{"pad": "xxx')
+        assert len(json.dumps(huge)) <= 64 * 1024 // 10
+        small = letters.get("small")
+        assert small is not None and small["input"] == {"pad": "x" * 1000}  # untouched
+    env = {
+        **os.environ,
+        "TOOLQ_REDIS_URL": scratch_redis.url,
+        "TOOLQ_CONFIG": str(TOOLS_CONFIG),
+        "TOOLQ_DEAD_LETTER_MAX_BYTES": "64KiB",
+    }
+
+    def toolq(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "toolq", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    refused = toolq("dlq", "replay", "huge")
+    assert refused.returncode == 1, refused
+    assert "cannot replay huge" in refused.stderr and "too large" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    replayed = toolq("dlq", "replay", "small")
+    assert replayed.returncode == 0, replayed
+    assert replayed.stdout.startswith("small -> ")
+    with redis.Redis.from_url(scratch_redis.url) as connection:
+        raw = connection.rpop("toolq")
+        assert raw is not None
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        assert body[0][0]["input"] == {"pad": "x" * 1000}  # replayed whole
+        assert connection.hexists("toolq:dlq:entries", "huge")  # refused: still there
+
+
+def test_dead_letters_older_than_their_ttl_are_gone(scratch_redis: RedisServer) -> None:
+    with redis.Redis.from_url(scratch_redis.url) as connection:
+        letters = DeadLetters(connection, 10_000, max_bytes=64 * 1024, ttl_s=1.0)
+        letters.add(entry("old", 100))
+        assert [e["id"] for e in letters.list()] == ["old"]
+        assert connection.pttl("toolq:dlq:entries") > 0  # the whole list expires too
+        time.sleep(1.5)
+        assert letters.get("old") is None
+        letters.add(entry("new", 100))
+        assert [e["id"] for e in letters.list()] == ["new"]
+        assert letters.count() == 1
+        assert letters.bytes_used() == stored_bytes(connection)
+
+
+def test_dead_letter_settings_parse_sizes_and_durations() -> None:
+    settings = load_settings(
+        TOOLS_CONFIG,
+        environ={},
+        overrides={"dead_letter_max_bytes": "2MiB", "dead_letter_ttl": "36h"},
+    )
+    assert settings.dead_letter_max_bytes == 2 * 1024**2
+    assert settings.dead_letter_ttl_s == 36 * 3600
+    with pytest.raises(Exception, match="dead_letter_max_bytes"):
+        load_settings(TOOLS_CONFIG, environ={}, overrides={"dead_letter_max_bytes": "lots"})
