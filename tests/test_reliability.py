@@ -136,10 +136,11 @@ def poison_cases(template: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_poison_messages_are_refused_recorded_answered_and_the_worker_goes_on(
-    client: ToolClient, start_worker: StartWorker, redis_url: str
+    pool: str, client: ToolClient, start_worker: StartWorker, redis_url: str
 ) -> None:
-    worker = start_worker(concurrency=2)
+    worker = start_worker(concurrency=2, pool=pool)
     queue = queue_of(worker)
     template = template_message(client, redis_url)
     marker = f"poison-test-{uuid.uuid4().hex[:8]}"
