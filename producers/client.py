@@ -100,6 +100,7 @@ class ToolCall:
             with _redis_errors(self._url):
                 value = self._async.get(timeout=wait_s, propagate=False, interval=0.05)
         except CeleryTimeoutError:
+            self._stop_waiting()
             raise ResultTimeout(self.id, wait_s or 0.0) from None
         except BrokerUnavailable as lost:
             value = self._through_outage(lost, deadline, wait_s or 0.0)
@@ -133,23 +134,22 @@ class ToolCall:
             try:
                 with _redis_errors(self._url):
                     if probe.state in states.READY_STATES:
-                        self._drop_pending()
-                        self._async = probe
+                        self._stop_waiting()
                         return probe.result
                 last = None
             except BrokerUnavailable as exc:
                 last = exc
         if last is not None:
             raise last
+        self._stop_waiting()
         raise ResultTimeout(self.id, wait_s)
 
-    def _drop_pending(self) -> None:
-        """Release the pub/sub wait Celery still holds for us, now, while Redis answers
-        (at garbage collection it would try then, and fail if Redis is gone)."""
-        waiting = self._async
+    def _stop_waiting(self) -> None:
+        """Drop Celery's pub/sub subscription for this call now, while Redis answers: a
+        caller that stopped waiting holds none (Celery would otherwise drop it at garbage
+        collection, and print a traceback if Redis is gone by then)."""
         with contextlib.suppress(Exception):
-            waiting.backend.remove_pending_result(waiting)
-        waiting.backend = None
+            self._async.backend.remove_pending_result(self._async)
 
     def forget(self) -> None:
         """Drop the stored result from Redis."""

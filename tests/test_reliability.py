@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
-from toolq import BrokerUnavailable, ToolClient
+from toolq import BrokerUnavailable, ResultTimeout, ToolClient
 from toolq.config.loader import load_settings
 from toolq.devredis import RedisServer
 from toolq.workers.deadletter import DeadLetters
@@ -295,6 +295,27 @@ def test_a_busy_worker_rides_out_a_redis_kill_and_restart(pool: str, tmp_path: P
                 assert wait_until(lambda: connection.hlen("unacked") == 0, 30)
             assert len(lines(counter)) == 1  # ran once
             assert "Unrecoverable error" not in worker.output()
+
+
+def test_a_caller_waits_out_an_outage_until_its_own_deadline() -> None:
+    with private_redis() as server, fast_failing_client(server.url) as client:
+        call = client.enqueue("echo", {"nobody": "consumes"})  # no worker: never answered
+        kill_redis(server)
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            call.result(timeout=4)
+        assert time.monotonic() - started >= 3.5  # not at the first refused connection
+        server.start()
+        with pytest.raises(ResultTimeout):  # Redis back, still no result: a plain timeout
+            call.result(timeout=1)
+
+
+def test_workers_retry_storing_results_without_limit_producers_do_not(settings: Any) -> None:
+    from toolq.config.celery_app import celery_config
+
+    assert celery_config(settings, worker=True)["result_backend_max_retries"] == float("inf")
+    assert celery_config(settings)["result_backend_max_retries"] < 10
+    assert celery_config(settings)["result_backend_always_retry"] is True
 
 
 def _result_or_error(call: Any, timeout: float) -> Any:
