@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUN := node_modules/.bin/bun
 
-.PHONY: setup sandbox demo test test-fast lint typecheck format bench clean
+.PHONY: setup sandbox demo test test-fast lint typecheck format bench soak clean
 
 setup: $(VENV)/.installed $(BUN) sandbox
 
@@ -44,6 +44,10 @@ test-fast: $(VENV)/.installed
 
 bench: setup
 	$(BIN)/toolq bench --modes spawn,warm --rounds 3
+
+# Chaos soak (not part of `make test`): calls through worker SIGKILLs and Redis restarts.
+soak: setup
+	$(BIN)/python bench/soak.py --calls 600 --duration 120 --long-outage
 
 lint: setup typecheck
 	$(BIN)/ruff check .

@@ -18,8 +18,21 @@ NOOP_TASK = "toolq.noop"
 """A task that does nothing, on every worker: the baseline for benchmarks."""
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery settings derived from toolq's; Celery's own names are kept."""
+BRPOP_READ_MARGIN_S = 10.0
+"""A worker's broker sockets wait this much longer than kombu's 1 s BRPOP poll."""
+
+
+def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]:
+    """Celery settings derived from toolq's; Celery's own names are kept.
+
+    Every socket has a connect and read timeout (``redis_socket_timeout``), so a hung
+    Redis fails a producer fast instead of blocking it. A worker's broker reads are
+    given more (its BRPOP waits up to a second for a call), and its result writes retry
+    for as long as Redis is away: a call finished during an outage is stored once Redis
+    is back, never run again. Producers give up on the backend after a few tries.
+    """
+    timeout = settings.redis_socket_timeout_s
+    read_timeout = timeout + BRPOP_READ_MARGIN_S if worker else timeout
     transport: dict[str, Any] = {
         # Redelivery of an unacknowledged call (worker killed mid-call) happens
         # this long after delivery: above every limit, far below Celery's 1 h default.
@@ -28,8 +41,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": 5,
         "unacked_restore_throttle": 1,
         "health_check_interval": 25,
+        "socket_timeout": read_timeout,
+        "socket_connect_timeout": timeout,
     }
-    backend_transport: dict[str, Any] = {"retry_policy": {"timeout": 5.0}}
+    backend_transport: dict[str, Any] = {"retry_policy": {"timeout": timeout}}
     if settings.redis_sentinel_master:
         transport["master_name"] = settings.redis_sentinel_master
         backend_transport["master_name"] = settings.redis_sentinel_master
@@ -38,9 +53,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": settings.redis_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": backend_transport,
-        # A result finished while Redis restarts is stored once Redis is back, not lost.
+        "redis_socket_timeout": timeout,
+        "redis_socket_connect_timeout": timeout,
+        "broker_connection_timeout": timeout,
+        # A result finished while Redis restarts is stored once Redis is back, not lost:
+        # workers retry without limit (every 2 s at most); producers a few times.
         "result_backend_always_retry": True,
-        "result_backend_max_retries": 30,
+        "result_backend_max_retries": float("inf") if worker else 3,
         "result_backend_max_sleep_between_retries_ms": 2000,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
@@ -63,7 +82,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings, name: str = "toolq") -> Celery:
+def make_celery(settings: Settings, name: str = "toolq", *, worker: bool = False) -> Celery:
     app = Celery(name, set_as_current=False)
-    app.conf.update(celery_config(settings))
+    app.conf.update(celery_config(settings, worker=worker))
     return app

@@ -18,17 +18,24 @@ from toolq.config.settings import Settings
 
 
 def redis_client(settings: Settings) -> redis.Redis:
+    # Refused connections (a restart) are retried for a few seconds; a timeout (a hung
+    # Redis) is not: it already took `redis_socket_timeout`, and callers must fail fast.
+    timeout = settings.redis_socket_timeout_s
     options: dict[str, Any] = {
-        "socket_connect_timeout": 5,
-        "socket_timeout": 10,
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
         "health_check_interval": 25,
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
-        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "retry": Retry(
+            ExponentialBackoff(cap=2.0, base=0.05),
+            retries=8,
+            supported_errors=(redis.ConnectionError,),
+        ),
+        "retry_on_error": [redis.ConnectionError],
     }
     if settings.redis_url.startswith("sentinel://"):
         assert settings.redis_sentinel_master is not None  # checked by Settings
         sentinels, db, password = parse_sentinel_url(settings.redis_url)
-        sentinel: Any = Sentinel(sentinels, socket_connect_timeout=5)  # type: ignore[no-untyped-call]
+        sentinel: Any = Sentinel(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)  # type: ignore[no-untyped-call]
         master: redis.Redis = sentinel.master_for(
             settings.redis_sentinel_master, db=db, password=password, **options
         )

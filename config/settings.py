@@ -34,6 +34,26 @@ Seconds = Annotated[float, BeforeValidator(parse_duration)]
 TimeLimit = Annotated[float, BeforeValidator(parse_time_limit)]
 """A tool time limit: a duration no longer than :data:`MAX_TIME_LIMIT_S`."""
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_SIZE_UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3})
+
+
+def parse_size(value: object) -> int:
+    """Bytes for ``64MiB``, ``500KB``, ``1GiB`` or a bare number of bytes."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("expected a size such as 64MiB, 500KB or a number of bytes")
+    if isinstance(value, int | float):
+        return int(value)
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"invalid size {value!r}: use e.g. 64MiB, 500KB, 1GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes, written in YAML as `64MiB`, `500KB` or a number of bytes."""
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "toolq"
 HARD_TIMEOUT_GRACE_S = 5.0
@@ -225,6 +245,11 @@ class Settings(_Strict):
     circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     idempotency_ttl_s: Seconds = Field(24 * 3600.0, alias="idempotency_ttl", gt=0)
     dead_letter_max: PositiveInt = 10_000
+    dead_letter_max_bytes: ByteSize = Field(64 * 1024**2, ge=64 * 1024)
+    """Byte budget of the dead-letter list; one entry may use a tenth of it."""
+    dead_letter_ttl_s: Seconds = Field(7 * 24 * 3600.0, alias="dead_letter_ttl", gt=0)
+    redis_socket_timeout_s: Seconds = Field(5.0, alias="redis_socket_timeout", gt=0)
+    """Connect and read timeout of every producer, CLI and toolq Redis connection."""
     visibility_timeout_s: Seconds | None = Field(None, alias="visibility_timeout")
     redis_url: str = DEFAULT_REDIS_URL
     redis_sentinel_master: str | None = None

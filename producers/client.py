@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import redis
-from celery import Celery
-from celery.exceptions import TimeLimitExceeded
+from celery import Celery, states
+from celery.exceptions import BackendGetMetaError, BackendStoreError, TimeLimitExceeded
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -44,12 +44,16 @@ from toolq.errors import (
     ToolCrashed,
     ToolTimeout,
 )
-from toolq.protocol import new_request, validate
+from toolq.protocol import CallRequest, new_request, validate
 
 log = logging.getLogger("toolq.producer")
 
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
+_REFUSED_RETRY_S = 0.2
+"""How often enqueue tries again while Redis refuses connections (within the timeout)."""
+_OUTAGE_POLL_S = 0.5
+"""How often a caller waiting for a result tries Redis again while it is away."""
 
 
 @contextlib.contextmanager
@@ -59,6 +63,10 @@ def _redis_errors(url: str) -> Iterator[None]:
         yield
     except (OperationalError, RedisError, OSError) as exc:
         raise BrokerUnavailable(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
+    except (BackendGetMetaError, BackendStoreError) as exc:  # the backend's retries ran out
+        raise BrokerUnavailable(
+            f"cannot reach Redis at {redact_url(url)}: {exc.__cause__ or exc}"
+        ) from exc
     except RuntimeError as exc:  # Celery's result consumer gives up with a bare RuntimeError
         if isinstance(exc.__cause__, RedisError | OSError):
             raise BrokerUnavailable(
@@ -92,14 +100,20 @@ class ToolCall:
         """Wait for the call to finish; raise :class:`ResultTimeout` after ``timeout``.
 
         Celery's result drainer checks the deadline about once a second, so a
-        sub-second ``timeout`` may wait up to a second.
+        sub-second ``timeout`` may wait up to a second. A Redis outage shorter than
+        ``timeout`` is ridden out; a longer one raises :class:`BrokerUnavailable` at the
+        deadline.
         """
         wait_s = None if timeout is None else _seconds(timeout, "timeout")
+        deadline = None if wait_s is None else time.monotonic() + wait_s
         try:
             with _redis_errors(self._url):
                 value = self._async.get(timeout=wait_s, propagate=False, interval=0.05)
         except CeleryTimeoutError:
+            self._stop_waiting()
             raise ResultTimeout(self.id, wait_s or 0.0) from None
+        except BrokerUnavailable as lost:
+            value = self._through_outage(lost, deadline, wait_s or 0.0)
         if isinstance(value, dict) and "status" in value:
             return ToolResult.from_dict(value)
         if isinstance(value, ToolCallFailed):  # a failed call: Celery state FAILURE
@@ -111,6 +125,38 @@ class ToolCall:
             else ToolCrashed(f"worker error: {value!r}", type(value).__name__)
         )
         return ToolResult.failed(self.id, self.tool_id, failure)
+
+    def _through_outage(
+        self, lost: BrokerUnavailable, deadline: float | None, wait_s: float
+    ) -> Any:
+        """Ride out a Redis outage until our own deadline (without one: as long as it takes).
+
+        Celery's pub/sub result consumer does not reliably see a result stored while it
+        was disconnected, so this polls the stored state instead, every half second.
+        """
+        probe = AsyncResult(self.id, app=self._async.app)
+        last: BrokerUnavailable | None = lost
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(_OUTAGE_POLL_S)
+            try:
+                with _redis_errors(self._url):
+                    if probe.state in states.READY_STATES:
+                        self._stop_waiting()
+                        return probe.result
+                last = None
+            except BrokerUnavailable as exc:
+                last = exc
+        if last is not None:
+            raise last
+        self._stop_waiting()
+        raise ResultTimeout(self.id, wait_s)
+
+    def _stop_waiting(self) -> None:
+        """Drop Celery's pub/sub subscription for this call now, while Redis answers: a
+        caller that stopped waiting holds none (Celery would otherwise drop it at garbage
+        collection, and print a traceback if Redis is gone by then)."""
+        with contextlib.suppress(Exception):
+            self._async.backend.remove_pending_result(self._async)
 
     def forget(self) -> None:
         """Drop the stored result from Redis."""
@@ -176,23 +222,37 @@ class ToolClient:
             if first is not None:
                 return self.call(first, tool_id)
         try:
-            with _redis_errors(self.settings.redis_url):
-                async_result = self.app.send_task(
-                    RUN_TOOL_TASK,
-                    args=[request.to_message()],
-                    task_id=call_id,
-                    queue=queue,
-                    argsrepr=request.describe(),
-                    shadow=f"toolq:{tool_id}",  # the name Flower shows
-                    kwargsrepr="{}",
-                    headers={"toolq_tool_id": tool_id},  # for Flower and the logs
-                )
+            async_result = self._send(request, call_id, queue)
         except BrokerUnavailable:
             if idempotency_key is not None:  # do not leave the key pointing at nothing
                 with contextlib.suppress(RedisError):
                     self._redis.delete(keys.idempotency(idempotency_key))
             raise
         return ToolCall(call_id, tool_id, async_result, self.settings.redis_url)
+
+    def _send(self, request: CallRequest, call_id: str, queue: str) -> AsyncResult:
+        """Publish once per try, within ``redis_socket_timeout`` in all: a refused
+        connection (a restart) is tried again until then; a hung Redis is not waited
+        for twice (Celery's own publish retries would wait 4-5 socket timeouts)."""
+        deadline = time.monotonic() + self.settings.redis_socket_timeout_s
+        while True:
+            try:
+                with _redis_errors(self.settings.redis_url):
+                    return self.app.send_task(
+                        RUN_TOOL_TASK,
+                        args=[request.to_message()],
+                        task_id=call_id,
+                        queue=queue,
+                        argsrepr=request.describe(),
+                        kwargsrepr="{}",
+                        shadow=f"toolq:{request.tool_id}",  # the name Flower shows
+                        headers={"toolq_tool_id": request.tool_id},  # Flower, logs
+                        retry=False,
+                    )
+            except BrokerUnavailable:
+                if time.monotonic() + _REFUSED_RETRY_S >= deadline:
+                    raise
+                time.sleep(_REFUSED_RETRY_S)
 
     def run(
         self,

@@ -592,6 +592,7 @@ def dlq_replay(
 ) -> None:
     """Enqueue failed calls again (fresh attempts); prints `old-id -> new-id` per call."""
     from toolq.producers import ToolClient
+    from toolq.workers.deadletter import not_replayable_reason, replayable
 
     if (call_id is None) == (not replay_all):
         _fail("give one call id, or --all")
@@ -602,6 +603,10 @@ def dlq_replay(
     entries = [entry for entry in found if entry is not None]
     if not replay_all and not entries:
         _fail(f"no dead-letter entry {call_id}", EXIT_FAILED)
+    refused = [entry for entry in entries if not replayable(entry)]
+    for entry in refused:
+        typer.echo(f"toolq: cannot replay {entry['id']}: {not_replayable_reason(entry)}", err=True)
+    entries = [entry for entry in entries if replayable(entry)]
 
     def replay(entry: dict[str, Any]) -> str:
         call = client.enqueue(
@@ -617,6 +622,8 @@ def dlq_replay(
     for entry in entries:
         new_id = _guard(functools.partial(replay, entry))
         typer.echo(f"{entry['id']} -> {new_id}")
+    if refused:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @dlq_app.command("purge")
@@ -637,7 +644,7 @@ def _dead_letters(settings: Settings) -> DeadLetters:
     from toolq.config.connections import redis_client
     from toolq.workers.deadletter import DeadLetters
 
-    return DeadLetters(redis_client(settings), settings.dead_letter_max)
+    return DeadLetters.from_settings(redis_client(settings), settings)
 
 
 def main() -> None:

@@ -14,6 +14,10 @@ DEAD_LETTERS = f"{PREFIX}dlq:entries"
 """Hash: call id -> JSON entry (input, env, error, history)."""
 DEAD_LETTER_INDEX = f"{PREFIX}dlq:index"
 """Sorted set: call id scored by the time it failed."""
+DEAD_LETTER_SIZES = f"{PREFIX}dlq:sizes"
+"""Hash: call id -> bytes of its entry (for the byte budget)."""
+DEAD_LETTER_BYTES = f"{PREFIX}dlq:bytes"
+"""Counter: bytes of all entries together."""
 
 
 def breaker(tool_id: str) -> str:

@@ -38,7 +38,7 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
         breakers = [
             vars(status) for status in Breakers(client, settings.breaker_settings).statuses()
         ]
-        dead = DeadLetters(client, settings.dead_letter_max).count()
+        dead = DeadLetters.from_settings(client, settings).count()
     finally:
         client.close()
         app.close()

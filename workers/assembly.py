@@ -109,7 +109,7 @@ def build_worker(
         profiles=profiles,
         runtime=runtime,
         breakers=Breakers(client, settings.breaker_settings),
-        dead_letters=DeadLetters(client, settings.dead_letter_max),
+        dead_letters=DeadLetters.from_settings(client, settings),
         deliveries=Deliveries(client, settings.redelivery_s * (MAX_DELIVERIES + 2)),
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",

@@ -50,7 +50,7 @@ class BreakerGate(Protocol):
 
 
 class DeadLetterSink(Protocol):
-    def add(self, entry: dict[str, Any]) -> None: ...
+    def add(self, entry: dict[str, Any]) -> object: ...
 
 
 class DeliveryCounter(Protocol):

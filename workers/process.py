@@ -18,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 
 from celery import Celery
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 
 class WorkerProcess:
@@ -74,8 +76,11 @@ class WorkerProcess:
                 raise RuntimeError(
                     f"worker exited with code {self.proc.returncode}:\n{self.output()[-4000:]}"
                 )
-            if app.control.ping(destination=[self.hostname], timeout=0.3):
-                return self
+            try:
+                if app.control.ping(destination=[self.hostname], timeout=0.3):
+                    return self
+            except (OperationalError, RedisError, OSError):
+                time.sleep(0.3)  # a pooled connection from before a Redis restart: retry
         self.stop()
         raise RuntimeError(f"worker did not answer within {timeout_s}s:\n{self.output()[-4000:]}")
 

@@ -18,6 +18,7 @@ from celery.signals import worker_shutdown
 
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import Settings
+from toolq.workers import poison
 from toolq.workers.assembly import build_worker
 from toolq.workers.metrics import Metrics, serve, use_multiprocess_dir
 from toolq.workers.tasks import register_tasks
@@ -56,8 +57,9 @@ def run_worker(
     if parts.warm is not None and pool == "threads":
         parts.warm.start()
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
-    app = make_celery(settings)
+    app = make_celery(settings, worker=True)
     register_tasks(app, parts.handler)
+    poison.install(app, settings)  # bad messages and broker restarts never stop it
     if metrics is not None:
         serve(settings.performance.metrics_port, metrics)
     # Celery logs every result at INFO ("succeeded in ...: {...}"); results may be
@@ -74,3 +76,4 @@ def run_worker(
         "--without-gossip",
     ]
     app.worker_main(argv)
+    poison.exit_with_worker_code()
