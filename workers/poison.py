@@ -297,7 +297,7 @@ def check_message(message: Any, app: Celery) -> Poison | None:
     except TypeError as exc:
         return refused(f"arguments do not fit {task}: {exc}")
     if task == RUN_TOOL_TASK:
-        request = bound.arguments.get("request")
+        request = next(iter(bound.arguments.values()), None)  # the task's one argument
         if not isinstance(request, dict):
             return refused("the request (args[0]) is not a JSON object")
         poison.request = request
