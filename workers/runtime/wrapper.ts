@@ -2,6 +2,7 @@
 //
 //   bun wrapper.ts <entrypoint> <envelope-fd>          spawn mode: one call, then exit
 //   bun wrapper.ts <entrypoint> <envelope-fd> warm     warm mode: one call per stdin line
+//   bun wrapper.ts <entrypoint> <envelope-fd> check    start-up check: load, list tools, exit
 //
 // A request is one JSON object (one line in warm mode):
 //   {tool_id, tool_exec_id, input, config, env, timeout_ms, nonce}
@@ -17,6 +18,7 @@ const MAX_OUTPUT_BYTES = 10 * 1024 * 1024;
 const entrypoint = process.argv[2];
 const envelope = Bun.file(Number(process.argv[3]));
 const warm = process.argv[4] === "warm";
+const check = process.argv[4] === "check";
 
 type ErrorInfo = {
   kind: string;
@@ -95,6 +97,7 @@ function describe(e: unknown, kind: string, message?: string): ErrorInfo {
 // A failure outside the tool's own promise is still the call's error. In warm mode
 // the process may hold state the failure left broken, so it exits and is replaced.
 async function onLateError(e: unknown): Promise<void> {
+  if (check) toStderr(`the entrypoint failed while loading: ${e instanceof Error ? e.stack ?? e.message : String(e)}`);
   await send(null, describe(e, "tool_error"), true);
   process.exit(1);
 }
@@ -164,7 +167,15 @@ async function handle(line: string): Promise<void> {
   }
 }
 
-if (warm) {
+if (check) {
+  const tools = await loaded;
+  if (tools instanceof Error) {
+    toStderr(tools.message);
+    process.exit(1);
+  }
+  toStderr(`tools: ${Object.keys(tools).filter((k) => typeof tools[k] === "function").sort().join(", ")}`);
+  process.exit(0);
+} else if (warm) {
   for await (const line of console) {
     if (line) await handle(line);
   }
