@@ -109,8 +109,21 @@ const loaded: Promise<Record<string, unknown> | Error> = import(entrypoint).then
     const exported = module.default;
     return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
   },
-  (e) => new Error(`failed to load entrypoint ${entrypoint}: ${e}`),
+  (e) => new Error(`failed to load entrypoint ${entrypoint}: ${loadProblem(e)}`),
 );
+
+// Bun reports build errors (syntax, resolution) as an AggregateError of messages with positions.
+function loadProblem(e: unknown): string {
+  const errors = (e as { errors?: unknown[] } | null)?.errors;
+  if (!Array.isArray(errors) || errors.length === 0) return String(e);
+  return errors
+    .map((m) => {
+      const p = (m as { position?: { file?: string; line?: number; column?: number } }).position;
+      const where = p ? ` (${p.file}:${p.line}:${p.column})` : "";
+      return `${(m as { message?: string }).message ?? String(m)}${where}`;
+    })
+    .join("; ");
+}
 
 const baseEnv = { ...process.env };
 
