@@ -3,7 +3,10 @@
 1. built-in defaults (Compozy's `DefaultConfig`);
 2. a profile (`--profile` / ``TOOLQ_PROFILE``): `production` or `development`,
    shipped as YAML beside this module;
-3. the project file (`--config` / ``TOOLQ_CONFIG``, else `./compozy.yaml` if present);
+3. the project file (`--config` / ``TOOLQ_CONFIG``, else `./compozy.yaml` if present):
+   first the toolq settings its tool definitions carry (``autoload`` files and the
+   ``tools:`` list, :mod:`toolq.config.tooldefs`), then its own toolq keys; Compozy's
+   other keys are accepted and ignored, Compozy's runtime names mapped onto toolq's;
 4. environment variables: ``TOOLQ_<KEY>`` for top-level keys (``TOOLQ_REDIS_URL``),
    ``TOOLQ_<SECTION>__<KEY>`` for nested ones (``TOOLQ_RUNTIME__TIMEOUT=10s``);
 5. explicit overrides from the caller (command-line flags).

@@ -1,8 +1,9 @@
 """The typed settings model: one object that producers and workers both read.
 
 YAML keys follow Compozy (`timeout: 30s`); in code the fields carry their unit
-(`timeout_s`). Unknown keys are errors. Loading and precedence live in
-:mod:`toolq.config.loader`.
+(`timeout_s`). Unknown keys are errors here; the loader drops the keys of a Compozy
+project file that are not toolq's before they reach this model. Loading and precedence
+live in :mod:`toolq.config.loader`, tool definitions in :mod:`toolq.config.tooldefs`.
 """
 
 from __future__ import annotations

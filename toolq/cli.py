@@ -480,6 +480,19 @@ def show_config(config: ConfigOption = None, profile: ProfileOption = None) -> N
     data = settings.model_dump(mode="json", by_alias=True)
     data["redis_url"] = redact_url(data["redis_url"])
     data["_source"] = settings.source
+    data["_project"] = settings.project
+    data["_tool_definitions"] = {
+        tool_id: {
+            "source": d.source,
+            "description": d.description,
+            "input_schema": d.input_schema is not None,
+            "output_schema": d.output_schema is not None,
+            "with": dict(d.defaults),
+            "config": dict(d.config),
+            "env": sorted(d.env),  # names only: values may be secrets or templates of them
+        }
+        for tool_id, d in sorted(settings.definitions.items())
+    }
     typer.echo(json.dumps(data, indent=2))
 
 

@@ -5,6 +5,8 @@ templates; project namespaces. Pure parsing and policy: no Redis, no Bun."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +315,19 @@ def test_calls_refused_by_the_schema_never_reach_the_runtime_or_the_breaker() ->
     decision = r.handler.handle(message, Delivery("call-2", "worker-a", "q"))
     assert isinstance(decision, Final) and decision.envelope["status"] == "success"
     assert r.runtime.calls[0].input == {"u": 1, "city": "Rome"}  # `with` merged in the worker
+
+
+def test_toolq_config_lists_definitions_and_env_names_only() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolq", "config", "--config", str(DESK)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["_project"] == "weather-desk" and data["queue"] == "weather-desk"
+    weather = data["_tool_definitions"]["weather_lookup"]
+    assert weather["input_schema"] is True and weather["with"] == {"units": "metric"}
+    assert weather["env"] == ["REGION", "WEATHER_AUTH", "WEATHER_TOKEN"]
+    assert "eu-west" not in proc.stdout  # env values are not printed
