@@ -123,11 +123,10 @@ def _first_error(validator: Draft7Validator | None, value: Any, root: str) -> st
     if error is None:
         return None
     path = [str(part) for part in error.absolute_path]
-    if error.validator == "required" and isinstance(error.validator_value, list):
-        missing = [p for p in error.validator_value if isinstance(error.instance, Mapping)]
-        missing = [p for p in missing if p not in error.instance]
+    if error.validator == "required" and isinstance(error.instance, Mapping):
+        missing = [name for name in error.validator_value if name not in error.instance]
         if missing:
-            path.append(str(missing[0]))
+            path.append(str(missing[0]))  # name the missing field, not its parent
     where = ".".join([root, *path])
     return f"{where}: {error.message}"
 
@@ -241,8 +240,8 @@ def parse_definition(raw: Mapping[str, Any], source: str) -> tuple[ToolDefinitio
         validate_tool_id(tool_id)
     except InvalidInput as exc:
         raise fail("id", exc.message) from None
+    known = DEFINITION_KEYS | TOOLQ_TOOL_KEYS
     for key in raw:
-        known = DEFINITION_KEYS | TOOLQ_TOOL_KEYS
         if key not in known and key not in COMPOZY_DEFINITION_KEYS and looks_like_typo(key, known):
             raise fail(key, f"unknown key{suggest(key, known)}")
 

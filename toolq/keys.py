@@ -6,8 +6,9 @@ delivery counters under ``toolq:{project}:``, so two projects sharing a Redis ne
 see each other's state. Without a project the keys are ``toolq:…`` as before.
 
 (Celery and kombu keep their own keys: ``celery-task-meta-<call id>``, the queue
-lists, ``unacked*`` and ``_kombu.*``; they are keyed by unique call ids and by
-queue names, which are per project too.)
+lists and ``_kombu.*``, keyed by unique call ids and by queue names, which are per
+project too. kombu's ``unacked`` bookkeeping is moved under the project's prefix by
+:mod:`toolq.config.celery_app`.)
 """
 
 from __future__ import annotations

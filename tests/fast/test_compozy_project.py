@@ -14,6 +14,7 @@ import pytest
 
 from tests.fast.fakes import FakeBreakers, ok, rig
 from toolq.config import load_settings
+from toolq.config.celery_app import celery_config
 from toolq.config.settings import Settings
 from toolq.config.tooldefs import ToolDefinition, parse_definition
 from toolq.errors import ConfigError, InvalidInput
@@ -331,3 +332,14 @@ def test_toolq_config_lists_definitions_and_env_names_only() -> None:
     assert weather["input_schema"] is True and weather["with"] == {"units": "metric"}
     assert weather["env"] == ["REGION", "WEATHER_AUTH", "WEATHER_TOKEN"]
     assert "eu-west" not in proc.stdout  # env values are not printed
+
+
+def test_kombus_unacked_bookkeeping_is_per_project() -> None:
+    """kombu restores unacknowledged deliveries older than the restoring worker's own
+    visibility timeout; shared keys would let one project redeliver another's calls."""
+    desk = celery_config(load_settings(DESK, environ={}))["broker_transport_options"]
+    harbour = celery_config(load_settings(HARBOUR, environ={}))["broker_transport_options"]
+    assert desk["unacked_key"] == "toolq:weather-desk:unacked"
+    assert desk["unacked_index_key"] == "toolq:weather-desk:unacked_index"
+    assert desk["unacked_mutex_key"] != harbour["unacked_mutex_key"]
+    assert "unacked_key" not in celery_config(Settings())["broker_transport_options"]
