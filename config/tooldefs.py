@@ -257,7 +257,8 @@ def parse_definition(raw: Mapping[str, Any], source: str) -> tuple[ToolDefinitio
             Draft7Validator.check_schema(schema)
         except SchemaError as exc:
             raise fail(key, f"not a valid JSON Schema (draft 7): {exc.message}") from None
-        schemas[key] = Draft7Validator(schema)
+        # Formats are checked as Compozy's validator does (email, ipv4, date, ...).
+        schemas[key] = Draft7Validator(schema, format_checker=Draft7Validator.FORMAT_CHECKER)
 
     defaults, config = raw.get("with") or {}, raw.get("config") or {}
     if not isinstance(defaults, Mapping):

@@ -66,8 +66,19 @@ def desk_worker(desk: Path, desk_client: ToolClient, redis_url: str) -> Iterator
         yield worker
 
 
+def toolq_cli(project: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "TOOLQ_REDIS_URL": redis_url,
+        "TOOLQ_CONFIG": str(project / "compozy.yaml"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "toolq", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
 def test_a_compozy_project_runs_unchanged(
-    desk: Path, desk_client: ToolClient, desk_worker: WorkerProcess
+    desk: Path, desk_client: ToolClient, desk_worker: WorkerProcess, redis_url: str
 ) -> None:
     assert desk_client.settings.queue == "weather-desk"  # the project's own default queue
     weather = desk_client.run("weather_lookup", {"city": "Lisbon"}, wait=30)
@@ -101,6 +112,17 @@ def test_a_compozy_project_runs_unchanged(
     greeting = desk_client.run("inline_greeting", {"who": "Ana"}, wait=30)  # tools: list entry
     assert greeting.ok and greeting.result["text"] == "Hello, Ana!"
 
+    cli = toolq_cli(desk, redis_url, "run", "format_price", "--input", '{"amount": 1}')
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["result"] == {"text": "EUR 1.00"}
+    cli = toolq_cli(
+        desk, redis_url, "run", "format_price", "--input", '{"amount": 1}',
+        "--tool-config", '{"currency": "GBP"}',
+    )  # fmt: skip
+    assert json.loads(cli.stdout)["result"] == {"text": "GBP 1.00"}
+    bad = toolq_cli(desk, redis_url, "run", "format_price", "--tool-config", "[1]")
+    assert bad.returncode == 2 and "--tool-config must be a JSON object" in bad.stderr
+
     info = desk_client.run("runtime_info", wait=30)
     root = str(desk.resolve())
     assert info.result == {"runtime": "worker", "root": root, "cwd": root}
@@ -117,17 +139,7 @@ def test_the_input_schema_refuses_bad_calls_at_the_call_site(
         desk_client.enqueue("inline_greeting", {"who": ""})
     with pytest.raises(InvalidInput, match="config must be an object"):
         desk_client.enqueue("weather_lookup", {"city": "Rome"}, config=["x"])  # type: ignore[arg-type]
-    proc = subprocess.run(
-        [sys.executable, "-m", "toolq", "run", "weather_lookup", "--input", '{"city": 12}'],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            **os.environ,
-            "TOOLQ_REDIS_URL": redis_url,
-            "TOOLQ_CONFIG": str(desk / "compozy.yaml"),
-        },
-    )
+    proc = toolq_cli(desk, redis_url, "run", "weather_lookup", "--input", '{"city": 12}')
     assert proc.returncode == 2, proc.stderr
     assert "input.city" in proc.stderr and "not of type 'string'" in proc.stderr
 
@@ -242,17 +254,7 @@ def test_two_projects_on_one_redis_never_see_each_other(
             assert harbour_letters.count() == 0
             assert DeadLetters(connection, 100, desk_client.settings.keys).get(first.id)
 
-        status = subprocess.run(
-            [sys.executable, "-m", "toolq", "status", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={
-                **os.environ,
-                "TOOLQ_REDIS_URL": redis_url,
-                "TOOLQ_CONFIG": str(harbour / "compozy.yaml"),
-            },
-        )
+        status = toolq_cli(harbour, redis_url, "status", "--json")
         report = json.loads(status.stdout)
         assert report["project"] == "harbour-ops" and report["dead_letters"] == 0
         assert all(b["state"] == "closed" for b in report["breakers"])

@@ -343,3 +343,10 @@ def test_kombus_unacked_bookkeeping_is_per_project() -> None:
     assert desk["unacked_index_key"] == "toolq:weather-desk:unacked_index"
     assert desk["unacked_mutex_key"] != harbour["unacked_mutex_key"]
     assert "unacked_key" not in celery_config(Settings())["broker_transport_options"]
+
+
+def test_standard_formats_are_checked() -> None:
+    tool = definition(input={"type": "object", "properties": {"to": {"format": "email"}}})
+    tool.check_input({"to": "ana@example.com"})
+    with pytest.raises(InvalidInput, match=r"input\.to: 'not-an-address' is not a 'email'"):
+        tool.check_input({"to": "not-an-address"})
