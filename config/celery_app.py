@@ -44,6 +44,12 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         "socket_timeout": read_timeout,
         "socket_connect_timeout": timeout,
     }
+    if settings.project:
+        # kombu keeps unacknowledged deliveries in one hash per Redis database and restores
+        # those older than *its* visibility timeout: per project, so a project with short
+        # limits never redelivers another project's running calls.
+        for key in ("unacked", "unacked_index", "unacked_mutex"):
+            transport[f"{key}_key"] = settings.keys.prefix + key
     backend_transport: dict[str, Any] = {"retry_policy": {"timeout": timeout}}
     if settings.redis_sentinel_master:
         transport["master_name"] = settings.redis_sentinel_master

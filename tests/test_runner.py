@@ -129,7 +129,8 @@ def test_env_is_minimal_plus_the_call_env(
     keys = set(outcome.result["keys"])  # type: ignore[index]
     assert "WORKER_SECRET" not in keys
     assert {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN"} <= keys
-    assert keys <= {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN", "PWD"}  # bwrap sets PWD
+    compozy = {"COMPOZY_RUNTIME", "COMPOZY_PROJECT_ROOT"}  # Compozy gives every tool these
+    assert keys <= {"PATH", "HOME", "TMPDIR", "LANG", "API_TOKEN", "PWD", *compozy}  # bwrap: PWD
     values = run(leaky, "env", {"keys": ["API_TOKEN", "TMPDIR"]}, env={"API_TOKEN": "abc123"})
     env = values.result["env"]  # type: ignore[index]
     assert env["API_TOKEN"] == "abc123" and env["TMPDIR"]

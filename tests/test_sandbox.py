@@ -217,7 +217,8 @@ def test_open_files_are_limited(launcher: Launcher, bun: Path) -> None:
 def test_sandbox_environment_is_only_what_the_call_passes(launcher: Launcher) -> None:
     outcome = call(launcher, "env_keys", {}, [], env={"API_TOKEN": "t"})
     assert outcome.result is not None
-    assert set(outcome.result["keys"]) <= {"PATH", "HOME", "LANG", "TMPDIR", "API_TOKEN", "PWD"}
+    allowed = {"PATH", "HOME", "LANG", "TMPDIR", "API_TOKEN", "PWD"}
+    assert set(outcome.result["keys"]) <= allowed | {"COMPOZY_RUNTIME", "COMPOZY_PROJECT_ROOT"}
     assert os.environ.get("HOME") is None or "HOME" in outcome.result["keys"]
 
 

@@ -90,4 +90,5 @@ def test_env_of_one_call_never_reaches_the_next(pool: WarmRuntime) -> None:
     }
     assert run(pool, "env", {"keys": ["SECRET"]}).result == {"env": {"SECRET": None}}
     keys = run(pool, "env_keys").result["keys"]  # type: ignore[index]
-    assert set(keys) <= {"PATH", "HOME", "LANG", "TMPDIR", "PWD"}  # bwrap sets PWD
+    compozy = {"COMPOZY_RUNTIME", "COMPOZY_PROJECT_ROOT"}
+    assert set(keys) <= {"PATH", "HOME", "LANG", "TMPDIR", "PWD", *compozy}  # bwrap sets PWD

@@ -74,8 +74,16 @@ class DeadLetters:
         *,
         max_bytes: int = 64 * 1024**2,
         ttl_s: float = 7 * 24 * 3600.0,
+        namespace: keys.Keys = keys.DEFAULT,
     ) -> None:
         self._redis = client
+        self._keys = namespace
+        self._all = [
+            namespace.dead_letters,
+            namespace.dead_letter_index,
+            namespace.dead_letter_sizes,
+            namespace.dead_letter_bytes,
+        ]
         self._max = max_entries
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
@@ -88,6 +96,7 @@ class DeadLetters:
             settings.dead_letter_max,
             max_bytes=settings.dead_letter_max_bytes,
             ttl_s=settings.dead_letter_ttl_s,
+            namespace=settings.keys,
         )
 
     @property
@@ -105,7 +114,7 @@ class DeadLetters:
         data = json.dumps(entry)
         return int(
             self._script(
-                keys=_KEYS,
+                keys=self._all,
                 args=[call_id, data, now, self.ttl_s, self._max, self.max_bytes],
             )
         )
@@ -114,7 +123,7 @@ class DeadLetters:
         """Evict what is over age or budget now (adding does this too)."""
         return int(
             self._script(
-                keys=_KEYS, args=["", "", time.time(), self.ttl_s, self._max, self.max_bytes]
+                keys=self._all, args=["", "", time.time(), self.ttl_s, self._max, self.max_bytes]
             )
         )
 
@@ -122,15 +131,15 @@ class DeadLetters:
         """Newest first."""
         self.trim()
         ids: Any = self._redis.zrevrange(
-            keys.DEAD_LETTER_INDEX, 0, -1 if limit is None else limit - 1
+            self._keys.dead_letter_index, 0, -1 if limit is None else limit - 1
         )
         if not ids:
             return []
-        raw = self._redis.hmget(keys.DEAD_LETTERS, ids)
+        raw = self._redis.hmget(self._keys.dead_letters, ids)
         return [json.loads(item) for item in raw if item is not None]
 
     def get(self, call_id: str) -> dict[str, Any] | None:
-        raw = self._redis.hget(keys.DEAD_LETTERS, call_id)
+        raw = self._redis.hget(self._keys.dead_letters, call_id)
         if raw is None:
             return None
         entry: dict[str, Any] = json.loads(raw)
@@ -140,33 +149,25 @@ class DeadLetters:
 
     def remove(self, call_id: str) -> bool:
         with self._redis.pipeline() as pipe:
-            pipe.hdel(keys.DEAD_LETTERS, call_id)
-            pipe.zrem(keys.DEAD_LETTER_INDEX, call_id)
-            pipe.hget(keys.DEAD_LETTER_SIZES, call_id)
-            pipe.hdel(keys.DEAD_LETTER_SIZES, call_id)
+            pipe.hdel(self._keys.dead_letters, call_id)
+            pipe.zrem(self._keys.dead_letter_index, call_id)
+            pipe.hget(self._keys.dead_letter_sizes, call_id)
+            pipe.hdel(self._keys.dead_letter_sizes, call_id)
             removed, _, size, _ = pipe.execute()
         if size:
-            self._redis.decrby(keys.DEAD_LETTER_BYTES, int(size))
+            self._redis.decrby(self._keys.dead_letter_bytes, int(size))
         return bool(removed)
 
     def count(self) -> int:
-        return int(self._redis.zcard(keys.DEAD_LETTER_INDEX))
+        return int(self._redis.zcard(self._keys.dead_letter_index))
 
     def bytes_used(self) -> int:
-        return int(self._redis.get(keys.DEAD_LETTER_BYTES) or 0)
+        return int(self._redis.get(self._keys.dead_letter_bytes) or 0)
 
     def purge(self) -> int:
         count = self.count()
-        self._redis.delete(*_KEYS)
+        self._redis.delete(*self._all)
         return count
-
-
-_KEYS = [
-    keys.DEAD_LETTERS,
-    keys.DEAD_LETTER_INDEX,
-    keys.DEAD_LETTER_SIZES,
-    keys.DEAD_LETTER_BYTES,
-]
 
 
 def not_replayable_reason(entry: dict[str, Any]) -> str | None:
