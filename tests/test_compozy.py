@@ -155,8 +155,7 @@ def test_the_worker_validates_calls_that_bypass_the_client(
             "enqueued_at": time.time(),
         }
         sent = desk_client.app.send_task(RUN_TOOL_TASK, args=[message], queue="weather-desk")
-        envelope: dict[str, object] = sent.get(timeout=30)
-        return envelope
+        return desk_client.call(sent.id).result(timeout=30).to_dict()
 
     refused = send({"city": 7})
     assert refused["status"] == "error"
@@ -189,7 +188,7 @@ def test_resolved_env_values_are_never_logged_or_stored(
     assert failed.error is not None and failed.error.kind == "tool_error"
     assert TOKEN not in json.dumps(failed.to_dict())
     with redis.Redis.from_url(redis_url) as connection:
-        entry = DeadLetters(connection, 100, desk_client.settings.keys).get(failed.id)
+        entry = DeadLetters(connection, 100, namespace=desk_client.settings.keys).get(failed.id)
         assert entry is not None and entry["config"] == {"fail": True}
         assert TOKEN not in json.dumps(entry)
         stored = [connection.dump(key) or b"" for key in connection.scan_iter()]
@@ -250,9 +249,9 @@ def test_two_projects_on_one_redis_never_see_each_other(
                 b"closed",
             )
             assert not connection.exists("toolq:breaker:always_down")  # no shared keys
-            harbour_letters = DeadLetters(connection, 100, harbour_client.settings.keys)
+            harbour_letters = DeadLetters(connection, 100, namespace=harbour_client.settings.keys)
             assert harbour_letters.count() == 0
-            assert DeadLetters(connection, 100, desk_client.settings.keys).get(first.id)
+            assert DeadLetters(connection, 100, namespace=desk_client.settings.keys).get(first.id)
 
         status = toolq_cli(harbour, redis_url, "status", "--json")
         report = json.loads(status.stdout)

@@ -33,6 +33,9 @@ from toolq.workers.process import WorkerProcess
 
 # -- helpers -------------------------------------------------------------------------------
 
+TEST_KEYS = load_settings(TOOLS_CONFIG, environ={}).keys
+"""The test tool project's own keys (its name namespaces them)."""
+
 
 def queue_of(worker: WorkerProcess) -> str:
     return next(arg.split("=", 1)[1] for arg in worker.argv if arg.startswith("--queues="))
@@ -69,7 +72,7 @@ def make_message(
 
 def poison_entries(redis_url: str, marker: str) -> list[dict[str, Any]]:
     with redis.Redis.from_url(redis_url) as connection:
-        letters = DeadLetters(connection, 10_000)
+        letters = DeadLetters(connection, 10_000, namespace=TEST_KEYS)
         return [
             entry
             for entry in letters.list()
@@ -473,7 +476,9 @@ def test_an_entry_over_a_tenth_of_the_budget_keeps_a_preview_and_replay_refuses_
     scratch_redis: RedisServer,
 ) -> None:
     with redis.Redis.from_url(scratch_redis.url) as connection:
-        letters = DeadLetters(connection, 10_000, max_bytes=64 * 1024, ttl_s=3600)
+        letters = DeadLetters(
+            connection, 10_000, max_bytes=64 * 1024, ttl_s=3600, namespace=TEST_KEYS
+        )
         letters.add(entry("small", 1000))
         letters.add(entry("huge", 200_000))
         huge = letters.get("huge")
