@@ -516,7 +516,7 @@ def test_an_entry_over_a_tenth_of_the_budget_keeps_a_preview_and_replay_refuses_
         assert raw is not None
         body = json.loads(base64.b64decode(json.loads(raw)["body"]))
         assert body[0][0]["input"] == {"pad": "x" * 1000}  # replayed whole
-        assert connection.hexists("toolq:dlq:entries", "huge")  # refused: still there
+        assert connection.hexists(TEST_KEYS.dead_letters, "huge")  # refused: still there
 
 
 def test_dead_letters_older_than_their_ttl_are_gone(scratch_redis: RedisServer) -> None:
