@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from toolq.config.durations import format_duration, parse_duration
+from toolq.permissions import Permissions
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds, written in YAML as `30s`, `100ms`, `2m` or a number of seconds."""
@@ -38,14 +39,6 @@ VISIBILITY_MARGIN_S = 60.0
 """Redis redelivers an unacknowledged call this long after the backstop limit."""
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_KNOWN_PERMISSIONS = (
-    "--allow-read",
-    "--allow-write",
-    "--allow-net",
-    "--allow-env",
-    "--allow-sys",
-    "--allow-run",
-)
 
 
 class _Strict(BaseModel):
@@ -53,9 +46,9 @@ class _Strict(BaseModel):
 
 
 def _check_permissions(flags: list[str] | None) -> list[str] | None:
-    for flag in flags or []:
-        if flag.split("=", 1)[0] not in _KNOWN_PERMISSIONS:
-            raise ValueError(f"unknown permission {flag!r}; known: {', '.join(_KNOWN_PERMISSIONS)}")
+    """Refuse at load any flag or scoped form the sandbox cannot enforce (names it)."""
+    if flags is not None:
+        Permissions.parse(flags)
     return flags
 
 
@@ -97,6 +90,7 @@ class LimitSettings(_Strict):
     max_cpu_time_s: Duration | None = Field(None, alias="max_cpu_time", gt=0)
     max_open_files: PositiveInt | None = None
     max_processes: PositiveInt | None = None
+    max_tmp_mb: PositiveInt | None = None
 
 
 class ToolSettings(_Strict):
@@ -130,6 +124,8 @@ class RuntimeSettings(_Strict):
     max_cpu_time_s: Duration | None = Field(None, alias="max_cpu_time", gt=0)
     max_open_files: PositiveInt = 1024
     max_processes: PositiveInt = 256
+    max_tmp_mb: PositiveInt = 64
+    """Size of a sandboxed call's /tmp (TMPDIR inside it): a tmpfs, gone with the call."""
 
     _check_permissions = field_validator("permissions")(_check_permissions)
 
@@ -360,6 +356,7 @@ class Settings(_Strict):
         values: dict[str, Any] = {
             "max_memory_mb": self.runtime.max_memory_mb,
             "max_processes": self.runtime.max_processes,
+            "max_tmp_mb": self.runtime.max_tmp_mb,
             "max_open_files": self.runtime.max_open_files,
             "max_cpu_time_s": self.runtime.max_cpu_time_s,
         }

@@ -29,7 +29,7 @@ from toolq.workers.warm import WarmPool
 Runner = BunRunner | WarmPool
 
 
-TOOL_PERMISSIONS = Permissions.parse(["--allow-read", "--allow-write"])
+TOOL_PERMISSIONS = Permissions.parse(["--allow-read", "--allow-write", "--allow-run"])
 """The test tools read and write files under tests/tools/.tmp (pytest's basetemp)."""
 
 

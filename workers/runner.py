@@ -30,7 +30,6 @@ import selectors
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -50,7 +49,7 @@ from toolq.errors import (
     ToolTimeout,
 )
 from toolq.validation import check_input_size
-from toolq.workers.launch import Launched, Launcher, base_environment
+from toolq.workers.launch import Launched, Launcher, base_environment, call_tmpdir
 from toolq.workers.limits import ResourceLimits, cpu_seconds, rss_mb
 from toolq.workers.sandbox import Permissions
 
@@ -161,13 +160,13 @@ class BunRunner:
 
     def _spawn_and_collect(self, call: Call, request: bytes, nonce: bytes) -> Outcome:
         started = time.monotonic()  # limits count from here, not from waiting for a slot
-        tmpdir = tempfile.mkdtemp(prefix="toolq-")
+        tmpdir = call_tmpdir()
         try:
             launched = self.launcher.launch(
                 tmpdir=tmpdir,
                 permissions=call.permissions,
                 limits=call.resources,
-                env={**base_environment(call.permissions.env), **call.env},
+                env=base_environment(call.permissions.env),  # call.env goes in the request
                 warm=False,
             )
         except OSError as exc:

@@ -27,12 +27,11 @@ import os
 import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 
 from toolq.errors import ToolCrashed, ToolFailure
-from toolq.workers.launch import Launcher, base_environment
+from toolq.workers.launch import Launcher, base_environment, call_tmpdir
 from toolq.workers.limits import ResourceLimits, read_proc, rss_mb
 from toolq.workers.runner import (
     DEFAULT_RESOURCES,
@@ -57,7 +56,7 @@ class WarmProcess:
     def __init__(
         self, launcher: Launcher, permissions: Permissions, resources: ResourceLimits
     ) -> None:
-        self.tmpdir = tempfile.mkdtemp(prefix="toolq-warm-")
+        self.tmpdir = call_tmpdir()
         self.resources = resources
         try:
             self.launched = launcher.launch(

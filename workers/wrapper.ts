@@ -1,7 +1,19 @@
 // toolq's Bun wrapper: runs Compozy-style tool calls.
 //
-//   bun wrapper.ts <entrypoint> <envelope-fd>          spawn mode: one call, then exit
-//   bun wrapper.ts <entrypoint> <envelope-fd> warm     warm mode: one call per stdin line
+//   bun wrapper.ts <entrypoint> <envelope-fd> spawn [options]   one call, then exit
+//   bun wrapper.ts <entrypoint> <envelope-fd> warm [options]    one call per stdin line
+//
+// Options (set up before the tool's module loads, so its top-level code is bound too):
+//   --toolq-no-exec=<nr>:<hex>  install this seccomp filter (execve/execveat -> EPERM) on
+//                               every thread: no --allow-run. bwrap cannot: its filter
+//                               applies before it executes Bun itself.
+//   --toolq-no-ffi              bun:ffi and process.dlopen throw: no --allow-ffi.
+//   --toolq-egress=<socket>     scoped --allow-net: relay 127.0.0.1:<port> to the egress
+//                               proxy's unix socket and point HTTP(S)_PROXY at it.
+//
+// The call's env arrives in the request (never in the environment bwrap and the
+// loader see) and is set here: before the entrypoint loads in spawn mode, per call in
+// warm mode.
 //
 // A request is one JSON object (one line in warm mode):
 //   {tool_id, tool_exec_id, input, config, env, timeout_ms, nonce}
@@ -17,6 +29,88 @@ const MAX_OUTPUT_BYTES = 10 * 1024 * 1024;
 const entrypoint = process.argv[2];
 const envelope = Bun.file(Number(process.argv[3]));
 const warm = process.argv[4] === "warm";
+const options = new Map(
+  process.argv.slice(5).map((arg) => {
+    const at = arg.indexOf("=");
+    return at < 0 ? [arg, ""] : [arg.slice(0, at), arg.slice(at + 1)];
+  }),
+);
+
+// bun:ffi is loaded only when a filter must be installed, and only by this file.
+function denyExec(spec: string): void {
+  const [nr, hex] = spec.split(":");
+  const { dlopen, ptr } = require("bun:ffi");
+  const libc = dlopen("libc.so.6", {
+    syscall: { args: ["i64", "i64", "i64", "ptr"], returns: "i64" },
+  });
+  const program = Buffer.from(hex, "hex");
+  const fprog = new BigUint64Array([BigInt(program.length / 8), BigInt(ptr(program))]);
+  // seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fprog): all threads
+  const status = libc.symbols.syscall(Number(nr), 1, 1, ptr(fprog));
+  libc.close();
+  if (status !== 0n) throw new Error(`toolq: cannot install the no-exec seccomp filter (${status})`);
+}
+
+function denyFfi(): void {
+  const refuse = () => {
+    throw new Error("toolq: native code (bun:ffi, process.dlopen) needs --allow-ffi");
+  };
+  const ffi = require("bun:ffi");
+  for (const key of Object.keys(ffi)) Object.defineProperty(ffi, key, { get: refuse, configurable: false });
+  Object.defineProperty(process, "dlopen", { get: refuse, configurable: false });
+}
+
+// Scoped --allow-net: the sandbox has only its loopback; fetch goes through the worker's
+// egress proxy, which enforces the allow-list.
+function relayEgress(socketPath: string): void {
+  type Pipe = { peer?: { write(d: Uint8Array): number; end(): void }; queued: Uint8Array[]; ended?: boolean };
+  const server = Bun.listen<Pipe>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open(client) {
+        client.data = { queued: [] };
+        Bun.connect({
+          unix: socketPath,
+          socket: {
+            open(upstream) {
+              client.data.peer = upstream;
+              for (const chunk of client.data.queued) upstream.write(chunk);
+              client.data.queued = [];
+              if (client.data.ended) upstream.end();
+            },
+            data(_upstream, chunk) {
+              client.write(chunk);
+            },
+            close() {
+              client.end();
+            },
+            error() {
+              client.end();
+            },
+          },
+        }).catch(() => client.end());
+      },
+      data(client, chunk) {
+        if (client.data.peer) client.data.peer.write(chunk);
+        else client.data.queued.push(new Uint8Array(chunk));
+      },
+      end(client) {
+        if (client.data.peer) client.data.peer.end();
+        else client.data.ended = true;
+      },
+      close(client) {
+        client.data.peer?.end();
+      },
+    },
+  });
+  const url = `http://127.0.0.1:${server.port}`;
+  for (const name of ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]) process.env[name] = url;
+}
+
+if (options.has("--toolq-no-exec")) denyExec(options.get("--toolq-no-exec")!);
+if (options.has("--toolq-no-ffi")) denyFfi();
+if (options.has("--toolq-egress")) relayEgress(options.get("--toolq-egress")!);
 
 type ErrorInfo = {
   kind: string;
@@ -101,13 +195,19 @@ async function onLateError(e: unknown): Promise<void> {
 process.on("uncaughtException", onLateError);
 process.on("unhandledRejection", onLateError);
 
-const loaded: Promise<Record<string, unknown> | Error> = import(entrypoint).then(
-  (module) => {
-    const exported = module.default;
-    return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
-  },
-  (e) => new Error(`failed to load entrypoint ${entrypoint}: ${e}`),
-);
+let loading: Promise<Record<string, unknown> | Error> | null = null;
+
+function load(): Promise<Record<string, unknown> | Error> {
+  loading ??= import(entrypoint).then(
+    (module) => {
+      const exported = module.default;
+      return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
+    },
+    (e) => new Error(`failed to load entrypoint ${entrypoint}: ${e}`),
+  );
+  return loading;
+}
+if (warm) load(); // warm: loaded once, ahead of the first call
 
 const baseEnv = { ...process.env };
 
@@ -141,7 +241,8 @@ async function handle(line: string): Promise<void> {
   if (!/^[a-zA-Z0-9_/.-]+$/.test(toolId) || toolId.includes("..") || /^[/.]/.test(toolId)) {
     return send(null, { kind: "invalid_input", name: "ValidationError", message: `invalid tool id ${JSON.stringify(toolId)}` });
   }
-  const tools = await loaded;
+  if (!warm) applyEnv(request.env); // before the module loads: its top level sees it too
+  const tools = await load();
   if (tools instanceof Error) return send(null, describe(tools, "tool_error"));
   const tool = Object.hasOwn(tools, toolId) ? tools[toolId] : undefined;
   if (typeof tool !== "function") {
@@ -160,7 +261,22 @@ async function handle(line: string): Promise<void> {
   } catch (e) {
     await send(null, describe(e, "tool_error"));
   } finally {
-    if (warm) restoreEnv();
+    if (warm) {
+      restoreEnv();
+      emptyTmpdir();
+    }
+  }
+}
+
+// Warm mode: TMPDIR is the next call's too; what a call left in it goes.
+function emptyTmpdir(): void {
+  const dir = baseEnv.TMPDIR;
+  if (!dir) return;
+  try {
+    const { readdirSync, rmSync } = require("node:fs"); // not at the top: node:fs costs ~4 ms
+    for (const name of readdirSync(dir)) rmSync(`${dir}/${name}`, { recursive: true, force: true });
+  } catch {
+    // gone or unreadable: nothing of ours to clear
   }
 }
 

@@ -1,0 +1,447 @@
+"""Issue 10, the sandbox half: each escape tried as an attacker would, each grant at its edge.
+
+Real bwrap, real Bun, the real runner; a caller controls a call's input and env, a
+tool is hostile. Each test names the line of the README's threat model it proves.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TOOLS
+from toolq.config.settings import ToolLimits
+from toolq.errors import ConfigError, InvalidInput
+from toolq.permissions import Permissions, parse_net_rule
+from toolq.validation import validate_env
+from toolq.workers.bun import WRAPPER
+from toolq.workers.launch import Launcher, call_tmpdir, sweep_tmpdirs
+from toolq.workers.limits import Cgroups, ResourceLimits
+from toolq.workers.runner import DEFAULT_RESOURCES, BunRunner, Call, Outcome
+from toolq.workers.sandbox import make_sandbox
+from toolq.workers.seccomp import AARCH64, X86_64, no_exec_filter, sandbox_filter
+from toolq.workers.warm import WarmPool
+
+EPERM = -1
+
+
+@pytest.fixture(scope="module")
+def launcher(bun: Path) -> Launcher:
+    sandbox = make_sandbox("required", bun, WRAPPER, TOOLS)
+    return Launcher(bun, TOOLS / "entrypoint.ts", TOOLS, sandbox=sandbox, cgroups=Cgroups.detect())
+
+
+def run(
+    launcher: Launcher,
+    tool_id: str,
+    payload: Any,
+    flags: list[str],
+    env: dict[str, str] | None = None,
+    resources: ResourceLimits = DEFAULT_RESOURCES,
+) -> Outcome:
+    call = Call(
+        tool_id,
+        "security-test",
+        payload,
+        env or {},
+        ToolLimits(10, 12),
+        permissions=Permissions.parse(flags),
+        resources=resources,
+    )
+    return BunRunner(launcher, max_concurrent=1).run(call)
+
+
+def result(launcher: Launcher, tool_id: str, payload: Any, flags: list[str], **kw: Any) -> Any:
+    outcome = run(launcher, tool_id, payload, flags, **kw)
+    assert outcome.result is not None, (outcome.error, outcome.stderr[-2000:])
+    return outcome.result
+
+
+def warm_result(launcher: Launcher, tool_id: str, payload: Any, flags: list[str]) -> Any:
+    pool = WarmPool(
+        launcher, 1, max_calls_per_process=10, max_rss_mb=1024, permissions=Permissions.parse(flags)
+    )
+    try:
+        outcome = pool.run(Call(tool_id, "w", payload, {}, ToolLimits(10, 12)))
+    finally:
+        pool.close()
+    assert outcome.result is not None, (outcome.error, outcome.stderr[-2000:])
+    return outcome.result
+
+
+# -- 1. the call's env never reaches the launcher ------------------------------------------
+
+
+def test_bun_options_in_call_env_does_not_replace_the_tool(launcher: Launcher) -> None:
+    """Caller: BUN_OPTIONS=--eval ran the caller's code instead of the tool (spawn mode)."""
+    marker = f"pwned-{uuid.uuid4().hex}"
+    outcome = run(
+        launcher,
+        "echo",
+        {"tool": "ran"},
+        [],
+        env={"BUN_OPTIONS": f"--eval=console.error('{marker}');process.exit(0)"},
+    )
+    assert marker not in outcome.stderr
+    assert outcome.result == {"echo": {"tool": "ran"}}, outcome.error
+
+
+def test_loader_variables_in_call_env_do_not_reach_bwrap(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    """Caller: LD_PRELOAD/LD_AUDIT in a call's env ran a library in bwrap, on the host, as root.
+
+    The runner is called directly (no validate_env) to prove the launch path itself."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the library")
+    marker = tmp_path / "loaded.txt"
+    source = tmp_path / "evil.c"
+    source.write_text(
+        "#include <stdio.h>\n#include <unistd.h>\n"
+        "unsigned int la_version(unsigned int v) { return v; }\n"
+        "__attribute__((constructor)) static void hit(void) {\n"
+        f'  FILE *f = fopen("{marker}", "a"); if (f) {{ fprintf(f, "uid=%d\\n", getuid()); '
+        "fclose(f); }\n}\n"
+    )
+    library = tmp_path / "evil.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    library.chmod(0o755)
+    for name in ("LD_PRELOAD", "LD_AUDIT"):
+        outcome = run(launcher, "echo", {"n": name}, [], env={name: str(library)})
+        assert outcome.result == {"echo": {"n": name}}, outcome.error
+        assert not marker.exists(), f"{name} loaded {library}: {marker.read_text()}"
+
+
+def test_call_env_reaches_the_tool_before_its_module_loads(launcher: Launcher) -> None:
+    """The call's env is set inside the sandbox, before the entrypoint's top level runs."""
+    status = result(launcher, "self_status", {}, [], env={"LOAD_TIME_PROBE": "seen"})
+    assert status["env_at_load"] == "seen"
+    env = result(launcher, "env", {"keys": ["API_TOKEN"]}, [], env={"API_TOKEN": "t0k"})
+    assert env == {"env": {"API_TOKEN": "t0k"}}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LD_AUDIT",
+        "LD_PRELOAD",
+        "LD_DEBUG",
+        "GLIBC_TUNABLES",
+        "MALLOC_ARENA_MAX",
+        "GCONV_PATH",
+        "BUN_OPTIONS",
+        "BUN_JSC_useJIT",
+        "JSC_useJIT",
+        "NODE_OPTIONS",
+        "NODE_EXTRA_CA_CERTS",
+        "DYLD_INSERT_LIBRARIES",
+        "TMPDIR",
+        "PATH",
+        "HOME",
+        "IFS",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "RES_OPTIONS",
+        "LOCALDOMAIN",
+        "TZDIR",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "OPENSSL_CONF",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "BASH_ENV",
+        "ENV",
+        "PYTHONSTARTUP",
+        "PERL5OPT",
+        "GIT_SSH_COMMAND",
+        "__LIBC",
+        "TOOLQ_SECRET_KEY",
+        "http_proxy",
+        "ld_preload",
+    ],
+)
+def test_env_names_that_change_the_runtime_are_refused(name: str) -> None:
+    with pytest.raises(InvalidInput, match=r"not allowed|invalid env name"):
+        validate_env({name: "x"})
+
+
+def test_plain_env_names_are_accepted() -> None:
+    env = {"API_KEY": "k", "LANG": "C.UTF-8", "TZ": "UTC", "REGION_1": "eu", "LC_ALL": "C"}
+    assert validate_env(env) == env
+
+
+# -- 2. unprivileged tools --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_tool_is_unprivileged_with_no_new_privileges_and_seccomp(
+    launcher: Launcher, mode: str
+) -> None:
+    get = result if mode == "spawn" else warm_result
+    status = get(launcher, "self_status", {}, ["--allow-read"])
+    assert status["uid"].split() == ["65534"] * 4
+    assert status["gid"].split() == ["65534"] * 4
+    assert status["no_new_privs"] == "1"
+    assert status["seccomp"] == "2"  # filter mode
+    assert int(status["cap_eff"], 16) == 0
+
+
+def test_root_only_host_files_stay_unreadable_under_allow_read(launcher: Launcher) -> None:
+    """Tool: as root in the sandbox, /etc/shadow was readable under --allow-read."""
+    if os.geteuid() != 0:
+        pytest.skip("the worker is not root: its own files are what the tool may read")
+    shadow = result(launcher, "probe", {"action": "read", "path": "/etc/shadow"}, ["--allow-read"])
+    assert not shadow["ok"] and "EACCES" in shadow["error"], shadow
+    assert result(launcher, "probe", {"action": "read", "path": "/etc/passwd"}, ["--allow-read"])[
+        "ok"
+    ]
+
+
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_seccomp_denies_what_a_tool_never_needs(launcher: Launcher, mode: str) -> None:
+    """Tool: ptrace, process_vm_readv, new namespaces, keyrings, bpf, io_uring… get EPERM."""
+    get = result if mode == "spawn" else warm_result
+    calls = get(launcher, "syscalls", {}, ["--allow-read", "--allow-ffi"])
+    for name in (
+        "ptrace",
+        "process_vm_readv",
+        "unshare",
+        "personality",
+        "keyctl",
+        "bpf",
+        "mount",
+        "io_uring_setup",
+    ):
+        assert calls[name] == EPERM, (name, calls)
+    assert calls["clone3"] == -38  # ENOSYS: libc falls back to clone, whose flags are checked
+    assert calls["getppid"] >= 0  # everything else works
+
+
+def test_seccomp_programs_are_well_formed() -> None:
+    for arch in (X86_64, AARCH64):
+        for program in (sandbox_filter(arch), no_exec_filter(arch)):
+            assert len(program) % 8 == 0 and len(program) // 8 < 4096
+            # first: load the arch, compare with this arch, else kill the process
+            assert program[:8] == bytes.fromhex("2000000004000000")
+            assert int.from_bytes(program[12:16], "little") == arch.audit
+            assert program[16:24] == bytes.fromhex("0600000000000080")
+    x86 = sandbox_filter(X86_64)
+    assert bytes.fromhex("3500") in x86  # the x32 check (nr >= 0x40000000)
+
+
+# -- 3. every permission exactly as granted ---------------------------------------------------
+
+
+def test_allow_env_names_only_those(launcher: Launcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--allow-env=API_KEY gave the tool the worker's whole environment."""
+    monkeypatch.setenv("WORKER_GRANTED", "yes")
+    monkeypatch.setenv("WORKER_SECRET", "no")
+    keys = {"keys": ["WORKER_GRANTED", "WORKER_SECRET"]}
+    env = result(launcher, "env", keys, ["--allow-env=WORKER_GRANTED"])["env"]
+    assert env == {"WORKER_GRANTED": "yes", "WORKER_SECRET": None}
+    env = result(launcher, "env", keys, ["--allow-env"])["env"]
+    assert env == {"WORKER_GRANTED": "yes", "WORKER_SECRET": "no"}
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"hello from {self.server.server_address[1]}{self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def web() -> Iterator[tuple[int, int]]:
+    """Two local HTTP servers: one to allow, one just beyond the grant."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield servers[0].server_address[1], servers[1].server_address[1]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_allow_net_scoped_to_host_and_port(launcher: Launcher, web: tuple[int, int]) -> None:
+    """--allow-net=127.0.0.1:8080 allowed every host and port."""
+    allowed, other = web
+    flags = [f"--allow-net=127.0.0.1:{allowed}"]
+    ok = result(launcher, "fetch", {"url": f"http://127.0.0.1:{allowed}/x"}, flags)
+    assert ok == {"ok": True, "status": 200, "body": f"hello from {allowed}/x"}
+    denied = result(launcher, "fetch", {"url": f"http://127.0.0.1:{other}/x"}, flags)
+    assert denied["status"] == 403
+    assert f"toolq: 127.0.0.1:{other} not in --allow-net=127.0.0.1:{allowed}" in denied["body"]
+    https = result(launcher, "fetch", {"url": "https://api.example.com/"}, flags)
+    assert not https["ok"] and "api.example.com:443 not in --allow-net" in https["error"], https
+    # no way around the proxy: the sandbox has no network of its own
+    raw = result(launcher, "probe", {"action": "connect", "port": allowed}, flags)
+    assert not raw["ok"]
+
+
+def test_allow_net_by_name_and_wildcard(launcher: Launcher, web: tuple[int, int]) -> None:
+    allowed, _ = web
+    ok = result(
+        launcher, "fetch", {"url": f"http://localhost:{allowed}/n"}, ["--allow-net=localhost"]
+    )
+    assert ok["ok"] and ok["body"] == f"hello from {allowed}/n"
+    denied = result(
+        launcher, "fetch", {"url": f"http://localhost:{allowed}/n"}, ["--allow-net=*.example.com"]
+    )
+    assert denied["status"] == 403 and "not in --allow-net=*.example.com" in denied["body"]
+    rule = parse_net_rule("*.example.com")
+    assert rule.matches("api.example.com", 443) and not rule.matches("example.com.evil", 443)
+
+
+def test_allow_net_unscoped_is_the_host_network(launcher: Launcher, web: tuple[int, int]) -> None:
+    allowed, other = web
+    for port in (allowed, other):
+        assert result(launcher, "fetch", {"url": f"http://127.0.0.1:{port}/"}, ["--allow-net"])[
+            "ok"
+        ]
+    assert not result(launcher, "fetch", {"url": f"http://127.0.0.1:{allowed}/"}, [])["ok"]
+
+
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_no_program_runs_without_allow_run(launcher: Launcher, mode: str) -> None:
+    """--allow-read without --allow-run still let a tool start /bin/sh and any program."""
+    get = result if mode == "spawn" else warm_result
+    shell = get(launcher, "run", {"argv": ["/bin/sh", "-c", "exit 0"]}, ["--allow-read"])
+    assert not shell["ok"] and "EPERM" in shell["error"], shell
+    own = get(launcher, "run_own_copy", {"program": "/bin/true"}, ["--allow-read"])
+    assert not own["ok"] and "EPERM" in own["error"], own
+    bun = get(launcher, "run", {"argv": [str(launcher.bun), "--version"]}, ["--allow-read"])
+    assert not bun["ok"], bun
+
+
+def test_allow_run_programs_exposes_only_those(launcher: Launcher) -> None:
+    flags = ["--allow-run=ls"]
+    assert result(launcher, "run", {"argv": ["ls", "/"]}, flags)["ok"]
+    for argv in (["sh", "-c", "exit 0"], ["cat", "/etc/hostname"], ["/bin/sh", "-c", "true"]):
+        assert not result(launcher, "run", {"argv": argv}, flags)["ok"], argv
+    assert result(launcher, "run", {"argv": ["/bin/sh", "-c", "exit 0"]}, ["--allow-run"])["ok"]
+
+
+def test_ffi_needs_allow_ffi(launcher: Launcher) -> None:
+    """--allow-ffi was refused as unknown, while bun:ffi loaded without it."""
+    denied = result(launcher, "ffi", {}, ["--allow-read"])
+    assert not denied["ok"] and "needs --allow-ffi" in denied["error"], denied
+    assert result(launcher, "ffi", {}, ["--allow-read", "--allow-ffi"])["ok"]
+
+
+def test_allow_all_grants_everything(launcher: Launcher, web: tuple[int, int]) -> None:
+    allowed, _ = web
+    for flags in (["--allow-all"], ["-A"]):
+        assert result(launcher, "fetch", {"url": f"http://127.0.0.1:{allowed}/"}, flags)["ok"]
+        assert result(launcher, "run", {"argv": ["/bin/sh", "-c", "exit 0"]}, flags)["ok"]
+        assert result(launcher, "ffi", {}, flags)["ok"]
+
+
+def test_allow_hrtime_and_sys_are_accepted() -> None:
+    assert Permissions.parse(["--allow-hrtime", "--allow-sys"]) == Permissions(
+        sys=True, hrtime=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--allow-sys=hostname", "cannot enforce a scoped --allow-sys"),
+        ("--allow-ffi=/lib/x.so", "cannot enforce a scoped --allow-ffi"),
+        ("--allow-hrtime=1", "cannot enforce a scoped --allow-hrtime"),
+        ("--allow-all=yes", "takes no value"),
+        ("--allow-net=http://x.com/path", "cannot enforce other forms"),
+        ("--allow-net=*", "cannot enforce other forms"),
+        ("--allow-net=", "empty list"),
+        ("--allow-env=A-B", "not variable names"),
+        ("--allow-read=relative/path", "must be absolute"),
+        ("--allow-everything", "unknown permission"),
+    ],
+)
+def test_unenforceable_forms_are_refused_at_config_load(
+    tmp_path: Path, flag: str, message: str
+) -> None:
+    from toolq.config import load_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"runtime:\n  permissions: ['{flag}']\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(config, environ={})
+    assert flag.split("=")[0] in str(info.value)
+
+
+def test_allow_run_programs_with_the_whole_filesystem_is_refused(tmp_path: Path) -> None:
+    from toolq.config import load_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text("tools:\n  t:\n    permissions: [--allow-read, --allow-run=git]\n")
+    with pytest.raises(ConfigError, match="--allow-run=PROGRAMS with the whole filesystem"):
+        load_settings(config, environ={})
+
+
+# -- 4. bounded temp space --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_tmpdir_is_capped(launcher: Launcher, mode: str) -> None:
+    """Tool: TMPDIR was an uncapped host directory (2 GB written in 0.76 s)."""
+    small = ResourceLimits(512, 64, 256, None, max_tmp_mb=8)
+    if mode == "spawn":
+        filled = result(launcher, "fill_tmp", {"mb": 64}, [], resources=small)
+    else:
+        pool = WarmPool(launcher, 1, max_calls_per_process=10, max_rss_mb=1024, resources=small)
+        try:
+            outcome = pool.run(Call("fill_tmp", "w", {"mb": 64}, {}, ToolLimits(10, 12)))
+            after = pool.run(Call("tmp_list", "w", {}, {}, ToolLimits(10, 12)))
+        finally:
+            pool.close()
+        assert outcome.result is not None, outcome.error
+        filled = outcome.result
+        assert after.result is not None and after.result["entries"] == []  # emptied
+    assert filled["full"] and "ENOSPC" in filled["error"], filled
+    assert filled["written_mb"] <= 8
+
+
+def test_max_tmp_mb_per_tool(tmp_path: Path) -> None:
+    from toolq.config import load_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text("runtime:\n  max_tmp_mb: 16\ntools:\n  big:\n    limits: {max_tmp_mb: 256}\n")
+    settings = load_settings(config, environ={})
+    assert settings.resource_limits("big")["max_tmp_mb"] == 256
+    assert settings.resource_limits("other")["max_tmp_mb"] == 16
+    assert load_settings(None, environ={}).resource_limits("x")["max_tmp_mb"] == 64
+
+
+def test_dead_workers_temp_dirs_are_swept() -> None:
+    """Killed workers left /tmp/toolq-* directories behind (38 after one soak)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = Path("/tmp") / f"toolq-call-{dead.pid}-{uuid.uuid4().hex[:8]}"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "data").write_text("x")
+    mine = Path(call_tmpdir())
+    try:
+        removed = sweep_tmpdirs("/tmp")
+        assert str(leftover) in removed and not leftover.exists()
+        assert mine.exists()  # this worker is alive: its directory stays
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.rmtree(leftover, ignore_errors=True)
