@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 import uuid
@@ -294,6 +295,59 @@ def test_allow_net_scoped_to_host_and_port(launcher: Launcher, web: tuple[int, i
     # no way around the proxy: the sandbox has no network of its own
     raw = result(launcher, "probe", {"action": "connect", "port": allowed}, flags)
     assert not raw["ok"]
+
+
+@pytest.fixture
+def tls_web(tmp_path: Path) -> Iterator[int]:
+    """A local HTTPS server with a throw-away self-signed certificate."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_allow_net_scoped_https_goes_through_connect(
+    launcher: Launcher, tls_web: int, web: tuple[int, int], mode: str
+) -> None:
+    get = result if mode == "spawn" else warm_result
+    flags = [f"--allow-net=127.0.0.1:{tls_web}"]
+    payload = {"url": f"https://127.0.0.1:{tls_web}/s", "insecure": True}
+    assert get(launcher, "fetch", payload, flags) == {
+        "ok": True,
+        "status": 200,
+        "body": f"hello from {tls_web}/s",
+    }
+    other = get(launcher, "fetch", {"url": f"http://127.0.0.1:{web[0]}/"}, flags)
+    assert other["status"] == 403
 
 
 def test_allow_net_by_name_and_wildcard(launcher: Launcher, web: tuple[int, int]) -> None:

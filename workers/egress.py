@@ -37,6 +37,8 @@ log = logging.getLogger("toolq.worker")
 MAX_HEAD_BYTES = 64 * 1024
 CONNECT_TIMEOUT_S = 10.0
 IDLE_TIMEOUT_S = 300.0
+MAX_CONNECTIONS = 64
+"""Open connections per proxy: a tool cannot spend the worker's threads without bound."""
 SOCKET_NAME = "egress.sock"
 
 
@@ -54,6 +56,7 @@ class EgressProxy:
         os.chmod(self.path, 0o666)  # the tool's uid (65534) connects to it
         self._listener.listen(128)
         self._closed = False
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         threading.Thread(target=self._serve, name="toolq-egress", daemon=True).start()
         atexit.register(self.close)
 
@@ -78,16 +81,22 @@ class EgressProxy:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            if not self._slots.acquire(blocking=False):
+                with conn, contextlib.suppress(OSError):
+                    _reply(conn, 503, f"toolq: more than {MAX_CONNECTIONS} open connections")
+                continue
             threading.Thread(
                 target=self._handle, args=(conn,), name="toolq-egress-conn", daemon=True
             ).start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            try:
+        try:
+            with conn:
                 self._proxy(conn)
-            except (OSError, ValueError) as exc:
-                log.debug("egress connection ended: %s", exc)
+        except (OSError, ValueError) as exc:
+            log.debug("egress connection ended: %s", exc)
+        finally:
+            self._slots.release()
 
     def _proxy(self, conn: socket.socket) -> None:
         conn.settimeout(CONNECT_TIMEOUT_S)

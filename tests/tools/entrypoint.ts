@@ -313,9 +313,9 @@ export default {
       return { ok: false, error: String(e) };
     }
   },
-  fetch: async (input: { url: string }) => {
+  fetch: async (input: { url: string; insecure?: boolean }) => {
     try {
-      const response = await fetch(input.url);
+      const response = await fetch(input.url, input.insecure ? { tls: { rejectUnauthorized: false } } : {});
       return { ok: response.ok, status: response.status, body: (await response.text()).slice(0, 300) };
     } catch (e) {
       return { ok: false, error: String(e) };
