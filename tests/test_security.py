@@ -257,9 +257,15 @@ def test_allow_env_names_only_those(launcher: Launcher, monkeypatch: pytest.Monk
     assert env == {"WORKER_GRANTED": "yes", "WORKER_SECRET": "no"}
 
 
+BIG = bytes(range(256)) * (5 * 4096)  # 5 MiB
+BIG_SUM = sum(BIG) % 65521
+
+
 class _Hello(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = f"hello from {self.server.server_address[1]}{self.path}".encode()
+        if self.path == "/big":
+            body = BIG
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -290,6 +296,8 @@ def test_allow_net_scoped_to_host_and_port(launcher: Launcher, web: tuple[int, i
     denied = result(launcher, "fetch", {"url": f"http://127.0.0.1:{other}/x"}, flags)
     assert denied["status"] == 403
     assert f"toolq: 127.0.0.1:{other} not in --allow-net=127.0.0.1:{allowed}" in denied["body"]
+    big = result(launcher, "fetch_size", {"url": f"http://127.0.0.1:{allowed}/big"}, flags)
+    assert big == {"status": 200, "bytes": len(BIG), "sum": BIG_SUM}
     https = result(launcher, "fetch", {"url": "https://api.example.com/"}, flags)
     assert not https["ok"] and "api.example.com:443 not in --allow-net" in https["error"], https
     # no way around the proxy: the sandbox has no network of its own
@@ -348,6 +356,8 @@ def test_allow_net_scoped_https_goes_through_connect(
     }
     other = get(launcher, "fetch", {"url": f"http://127.0.0.1:{web[0]}/"}, flags)
     assert other["status"] == 403
+    big = get(launcher, "fetch_size", {**payload, "url": f"https://127.0.0.1:{tls_web}/big"}, flags)
+    assert big == {"status": 200, "bytes": len(BIG), "sum": BIG_SUM}
 
 
 def test_allow_net_by_name_and_wildcard(launcher: Launcher, web: tuple[int, int]) -> None:
@@ -450,6 +460,13 @@ def test_allow_run_programs_with_the_whole_filesystem_is_refused(tmp_path: Path)
         load_settings(config, environ={})
 
 
+def test_allow_sys_is_needed_for_sys_even_under_allow_read(launcher: Launcher) -> None:
+    """--allow-read bound / recursively: the host's /sys came with it."""
+    online = {"action": "read", "path": "/sys/devices/system/cpu/online"}
+    assert not result(launcher, "probe", online, ["--allow-read"])["ok"]
+    assert result(launcher, "probe", online, ["--allow-read", "--allow-sys"])["ok"]
+
+
 # -- 4. bounded temp space --------------------------------------------------------------------
 
 
@@ -471,6 +488,14 @@ def test_tmpdir_is_capped(launcher: Launcher, mode: str) -> None:
         assert after.result is not None and after.result["entries"] == []  # emptied
     assert filled["full"] and "ENOSPC" in filled["error"], filled
     assert filled["written_mb"] <= 8
+
+
+def test_only_tmp_and_granted_paths_are_writable(launcher: Launcher) -> None:
+    """/dev (and /dev/shm) were an uncapped writable tmpfs beside the capped /tmp."""
+    for path in ("/dev/shm/x", "/dev/x", "/x"):
+        assert not result(launcher, "probe", {"action": "write", "path": path}, [])["ok"], path
+    devnull = result(launcher, "probe", {"action": "write", "path": "/dev/null"}, [])
+    assert devnull["ok"], devnull
 
 
 def test_max_tmp_mb_per_tool(tmp_path: Path) -> None:

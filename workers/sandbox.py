@@ -122,7 +122,9 @@ class Sandbox:
         # granted path under /tmp (a checkout in /tmp, say) are bound onto it, and their
         # mount points never land in a host directory. TMPDIR is a directory in it: its
         # size is capped and it is gone when the sandbox ends.
-        args += ["--proc", "/proc", "--dev", "/dev"]
+        # /dev is bwrap's own tmpfs, unbounded: read-only, so that /tmp (capped) and the
+        # granted paths are the only places a tool can write (device nodes still work).
+        args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
         args += ["--size", str(tmp_mb * 2**20), "--tmpfs", "/tmp", "--dir", SANDBOX_TMP]
         args += ["--ro-bind", str(self.bun), str(self.bun)]
         project = str(self.project_dir)
@@ -138,6 +140,8 @@ class Sandbox:
                 args += ["--bind-try", path, path]
         if permissions.sys:
             args += ["--ro-bind", "/sys", "/sys"]
+        elif permissions.read is True:  # the host's /sys came with /: hide it again
+            args += ["--tmpfs", "/sys", "--remount-ro", "/sys"]
         if egress_dir is not None:
             args += ["--ro-bind", egress_dir, EGRESS_DIR]
         if permissions.read is not True:

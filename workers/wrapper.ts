@@ -61,46 +61,79 @@ function denyFfi(): void {
 }
 
 // Scoped --allow-net: the sandbox has only its loopback; fetch goes through the worker's
-// egress proxy, which enforces the allow-list.
+// egress proxy, which enforces the allow-list. Each side queues what its socket did not
+// take yet and sends it on `drain`, so large bodies pass whole.
+type Writable = { write(data: Uint8Array): number; end(): void };
+type Side = { socket?: Writable; queued: Uint8Array[]; ending: boolean };
+
+function forward(side: Side, chunk?: Uint8Array): void {
+  if (chunk) side.queued.push(new Uint8Array(chunk)); // a copy: the buffer is reused
+  if (!side.socket) return;
+  while (side.queued.length) {
+    const head = side.queued[0];
+    const written = side.socket.write(head);
+    if (written < head.length) {
+      side.queued[0] = head.subarray(Math.max(written, 0));
+      return; // the rest goes on drain
+    }
+    side.queued.shift();
+  }
+  if (side.ending) side.socket.end();
+}
+
+function finish(side: Side): void {
+  side.ending = true;
+  forward(side);
+}
+
 function relayEgress(socketPath: string): void {
-  type Pipe = { peer?: { write(d: Uint8Array): number; end(): void }; queued: Uint8Array[]; ended?: boolean };
-  const server = Bun.listen<Pipe>({
+  type Pair = { toUpstream: Side; toClient: Side };
+  const server = Bun.listen<Pair>({
     hostname: "127.0.0.1",
     port: 0,
     socket: {
       open(client) {
-        client.data = { queued: [] };
+        const pair: Pair = {
+          toUpstream: { queued: [], ending: false },
+          toClient: { socket: client, queued: [], ending: false },
+        };
+        client.data = pair;
         Bun.connect({
           unix: socketPath,
           socket: {
             open(upstream) {
-              client.data.peer = upstream;
-              for (const chunk of client.data.queued) upstream.write(chunk);
-              client.data.queued = [];
-              if (client.data.ended) upstream.end();
+              pair.toUpstream.socket = upstream;
+              forward(pair.toUpstream);
             },
             data(_upstream, chunk) {
-              client.write(chunk);
+              forward(pair.toClient, chunk);
+            },
+            drain() {
+              forward(pair.toUpstream);
+            },
+            end() {
+              finish(pair.toClient);
             },
             close() {
-              client.end();
+              finish(pair.toClient);
             },
             error() {
-              client.end();
+              finish(pair.toClient);
             },
           },
         }).catch(() => client.end());
       },
       data(client, chunk) {
-        if (client.data.peer) client.data.peer.write(chunk);
-        else client.data.queued.push(new Uint8Array(chunk));
+        forward(client.data.toUpstream, chunk);
+      },
+      drain(client) {
+        forward(client.data.toClient);
       },
       end(client) {
-        if (client.data.peer) client.data.peer.end();
-        else client.data.ended = true;
+        finish(client.data.toUpstream);
       },
       close(client) {
-        client.data.peer?.end();
+        finish(client.data.toUpstream);
       },
     },
   });

@@ -321,6 +321,13 @@ export default {
       return { ok: false, error: String(e) };
     }
   },
+  fetch_size: async (input: { url: string; insecure?: boolean }) => {
+    const response = await fetch(input.url, input.insecure ? { tls: { rejectUnauthorized: false } } : {});
+    const body = new Uint8Array(await response.arrayBuffer());
+    let sum = 0;
+    for (const byte of body) sum = (sum + byte) % 65521;
+    return { status: response.status, bytes: body.length, sum };
+  },
   fill_tmp: async (input: { mb: number }) => {
     const chunk = Buffer.alloc(1 << 20, 120);
     const path = `${process.env.TMPDIR}/fill-${crypto.randomUUID()}`;
