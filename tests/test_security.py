@@ -10,6 +10,7 @@ import http.server
 import os
 import shutil
 import ssl
+import struct
 import subprocess
 import threading
 import uuid
@@ -29,7 +30,14 @@ from toolq.workers.launch import Launcher, call_tmpdir, sweep_tmpdirs
 from toolq.workers.limits import Cgroups, ResourceLimits
 from toolq.workers.runner import DEFAULT_RESOURCES, BunRunner, Call, Outcome
 from toolq.workers.sandbox import make_sandbox
-from toolq.workers.seccomp import AARCH64, X86_64, no_exec_filter, sandbox_filter
+from toolq.workers.seccomp import (
+    AARCH64,
+    DENIED,
+    X86_64,
+    Arch,
+    no_exec_filter,
+    sandbox_filter,
+)
 from toolq.workers.warm import WarmPool
 
 EPERM = -1
@@ -241,6 +249,48 @@ def test_seccomp_programs_are_well_formed() -> None:
             assert program[16:24] == bytes.fromhex("0600000000000080")
     x86 = sandbox_filter(X86_64)
     assert bytes.fromhex("3500") in x86  # the x32 check (nr >= 0x40000000)
+
+
+def _run_bpf(program: bytes, nr: int, arch: int, args: tuple[int, ...] = ()) -> int:
+    """A tiny classic-BPF interpreter for the opcodes the filters use."""
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *(list(args) + [0] * 6)[:6])
+    code = [struct.unpack_from("<HBBI", program, at) for at in range(0, len(program), 8)]
+    pc, acc = 0, 0
+    while True:
+        op, jt, jf, k = code[pc]
+        if op == 0x20:  # ld [k]
+            acc = struct.unpack_from("<I", data, k)[0]
+            pc += 1
+        elif op in (0x15, 0x35, 0x45):  # jeq, jge, jset
+            hit = acc == k if op == 0x15 else acc >= k if op == 0x35 else bool(acc & k)
+            pc += 1 + (jt if hit else jf)
+        elif op == 0x06:  # ret k
+            return k
+        else:
+            raise AssertionError(f"unexpected opcode {op:#x}")
+
+
+@pytest.mark.parametrize("arch", [X86_64, AARCH64], ids=["x86_64", "aarch64"])
+def test_seccomp_program_semantics(arch: Arch) -> None:
+    program = sandbox_filter(arch)
+    deny, allow = 0x00050000 | 1, 0x7FFF0000
+    for name in DENIED:
+        if name in arch.numbers:
+            assert _run_bpf(program, arch.numbers[name], arch.audit) == deny, name
+    clone = arch.numbers["clone"]
+    assert _run_bpf(program, clone, arch.audit, (0x11,)) == allow  # fork-like
+    assert _run_bpf(program, clone, arch.audit, (0x3D0F00,)) == allow  # a thread
+    for flag in (0x20000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000):
+        assert _run_bpf(program, clone, arch.audit, (flag | 0x11,)) == deny, hex(flag)
+    assert _run_bpf(program, arch.numbers["clone3"], arch.audit) == 0x00050000 | 38
+    assert _run_bpf(program, 0, arch.audit) == allow  # read / io_setup
+    assert _run_bpf(program, 0, 0x40000003) == 0x80000000  # i386: kill the process
+    if arch is X86_64:
+        assert _run_bpf(program, 0x40000000 + 1, arch.audit) == deny  # x32 ABI
+    no_exec = no_exec_filter(arch)
+    assert _run_bpf(no_exec, arch.numbers["execve"], arch.audit) == deny
+    assert _run_bpf(no_exec, arch.numbers["execveat"], arch.audit) == deny
+    assert _run_bpf(no_exec, arch.numbers["clone"], arch.audit) == allow
 
 
 # -- 3. every permission exactly as granted ---------------------------------------------------

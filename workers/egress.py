@@ -47,6 +47,8 @@ class EgressProxy:
 
     def __init__(self, rules: Sequence[NetRule]) -> None:
         self.rules = tuple(rules)
+        self.pid = os.getpid()
+        """A forked child must not serve or remove its parent's proxy (see Launcher)."""
         # Named like the per-call temp dirs, so a dead worker's socket dir is swept too.
         self.directory = tempfile.mkdtemp(prefix=f"toolq-call-{os.getpid()}-egress-")
         os.chmod(self.directory, 0o755)
@@ -68,7 +70,7 @@ class EgressProxy:
         return any(rule.matches(host, port) for rule in self.rules)
 
     def close(self) -> None:
-        if self._closed:
+        if self._closed or os.getpid() != self.pid:
             return
         self._closed = True
         with contextlib.suppress(OSError):

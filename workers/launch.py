@@ -166,7 +166,7 @@ class Launcher:
         key = tuple(sorted(str(rule) for rule in permissions.net_rules))
         with self._egress_lock:
             proxy = self._egress.get(key)
-            if proxy is None:
+            if proxy is None or proxy.pid != os.getpid():  # a forked pool process: its own
                 proxy = EgressProxy(permissions.net_rules)
                 self._egress[key] = proxy
         return proxy.directory

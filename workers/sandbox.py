@@ -24,6 +24,7 @@ reaches Bun as it does unsandboxed (Bun is not PID 1, which would ignore SIGTERM
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -203,10 +204,11 @@ def make_sandbox(
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def _programs(run: bool | tuple[str, ...]) -> list[tuple[str, str]]:
     """(real file, path in the sandbox) for each `--allow-run=PROGRAMS` program (found on
     the tools' PATH unless absolute) and the libraries it links; missing ones are left
-    out, so starting them fails as "not found"."""
+    out, so starting them fails as "not found". Cached: ldd runs once per grant, not per call."""
     if not isinstance(run, tuple):
         return []
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
