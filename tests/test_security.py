@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TOOLS
+from tests.conftest import TOOLS, StartWorker
 from toolq.config.settings import ToolLimits
 from toolq.errors import ConfigError, InvalidInput
 from toolq.permissions import Permissions, parse_net_rule
+from toolq.producers.client import ToolClient
 from toolq.validation import validate_env
 from toolq.workers.bun import WRAPPER
 from toolq.workers.launch import Launcher, call_tmpdir, sweep_tmpdirs
@@ -342,6 +343,10 @@ def test_allow_net_scoped_to_host_and_port(launcher: Launcher, web: tuple[int, i
     allowed, other = web
     flags = [f"--allow-net=127.0.0.1:{allowed}"]
     ok = result(launcher, "fetch", {"url": f"http://127.0.0.1:{allowed}/x"}, flags)
+    with_read = result(
+        launcher, "fetch", {"url": f"http://127.0.0.1:{allowed}/x"}, ["--allow-read", *flags]
+    )
+    assert with_read == ok
     assert ok == {"ok": True, "status": 200, "body": f"hello from {allowed}/x"}
     denied = result(launcher, "fetch", {"url": f"http://127.0.0.1:{other}/x"}, flags)
     assert denied["status"] == 403
@@ -574,3 +579,64 @@ def test_dead_workers_temp_dirs_are_swept() -> None:
     finally:
         shutil.rmtree(mine, ignore_errors=True)
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+# -- through real Celery workers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["warm", "spawn"])
+def test_worker_enforces_scoped_net_and_runs_tools_unprivileged(
+    client: ToolClient, start_worker: StartWorker, web: tuple[int, int], mode: str
+) -> None:
+    """The whole path: config (env layer) -> Celery worker -> sandbox, as CI runs it (root)."""
+    allowed, other = web
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    start_worker(
+        queues=[queue],
+        env={
+            "TOOLQ_RUNTIME__MODE": mode,
+            "TOOLQ_RUNTIME__SANDBOX": "required",
+            "TOOLQ_RUNTIME__PERMISSIONS": f"[--allow-read, --allow-net=127.0.0.1:{allowed}]",
+        },
+    )
+    ok = client.run("fetch", {"url": f"http://127.0.0.1:{allowed}/w"}, queue=queue, wait=60)
+    assert ok.result == {"ok": True, "status": 200, "body": f"hello from {allowed}/w"}, ok.error
+    denied = client.run("fetch", {"url": f"http://127.0.0.1:{other}/w"}, queue=queue, wait=60)
+    assert denied.result is not None and denied.result["status"] == 403, denied
+    status = client.run("self_status", {}, queue=queue, wait=60)
+    assert status.result is not None and status.result["uid"].split() == ["65534"] * 4
+    shell = client.run("run", {"argv": ["/bin/sh", "-c", "true"]}, queue=queue, wait=60)
+    assert shell.result is not None and not shell.result["ok"], shell
+    with pytest.raises(InvalidInput, match="LD_AUDIT"):
+        client.run("echo", {}, env={"LD_AUDIT": "/tmp/x.so"}, queue=queue, wait=10)
+
+
+_SINGLE_GRANTS = [
+    [],
+    ["--allow-read"],
+    ["--allow-read=/etc,/var/tmp"],
+    ["--allow-write"],
+    ["--allow-write=/var/tmp"],
+    ["--allow-net"],
+    ["--allow-net=example.com,127.0.0.1:9,*.example.org"],
+    ["--allow-env"],
+    ["--allow-env=LANG"],
+    ["--allow-run"],
+    ["--allow-run=ls,cat"],
+    ["--allow-sys"],
+    ["--allow-ffi"],
+    ["--allow-hrtime"],
+    ["-A"],
+]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    _SINGLE_GRANTS
+    + [[*g, "--allow-read"] for g in _SINGLE_GRANTS[3:] if g != ["--allow-run=ls,cat"]]
+    + [[*g, "--allow-write"] for g in _SINGLE_GRANTS[1:3] + _SINGLE_GRANTS[5:]],
+    ids=lambda flags: " ".join(flags) or "none",
+)
+def test_every_grant_and_pair_starts_the_sandbox(launcher: Launcher, flags: list[str]) -> None:
+    """Each form bwrap must set up (mount points in read-only places, sockets, filters)."""
+    assert result(launcher, "echo", {"f": flags}, flags) == {"echo": {"f": flags}}

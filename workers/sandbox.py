@@ -44,8 +44,10 @@ log = logging.getLogger("toolq.worker")
 SandboxMode = Literal["required", "auto", "off"]
 SANDBOX_TMP = "/tmp/toolq"
 """TMPDIR inside the sandbox: a directory in the sandbox's own size-capped /tmp tmpfs."""
-EGRESS_DIR = "/run/toolq-egress"
-"""Where the egress proxy's socket appears inside the sandbox (scoped --allow-net)."""
+EGRESS_DIR = "/tmp/.toolq-egress"
+"""Where the egress proxy's socket appears inside the sandbox (scoped --allow-net): in the
+sandbox's own /tmp, since under --allow-read the host's / (and /run) is read-only and
+bwrap could not make a mount point there. Bound read-only: a tool cannot replace it."""
 TOOL_UID = 65534
 """The uid and gid a tool runs as, inside the sandbox and (for a root worker) on the host."""
 DEFAULT_TMP_MB = 64
