@@ -465,6 +465,19 @@ def test_ffi_needs_allow_ffi(launcher: Launcher) -> None:
     assert result(launcher, "ffi", {}, ["--allow-read", "--allow-ffi"])["ok"]
 
 
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_every_route_to_native_code_needs_allow_ffi(launcher: Launcher, mode: str) -> None:
+    """bun:ffi, its bare alias, Bun.FFI, process.dlopen and Workers (own module objects)."""
+    get = result if mode == "spawn" else warm_result
+    routes = get(launcher, "ffi_routes", {}, ["--allow-read"])
+    assert all("needs --allow-ffi" in outcome for outcome in routes.values()), routes
+    granted = get(launcher, "ffi_routes", {}, ["--allow-read", "--allow-ffi"])
+    assert {k: v for k, v in granted.items() if k != "process_dlopen"} == dict.fromkeys(
+        ("import", "require", "bare_alias", "bun_ffi", "worker", "worker_threads"), "worked"
+    ), granted
+    assert "needs --allow-ffi" not in granted["process_dlopen"]  # a real dlopen error instead
+
+
 def test_allow_all_grants_everything(launcher: Launcher, web: tuple[int, int]) -> None:
     allowed, _ = web
     for flags in (["--allow-all"], ["-A"]):

@@ -134,7 +134,8 @@ class Sandbox:
         args += ["--bind" if permissions.write is True else "--ro-bind", project, project]
         if not self.entrypoint_dir.is_relative_to(self.project_dir):
             args += ["--ro-bind", str(self.entrypoint_dir), str(self.entrypoint_dir)]
-        args += ["--ro-bind", str(self.wrapper), str(self.wrapper)]
+        for script in (self.wrapper, self.wrapper.with_name("no_ffi.ts")):
+            args += ["--ro-bind", str(script), str(script)]
         if isinstance(permissions.read, tuple):
             for path in permissions.read:
                 args += ["--ro-bind-try", path, path]

@@ -7,7 +7,8 @@
 //   --toolq-no-exec=<nr>:<hex>  install this seccomp filter (execve/execveat -> EPERM) on
 //                               every thread: no --allow-run. bwrap cannot: its filter
 //                               applies before it executes Bun itself.
-//   --toolq-no-ffi              bun:ffi and process.dlopen throw: no --allow-ffi.
+//   --toolq-no-ffi              no --allow-ffi: load no_ffi.ts (bun:ffi, Bun.FFI,
+//                               process.dlopen throw, also in Workers).
 //   --toolq-egress=<socket>     scoped --allow-net: relay 127.0.0.1:<port> to the egress
 //                               proxy's unix socket and point HTTP(S)_PROXY at it.
 //
@@ -49,15 +50,6 @@ function denyExec(spec: string): void {
   const status = libc.symbols.syscall(Number(nr), 1, 1, ptr(fprog));
   libc.close();
   if (status !== 0n) throw new Error(`toolq: cannot install the no-exec seccomp filter (${status})`);
-}
-
-function denyFfi(): void {
-  const refuse = () => {
-    throw new Error("toolq: native code (bun:ffi, process.dlopen) needs --allow-ffi");
-  };
-  const ffi = require("bun:ffi");
-  for (const key of Object.keys(ffi)) Object.defineProperty(ffi, key, { get: refuse, configurable: false });
-  Object.defineProperty(process, "dlopen", { get: refuse, configurable: false });
 }
 
 // Scoped --allow-net: the sandbox has only its loopback; fetch goes through the worker's
@@ -142,7 +134,7 @@ function relayEgress(socketPath: string): void {
 }
 
 if (options.has("--toolq-no-exec")) denyExec(options.get("--toolq-no-exec")!);
-if (options.has("--toolq-no-ffi")) denyFfi();
+if (options.has("--toolq-no-ffi")) require(`${import.meta.dir}/no_ffi.ts`);
 if (options.has("--toolq-egress")) relayEgress(options.get("--toolq-egress")!);
 
 type ErrorInfo = {

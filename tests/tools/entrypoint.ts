@@ -294,6 +294,53 @@ export default {
       return { ok: false, error: String(e) };
     }
   },
+  // every route to native code, and whether it worked
+  ffi_routes: async () => {
+    const libc = { getpid: { args: [], returns: "i32" } } as const;
+    const attempt = async (f: () => unknown) => {
+      try {
+        await f();
+        return "worked";
+      } catch (e) {
+        return String(e).slice(0, 120);
+      }
+    };
+    const inWorker = (make: (code: string) => Promise<string>) =>
+      make(
+        `let r; try { require("bun:ffi").dlopen("libc.so.6", { getpid: { args: [], returns: "i32" } }); r = "worked"; } catch (e) { r = String(e).slice(0, 120); }`,
+      );
+    return {
+      import: await attempt(async () => (await import("bun:ffi")).dlopen("libc.so.6", libc)),
+      require: await attempt(() => require("bun:ffi").dlopen("libc.so.6", libc)),
+      bare_alias: await attempt(() => require("ffi").dlopen("libc.so.6", libc)),
+      bun_ffi: await attempt(() => (Bun as any).FFI.dlopen("libc.so.6", libc)),
+      process_dlopen: await attempt(() => (process as any).dlopen({ exports: {} }, "/nonexistent.node")),
+      worker: await inWorker(
+        (code) =>
+          new Promise((resolve) => {
+            const url = URL.createObjectURL(new Blob([`${code} postMessage(r);`]));
+            const w = new Worker(url);
+            w.onmessage = (e) => {
+              resolve(String(e.data));
+              w.terminate();
+            };
+          }),
+      ),
+      worker_threads: await inWorker(
+        (code) =>
+          new Promise((resolve) => {
+            const { Worker: ThreadWorker } = require("node:worker_threads");
+            const w = new ThreadWorker(`${code} require("node:worker_threads").parentPort.postMessage(r);`, {
+              eval: true,
+            });
+            w.on("message", (m: unknown) => {
+              resolve(String(m));
+              w.terminate();
+            });
+          }),
+      ),
+    };
+  },
   run: async (input: { argv: string[] }) => {
     try {
       const proc = Bun.spawnSync(input.argv, { stdio: ["ignore", "pipe", "pipe"] });
