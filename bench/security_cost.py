@@ -2,7 +2,7 @@
 
 Interleaves, through the runner (no queue), a trivial tool in set-ups that add one
 measure at a time to the previous sandbox ("before": bwrap as root, no user namespace,
-no seccomp), then a `fetch` of a local HTTP server over the host network
+no seccomp, no exec or FFI refusal), then a `fetch` of a local HTTP server over the host network
 (`--allow-net`) and through the egress proxy (`--allow-net=127.0.0.1:PORT`). Prints the
 median wall time per call and each set-up's ratio to "before", measured in the same run.
 
@@ -35,9 +35,11 @@ _UID_FLAGS = {"--unshare-user": 0, "--disable-userns": 0, "--uid": 1, "--gid": 1
 class Stage(Sandbox):
     """The sandbox with some of today's measures switched off (for comparison only)."""
 
-    def __init__(self, base: Sandbox, *, uid: bool, seccomp: bool, no_exec: bool) -> None:
+    def __init__(
+        self, base: Sandbox, *, uid: bool, seccomp: bool, no_exec: bool, no_ffi: bool
+    ) -> None:
         self.__dict__.update(base.__dict__)
-        self.uid, self.seccomp, self.no_exec = uid, seccomp, no_exec
+        self.uid, self.seccomp, self.no_exec, self.no_ffi = uid, seccomp, no_exec, no_ffi
         if not uid:
             self.run_as = None
 
@@ -46,6 +48,8 @@ class Stage(Sandbox):
         return options if self.no_exec else [o for o in options if "no-exec" not in o]
 
     def command(self, permissions: Permissions, argv: list[str], **kw: Any) -> list[str]:
+        if not self.no_ffi:
+            argv = [arg for arg in argv if arg != "--toolq-no-ffi"]
         args = super().command(permissions, argv, **kw)
         out: list[str] = []
         skip = 0
@@ -96,10 +100,11 @@ def main() -> None:
         )
 
     stages = {
-        "before": launcher(uid=False, seccomp=False, no_exec=False),
-        "+uid": launcher(uid=True, seccomp=False, no_exec=False),
-        "+uid+seccomp": launcher(uid=True, seccomp=True, no_exec=False),
-        "now (+no-exec)": launcher(uid=True, seccomp=True, no_exec=True),
+        "before": launcher(uid=False, seccomp=False, no_exec=False, no_ffi=False),
+        "+uid": launcher(uid=True, seccomp=False, no_exec=False, no_ffi=False),
+        "+uid+seccomp": launcher(uid=True, seccomp=True, no_exec=False, no_ffi=False),
+        "+no-exec": launcher(uid=True, seccomp=True, no_exec=True, no_ffi=False),
+        "now (+no-ffi)": launcher(uid=True, seccomp=True, no_exec=True, no_ffi=True),
     }
     noop = Call("echo", "bench", {}, {}, ToolLimits(10, 12))
     fetch = {"url": f"http://127.0.0.1:{port}/"}
@@ -111,7 +116,7 @@ def main() -> None:
         pool.start()
         pools.append(pool)
         runs[f"warm noop {name}"] = (pool, noop)
-    now = stages["now (+no-exec)"]
+    now = stages["now (+no-ffi)"]
     for label, flags in (
         ("host net", ["--allow-net"]),
         ("proxied", [f"--allow-net=127.0.0.1:{port}"]),

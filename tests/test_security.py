@@ -467,15 +467,18 @@ def test_ffi_needs_allow_ffi(launcher: Launcher) -> None:
 
 @pytest.mark.parametrize("mode", ["spawn", "warm"])
 def test_every_route_to_native_code_needs_allow_ffi(launcher: Launcher, mode: str) -> None:
-    """bun:ffi, its bare alias, Bun.FFI, process.dlopen and Workers (own module objects)."""
+    """bun:ffi, its bare alias, Bun.FFI, process.dlopen, SQLite extensions and Workers (own
+    module objects): Bun.FFI, Workers and loadExtension each ran native code before."""
     get = result if mode == "spawn" else warm_result
     routes = get(launcher, "ffi_routes", {}, ["--allow-read"])
     assert all("needs --allow-ffi" in outcome for outcome in routes.values()), routes
     granted = get(launcher, "ffi_routes", {}, ["--allow-read", "--allow-ffi"])
-    assert {k: v for k, v in granted.items() if k != "process_dlopen"} == dict.fromkeys(
+    loading = ("process_dlopen", "sqlite_extension", "sqlite_custom")
+    assert {k: v for k, v in granted.items() if k not in loading} == dict.fromkeys(
         ("import", "require", "bare_alias", "bun_ffi", "worker", "worker_threads"), "worked"
     ), granted
-    assert "needs --allow-ffi" not in granted["process_dlopen"]  # a real dlopen error instead
+    for route in loading:  # a real loader error (no such file, no init symbol) instead
+        assert "needs --allow-ffi" not in granted[route], granted
 
 
 def test_allow_all_grants_everything(launcher: Launcher, web: tuple[int, int]) -> None:

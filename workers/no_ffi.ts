@@ -3,13 +3,14 @@
 // Worker the tool starts (a Worker has module objects of its own).
 //
 // Routes closed: `bun:ffi` (import, require, the bare `ffi` alias: one object), `Bun.FFI`,
-// `process.dlopen` (also what `require("x.node")` and Node-API plugins go through), and
+// `process.dlopen` (also what `require("x.node")` and Node-API plugins go through),
+// `bun:sqlite`'s `loadExtension` and `setCustomSQLite` (both dlopen a library), and
 // Workers (`Worker`, `node:worker_threads`) started without this file. A JavaScript-level
 // guarantee: an unknown route in Bun would bypass it, not the sandbox around it (uid
 // 65534, seccomp, the filesystem).
 
 const refuse = (): never => {
-  throw new Error("toolq: native code (bun:ffi, Bun.FFI, process.dlopen) needs --allow-ffi");
+  throw new Error("toolq: native code (bun:ffi, Bun.FFI, process.dlopen, SQLite extensions) needs --allow-ffi");
 };
 
 function seal(target: object, keys: string[]): void {
@@ -20,6 +21,10 @@ const ffi = require("bun:ffi");
 seal(ffi, Object.keys(ffi));
 seal(Bun.FFI, Object.getOwnPropertyNames(Bun.FFI));
 seal(process, ["dlopen"]);
+// SQLite extensions are shared libraries: loading one runs its code.
+const sqlite = require("bun:sqlite");
+seal(sqlite.Database.prototype, ["loadExtension"]);
+seal(sqlite.Database, ["setCustomSQLite"]);
 
 const self = import.meta.path;
 

@@ -315,6 +315,11 @@ export default {
       bare_alias: await attempt(() => require("ffi").dlopen("libc.so.6", libc)),
       bun_ffi: await attempt(() => (Bun as any).FFI.dlopen("libc.so.6", libc)),
       process_dlopen: await attempt(() => (process as any).dlopen({ exports: {} }, "/nonexistent.node")),
+      sqlite_extension: await attempt(() => {
+        const { Database } = require("bun:sqlite");
+        new Database(":memory:").loadExtension("libc.so.6");
+      }),
+      sqlite_custom: await attempt(() => require("bun:sqlite").Database.setCustomSQLite("/nonexistent.so")),
       worker: await inWorker(
         (code) =>
           new Promise((resolve) => {
