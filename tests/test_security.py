@@ -473,9 +473,16 @@ def test_every_route_to_native_code_needs_allow_ffi(launcher: Launcher, mode: st
     routes = get(launcher, "ffi_routes", {}, ["--allow-read"])
     assert all("needs --allow-ffi" in outcome for outcome in routes.values()), routes
     granted = get(launcher, "ffi_routes", {}, ["--allow-read", "--allow-ffi"])
-    loading = ("process_dlopen", "sqlite_extension", "sqlite_custom")
+    loading = (
+        "process_dlopen",
+        "sqlite_extension",
+        "sqlite_custom",
+        "node_sqlite_extension",
+        "node_sqlite_via_constructor",
+    )
+    worked = ("import", "require", "bare_alias", "bun_ffi", "worker", "worker_threads")
     assert {k: v for k, v in granted.items() if k not in loading} == dict.fromkeys(
-        ("import", "require", "bare_alias", "bun_ffi", "worker", "worker_threads"), "worked"
+        (*worked, "worker_via_constructor"), "worked"
     ), granted
     for route in loading:  # a real loader error (no such file, no init symbol) instead
         assert "needs --allow-ffi" not in granted[route], granted

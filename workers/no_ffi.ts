@@ -25,27 +25,32 @@ seal(process, ["dlopen"]);
 const sqlite = require("bun:sqlite");
 seal(sqlite.Database.prototype, ["loadExtension"]);
 seal(sqlite.Database, ["setCustomSQLite"]);
+const nodeSqlite = require("node:sqlite");
+seal(nodeSqlite.DatabaseSync.prototype, ["loadExtension", "enableLoadExtension"]);
 
 const self = import.meta.path;
 
-// A Worker constructor that always preloads this file first.
-function preloading<T extends new (...args: any[]) => object>(Base: T): T {
-  const Wrapped = function (this: unknown, url: unknown, options?: { preload?: string | string[] }) {
-    const preload = [self, ...([] as string[]).concat(options?.preload ?? [])];
-    return Reflect.construct(Base, [url, { ...options, preload }], new.target ?? Wrapped);
-  } as unknown as T;
-  Wrapped.prototype = Base.prototype;
-  return Wrapped;
+// Replaces a constructor on `owner` (and as its prototype's `constructor`, which would
+// otherwise hand the original back) with one that passes its arguments through `adjust`.
+function guard(owner: object, name: string, adjust: (args: any[]) => any[]): void {
+  const Base = (owner as Record<string, new (...args: any[]) => object>)[name];
+  const Guarded = function (this: unknown, ...args: any[]) {
+    return Reflect.construct(Base, adjust(args), new.target ?? Guarded);
+  } as unknown as typeof Base;
+  Guarded.prototype = Base.prototype;
+  Object.defineProperty(Base.prototype, "constructor", { value: Guarded, writable: false, configurable: false });
+  Object.defineProperty(owner, name, { value: Guarded, writable: false, configurable: false });
 }
 
-Object.defineProperty(globalThis, "Worker", {
-  value: preloading(globalThis.Worker),
-  writable: false,
-  configurable: false,
-});
-const threads = require("node:worker_threads");
-Object.defineProperty(threads, "Worker", {
-  value: preloading(threads.Worker),
-  writable: false,
-  configurable: false,
+// Every Worker preloads this file first (a Worker has module objects of its own).
+const preloading = ([url, options]: any[]) => [
+  url,
+  { ...options, preload: [self, ...([] as string[]).concat(options?.preload ?? [])] },
+];
+guard(globalThis, "Worker", preloading);
+guard(require("node:worker_threads"), "Worker", preloading);
+// node:sqlite's allowExtension would enable SQL's load_extension().
+guard(nodeSqlite, "DatabaseSync", ([path, options]: any[]) => {
+  if (options?.allowExtension) refuse();
+  return options === undefined ? [path] : [path, options];
 });

@@ -320,6 +320,27 @@ export default {
         new Database(":memory:").loadExtension("libc.so.6");
       }),
       sqlite_custom: await attempt(() => require("bun:sqlite").Database.setCustomSQLite("/nonexistent.so")),
+      node_sqlite_extension: await attempt(() => {
+        const { DatabaseSync } = require("node:sqlite");
+        new DatabaseSync(":memory:", { allowExtension: true }).loadExtension("libc.so.6");
+      }),
+      node_sqlite_via_constructor: await attempt(() => {
+        const { DatabaseSync } = require("node:sqlite");
+        const Original = DatabaseSync.prototype.constructor;
+        new Original(":memory:", { allowExtension: true }).loadExtension("libc.so.6");
+      }),
+      worker_via_constructor: await inWorker(
+        (code) =>
+          new Promise((resolve) => {
+            const url = URL.createObjectURL(new Blob([`${code} postMessage(r);`]));
+            const Original = (Worker as any).prototype.constructor;
+            const w = new Original(url);
+            w.onmessage = (e: MessageEvent) => {
+              resolve(String(e.data));
+              w.terminate();
+            };
+          }),
+      ),
       worker: await inWorker(
         (code) =>
           new Promise((resolve) => {
