@@ -41,9 +41,16 @@ const options = new Map(
 function denyExec(spec: string): void {
   const [nr, hex] = spec.split(":");
   const { dlopen, ptr } = require("bun:ffi");
-  const libc = dlopen("libc.so.6", {
-    syscall: { args: ["i64", "i64", "i64", "ptr"], returns: "i64" },
-  });
+  const symbols = { syscall: { args: ["i64", "i64", "i64", "ptr"], returns: "i64" } } as const;
+  const names = ["libc.so.6", `libc.musl-${process.arch === "arm64" ? "aarch64" : "x86_64"}.so.1`];
+  let libc: { symbols: { syscall(...args: unknown[]): bigint }; close(): void } | undefined;
+  for (const name of names) {
+    try {
+      libc = dlopen(name, symbols); // glibc, then musl: already loaded, found by soname
+      break;
+    } catch {}
+  }
+  if (!libc) throw new Error(`toolq: cannot find libc (${names.join(", ")}) to deny exec`);
   const program = Buffer.from(hex, "hex");
   const fprog = new BigUint64Array([BigInt(program.length / 8), BigInt(ptr(program))]);
   // seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fprog): all threads
