@@ -294,6 +294,17 @@ def test_seccomp_program_semantics(arch: Arch) -> None:
     assert _run_bpf(no_exec, arch.numbers["clone"], arch.audit) == allow
 
 
+def test_a_tree_the_tool_uid_cannot_read_is_refused_at_start(bun: Path, tmp_path: Path) -> None:
+    """A root worker whose project is private to root would fail every call: say so once."""
+    if os.geteuid() != 0:
+        pytest.skip("only a root worker drops to uid 65534")
+    project = tmp_path / "private"
+    project.mkdir(mode=0o700)
+    (project / "entrypoint.ts").write_text("export default {};\n")
+    with pytest.raises(ConfigError, match=r"uid 65534 cannot read .*private.*chmod o\+rX"):
+        make_sandbox("required", bun, WRAPPER, project, project / "entrypoint.ts")
+
+
 # -- 3. every permission exactly as granted ---------------------------------------------------
 
 

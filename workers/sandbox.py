@@ -157,6 +157,22 @@ class Sandbox:
 
     def probe(self) -> str | None:
         """None if a sandboxed Bun runs here, else why not."""
+        if self.run_as is not None:
+            needed = [
+                (self.bun, os.X_OK),
+                (self.wrapper, os.R_OK),
+                (self.wrapper.with_name("no_ffi.ts"), os.R_OK),
+                (self.project_dir, os.R_OK | os.X_OK),
+                (self.entrypoint_dir, os.R_OK | os.X_OK),
+            ]
+            for path, mode in needed:
+                if not _others_may(path, mode):
+                    verb = "run" if mode == os.X_OK else "read"
+                    return (
+                        f"the tools' uid {self.run_as} cannot {verb} {path} "
+                        "(a root worker drops to it): make it and its parent "
+                        "directories readable and searchable by others (chmod o+rX)"
+                    )
         fd = self.seccomp_fd()
         uid = self.run_as
         try:
@@ -205,6 +221,21 @@ def make_sandbox(
         )
     log.warning("tools run UNSANDBOXED (runtime.sandbox: auto): %s; %s", problem, INSTALL_HINT)
     return None
+
+
+def _others_may(path: Path, mode: int) -> bool:
+    """Whether a uid that is neither owner nor in the group may reach ``path`` with ``mode``
+    (every parent searchable) — what the tool's uid 65534 gets on a root-owned tree."""
+    bits = {os.R_OK: 0o004, os.W_OK: 0o002, os.X_OK: 0o001}
+    try:
+        target = path.resolve()
+        for parent in reversed(target.parents):
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+        st_mode = os.stat(target).st_mode
+    except OSError:
+        return False
+    return all(st_mode & bit for flag, bit in bits.items() if mode & flag)
 
 
 @functools.lru_cache(maxsize=64)
