@@ -30,6 +30,7 @@ from toolq.config.durations import (
     parse_time_limit,
 )
 from toolq.keys import Keys
+from toolq.permissions import Permissions
 
 if TYPE_CHECKING:
     from toolq.config.tooldefs import ToolDefinition
@@ -71,14 +72,6 @@ VISIBILITY_MARGIN_S = 60.0
 """Redis redelivers an unacknowledged call this long after the backstop limit."""
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_KNOWN_PERMISSIONS = (
-    "--allow-read",
-    "--allow-write",
-    "--allow-net",
-    "--allow-env",
-    "--allow-sys",
-    "--allow-run",
-)
 
 
 class _Strict(BaseModel):
@@ -86,9 +79,9 @@ class _Strict(BaseModel):
 
 
 def _check_permissions(flags: list[str] | None) -> list[str] | None:
-    for flag in flags or []:
-        if flag.split("=", 1)[0] not in _KNOWN_PERMISSIONS:
-            raise ValueError(f"unknown permission {flag!r}; known: {', '.join(_KNOWN_PERMISSIONS)}")
+    """Refuse at load any flag or scoped form the sandbox cannot enforce (names it)."""
+    if flags is not None:
+        Permissions.parse(flags)
     return flags
 
 
@@ -148,6 +141,7 @@ class LimitSettings(_Strict):
     max_cpu_time_s: Seconds | None = Field(None, alias="max_cpu_time", gt=0)
     max_open_files: PositiveInt | None = None
     max_processes: PositiveInt | None = None
+    max_tmp_mb: PositiveInt | None = None
 
 
 class ToolSettings(_Strict):
@@ -189,6 +183,8 @@ class RuntimeSettings(_Strict):
     max_cpu_time_s: Seconds | None = Field(None, alias="max_cpu_time", gt=0)
     max_open_files: PositiveInt = 1024
     max_processes: PositiveInt = 256
+    max_tmp_mb: PositiveInt = 64
+    """Size of a sandboxed call's /tmp (TMPDIR inside it): a tmpfs, gone with the call."""
 
     _check_permissions = field_validator("permissions")(_check_permissions)
 

@@ -31,6 +31,20 @@ def _no_toolq_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _tools_may_write(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Sandboxed tools run as uid 65534 on the host when the tests run as root (CI): the
+    directories they are granted (--allow-write) must be writable by that uid, as in
+    production. pytest makes its temp directories 0700."""
+    if os.geteuid() != 0:
+        return
+    os.chmod(tmp_path_factory.getbasetemp(), 0o1777)
+    if "tmp_path" in request.fixturenames:
+        os.chmod(request.getfixturevalue("tmp_path"), 0o1777)
+
+
 def _claim_database(base_url: str) -> tuple[str, redis.Redis]:
     """An empty database of this Redis, claimed with a marker key; flushed afterwards."""
     marker = f"toolq-test-run:{uuid.uuid4()}"

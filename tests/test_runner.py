@@ -26,7 +26,7 @@ from toolq.workers.runtime.warm import WarmRuntime
 Runner = SpawnRuntime | WarmRuntime
 
 
-TOOL_PERMISSIONS = Permissions.parse(["--allow-read", "--allow-write"])
+TOOL_PERMISSIONS = Permissions.parse(["--allow-read", "--allow-write", "--allow-run"])
 """The test tools read and write files under tests/tools/.tmp (pytest's basetemp)."""
 
 

@@ -68,6 +68,7 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A directory outside the project (and outside pytest's basetemp, which is inside it)."""
     path = Path("/var/tmp") / f"toolq-sandbox-{uuid.uuid4().hex[:8]}"
     path.mkdir()
+    path.chmod(0o777)  # writable by the tool's uid (65534) when it is granted
     (path / "secret.txt").write_text("host data")
     yield path
     for child in path.iterdir():
@@ -192,7 +193,7 @@ def test_cpu_hog_is_stopped_at_its_cpu_time_limit(launcher: Launcher) -> None:
 
 def test_fork_bomb_is_bounded_and_cleaned_up(launcher: Launcher) -> None:
     assert launcher.cgroups is not None, "no cgroup here: process limits cannot be tested"
-    outcome = call(launcher, "fork_bomb", {"max": 300}, ["--allow-read"], LIMITS)
+    outcome = call(launcher, "fork_bomb", {"max": 300}, ["--allow-read", "--allow-run"], LIMITS)
     if outcome.result is not None:  # the tool saw its spawns refused...
         assert outcome.result["spawned"] < LIMITS.max_processes
         assert outcome.result["refused"] > 0

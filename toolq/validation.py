@@ -17,13 +17,72 @@ from toolq.errors import InvalidInput
 
 TOOL_ID = re.compile(r"^[a-zA-Z0-9_/.-]+$")
 ENV_KEY = re.compile(r"^[A-Z0-9_]+$")
+"""A call's env names: upper case, digits, '_' (Compozy's rule; lower-case proxy and
+loader variables such as ``http_proxy`` are excluded by it)."""
+FORBIDDEN_ENV_PREFIXES = (
+    # the dynamic loader, libc and its allocator (LD_AUDIT, LD_PRELOAD, GLIBC_TUNABLES…)
+    "LD_",
+    "DYLD_",
+    "MALLOC_",
+    "GLIBC_",
+    "GCONV_",
+    # Bun, JavaScriptCore, Node (BUN_OPTIONS, BUN_JSC_*, JSC_*, NODE_OPTIONS…)
+    "BUN_",
+    "JSC_",
+    "NODE_",
+    "NPM_CONFIG_",
+    "UV_",
+    # toolq's and Compozy's own
+    "TOOLQ_",
+    "COMPOZY_",
+    # interpreters and programs a tool may run with --allow-run (start-up code, configs)
+    "PYTHON",
+    "PERL",
+    "RUBY",
+    "GIT_",
+    "OPENSSL_",
+    "SSL_",
+    "CURL_",
+    "XDG_",
+    "__",
+)
+FORBIDDEN_ENV_SUFFIXES = ("_PROXY",)
+"""HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY…: they would redirect the tool's traffic."""
 FORBIDDEN_ENV_KEYS = frozenset(
     {
-        "LD_PRELOAD",
-        "LD_LIBRARY_PATH",
+        # set by toolq, or read by libc/the resolver/locale code from a path
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "IFS",
+        "LOCPATH",
+        "NLSPATH",
+        "TZDIR",
+        "HOSTALIASES",
+        "RES_OPTIONS",
+        "LOCALDOMAIN",
+        "RESOLV_HOST_CONF",
+        "NIS_PATH",
+        "GETCONF_DIR",
+        "TERMINFO",
+        "TERMINFO_DIRS",
+        "REQUESTS_CA_BUNDLE",
+        # shells a tool may start (--allow-run)
+        "ENV",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "PROMPT_COMMAND",
+        "CDPATH",
+        "GLOBIGNORE",
+        # JVM start-up options
+        "JAVA_TOOL_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+        "_JAVA_OPTIONS",
+        "CLASSPATH",
+        # Compozy's list, kept by name
         "DYLD_INSERT_LIBRARIES",
-        "DYLD_LIBRARY_PATH",
-        "NODE_OPTIONS",
         "BUN_CONFIG_PROFILE",
     }
 )
@@ -56,7 +115,25 @@ def validate_tool_id(tool_id: Any) -> str:
     return tool_id
 
 
+def env_name_refused(key: str) -> str | None:
+    """Why a call may not set ``key`` (None: it may). Names that change how the loader,
+    libc, Bun, Node or a program the tool runs behave are refused by prefix, suffix or
+    name; anything else matching ``^[A-Z0-9_]+$`` is plain data for the tool."""
+    if not ENV_KEY.match(key):
+        return "use A-Z, 0-9 and '_'"
+    if key in FORBIDDEN_ENV_KEYS:
+        return "it is set by toolq or changes how libc, a shell or a runtime behaves"
+    for prefix in FORBIDDEN_ENV_PREFIXES:
+        if key.startswith(prefix):
+            return f"names starting with {prefix} change how the loader or a runtime behaves"
+    for suffix in FORBIDDEN_ENV_SUFFIXES:
+        if key.endswith(suffix):
+            return f"names ending with {suffix} would redirect the tool's network traffic"
+    return None
+
+
 def validate_env(env: Any) -> dict[str, str]:
+    """The call's env, checked by name and value (producers and workers both call this)."""
     if env is None:
         return {}
     if not isinstance(env, Mapping):
@@ -65,8 +142,9 @@ def validate_env(env: Any) -> dict[str, str]:
     for key, value in env.items():
         if not isinstance(key, str) or not ENV_KEY.fullmatch(key):
             raise InvalidInput(f"invalid env name {key!r}: use A-Z, 0-9 and '_'", "ValidationError")
-        if key in FORBIDDEN_ENV_KEYS:
-            raise InvalidInput(f"env name {key} is not allowed", "ValidationError")
+        reason = env_name_refused(key)
+        if reason is not None:
+            raise InvalidInput(f"env name {key} is not allowed: {reason}", "ValidationError")
         if not isinstance(value, str):
             raise InvalidInput(f"env {key} must be a string", "ValidationError")
         if any(ch in value for ch in "\r\n\x00"):

@@ -146,6 +146,7 @@ def resource_limits(settings: Settings, tool_id: str | None) -> ResourceLimits:
         max_processes=_pick(own.max_processes, runtime.max_processes),
         max_open_files=_pick(own.max_open_files, runtime.max_open_files),
         max_cpu_time_s=_pick(own.max_cpu_time_s, runtime.max_cpu_time_s),
+        max_tmp_mb=_pick(own.max_tmp_mb, runtime.max_tmp_mb),
     )
 
 

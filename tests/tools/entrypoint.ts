@@ -8,6 +8,8 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 let calls = 0;
 const instance = crypto.randomUUID(); // names this process, inside a PID namespace or not
 const hoard: string[] = [];
+// What the environment held when this module loaded (spawn mode: the call's env is set first).
+const envAtLoad = process.env.LOAD_TIME_PROBE ?? null;
 
 // Appends this run's start time to a file; returns how many runs it now holds.
 function record(counter: string): number {
@@ -246,6 +248,184 @@ export default {
   memory_hog: async () => {
     const hog: string[] = [];
     for (;;) hog.push("y".repeat(1 << 20) + hog.length);
+  },
+
+  // security (tests/test_security.py)
+  self_status: async () => {
+    const status = readFileSync("/proc/self/status", "utf8");
+    const field = (name: string) => status.match(new RegExp(`^${name}:\\s*(.*)$`, "m"))?.[1]?.trim() ?? null;
+    return {
+      uid: field("Uid"),
+      gid: field("Gid"),
+      no_new_privs: field("NoNewPrivs"),
+      seccomp: field("Seccomp"),
+      cap_eff: field("CapEff"),
+      env_at_load: envAtLoad,
+    };
+  },
+  // each syscall's result: >= 0 it worked, < 0 the negated errno (1 = EPERM)
+  syscalls: async () => {
+    const { dlopen, ptr } = await import("bun:ffi");
+    const libc = dlopen("libc.so.6", {
+      syscall: { args: ["i64", "i64", "i64", "i64", "i64", "i64"], returns: "i64" },
+      __errno_location: { args: [], returns: "ptr" },
+      getpid: { args: [], returns: "i32" },
+    });
+    const { read } = await import("bun:ffi");
+    const x86 = process.arch === "x64";
+    const nr = x86
+      ? { ptrace: 101, process_vm_readv: 310, unshare: 272, personality: 135, keyctl: 250, bpf: 321, mount: 165, io_uring_setup: 425, clone3: 435, getppid: 110 }
+      : { ptrace: 117, process_vm_readv: 270, unshare: 97, personality: 92, keyctl: 219, bpf: 280, mount: 40, io_uring_setup: 425, clone3: 435, getppid: 173 };
+    const call = (n: number, ...args: number[]) => {
+      while (args.length < 5) args.push(0);
+      const r = Number(libc.symbols.syscall(n, ...args));
+      return r < 0 ? -read.i32(libc.symbols.__errno_location(), 0) : r;
+    };
+    const buf = new Uint8Array(16);
+    const iov = new BigUint64Array([BigInt(ptr(buf)), 16n]);
+    const pid = libc.symbols.getpid();
+    return {
+      ptrace: call(nr.ptrace, 3 /* PTRACE_PEEKUSER */, pid, 0, 0),
+      process_vm_readv: call(nr.process_vm_readv, pid, Number(ptr(iov)), 1, Number(ptr(iov)), 1),
+      unshare: call(nr.unshare, 0x10000000 /* CLONE_NEWUSER */),
+      personality: call(nr.personality, 0xffffffff),
+      keyctl: call(nr.keyctl, 0 /* GET_KEYRING_ID */, -3, 0),
+      bpf: call(nr.bpf, 0, 0, 0),
+      mount: call(nr.mount, 0, 0, 0, 0, 0),
+      io_uring_setup: call(nr.io_uring_setup, 1, 0),
+      clone3: call(nr.clone3, 0, 0),
+      getppid: call(nr.getppid),
+    };
+  },
+  ffi: async () => {
+    try {
+      const { dlopen } = await import("bun:ffi");
+      const libc = dlopen("libc.so.6", { getpid: { args: [], returns: "i32" } });
+      return { ok: true, pid: libc.symbols.getpid() };
+    } catch (e) {
+      return { ok: false, error: String(e) };
+    }
+  },
+  // every route to native code, and whether it worked
+  ffi_routes: async () => {
+    const libc = { getpid: { args: [], returns: "i32" } } as const;
+    const attempt = async (f: () => unknown) => {
+      try {
+        await f();
+        return "worked";
+      } catch (e) {
+        return String(e).slice(0, 120);
+      }
+    };
+    const inWorker = (make: (code: string) => Promise<string>) =>
+      make(
+        `let r; try { require("bun:ffi").dlopen("libc.so.6", { getpid: { args: [], returns: "i32" } }); r = "worked"; } catch (e) { r = String(e).slice(0, 120); }`,
+      );
+    return {
+      import: await attempt(async () => (await import("bun:ffi")).dlopen("libc.so.6", libc)),
+      require: await attempt(() => require("bun:ffi").dlopen("libc.so.6", libc)),
+      bare_alias: await attempt(() => require("ffi").dlopen("libc.so.6", libc)),
+      bun_ffi: await attempt(() => (Bun as any).FFI.dlopen("libc.so.6", libc)),
+      process_dlopen: await attempt(() => (process as any).dlopen({ exports: {} }, "/nonexistent.node")),
+      sqlite_extension: await attempt(() => {
+        const { Database } = require("bun:sqlite");
+        new Database(":memory:").loadExtension("libc.so.6");
+      }),
+      sqlite_custom: await attempt(() => require("bun:sqlite").Database.setCustomSQLite("/nonexistent.so")),
+      node_sqlite_extension: await attempt(() => {
+        const { DatabaseSync } = require("node:sqlite");
+        new DatabaseSync(":memory:", { allowExtension: true }).loadExtension("libc.so.6");
+      }),
+      node_sqlite_via_constructor: await attempt(() => {
+        const { DatabaseSync } = require("node:sqlite");
+        const Original = DatabaseSync.prototype.constructor;
+        new Original(":memory:", { allowExtension: true }).loadExtension("libc.so.6");
+      }),
+      worker_via_constructor: await inWorker(
+        (code) =>
+          new Promise((resolve) => {
+            const url = URL.createObjectURL(new Blob([`${code} postMessage(r);`]));
+            const Original = (Worker as any).prototype.constructor;
+            const w = new Original(url);
+            w.onmessage = (e: MessageEvent) => {
+              resolve(String(e.data));
+              w.terminate();
+            };
+          }),
+      ),
+      worker: await inWorker(
+        (code) =>
+          new Promise((resolve) => {
+            const url = URL.createObjectURL(new Blob([`${code} postMessage(r);`]));
+            const w = new Worker(url);
+            w.onmessage = (e) => {
+              resolve(String(e.data));
+              w.terminate();
+            };
+          }),
+      ),
+      worker_threads: await inWorker(
+        (code) =>
+          new Promise((resolve) => {
+            const { Worker: ThreadWorker } = require("node:worker_threads");
+            const w = new ThreadWorker(`${code} require("node:worker_threads").parentPort.postMessage(r);`, {
+              eval: true,
+            });
+            w.on("message", (m: unknown) => {
+              resolve(String(m));
+              w.terminate();
+            });
+          }),
+      ),
+    };
+  },
+  run: async (input: { argv: string[] }) => {
+    try {
+      const proc = Bun.spawnSync(input.argv, { stdio: ["ignore", "pipe", "pipe"] });
+      return { ok: proc.exitCode === 0, code: proc.exitCode, out: proc.stdout.toString().slice(0, 200) };
+    } catch (e) {
+      return { ok: false, error: String(e) };
+    }
+  },
+  // copies a host program into TMPDIR and runs the copy: "running" without --allow-run
+  run_own_copy: async (input: { program: string }) => {
+    const copy = `${process.env.TMPDIR}/own-${crypto.randomUUID()}`;
+    try {
+      writeFileSync(copy, readFileSync(input.program), { mode: 0o755 });
+      const proc = Bun.spawnSync([copy], { stdio: ["ignore", "ignore", "ignore"] });
+      return { ok: proc.exitCode === 0, code: proc.exitCode };
+    } catch (e) {
+      return { ok: false, error: String(e) };
+    }
+  },
+  fetch: async (input: { url: string; insecure?: boolean }) => {
+    try {
+      const response = await fetch(input.url, input.insecure ? { tls: { rejectUnauthorized: false } } : {});
+      return { ok: response.ok, status: response.status, body: (await response.text()).slice(0, 300) };
+    } catch (e) {
+      return { ok: false, error: String(e) };
+    }
+  },
+  fetch_size: async (input: { url: string; insecure?: boolean }) => {
+    const response = await fetch(input.url, input.insecure ? { tls: { rejectUnauthorized: false } } : {});
+    const body = new Uint8Array(await response.arrayBuffer());
+    let sum = 0;
+    for (const byte of body) sum = (sum + byte) % 65521;
+    return { status: response.status, bytes: body.length, sum };
+  },
+  fill_tmp: async (input: { mb: number }) => {
+    const chunk = Buffer.alloc(1 << 20, 120);
+    const path = `${process.env.TMPDIR}/fill-${crypto.randomUUID()}`;
+    let written = 0;
+    try {
+      for (let i = 0; i < input.mb; i++) {
+        appendFileSync(path, chunk);
+        written++;
+      }
+      return { written_mb: written, full: false, tmpdir: process.env.TMPDIR };
+    } catch (e) {
+      return { written_mb: written, full: true, error: String(e), tmpdir: process.env.TMPDIR };
+    }
   },
 };
 

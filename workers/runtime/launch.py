@@ -3,21 +3,30 @@
 It puts together what every Bun process gets: its own process group (so the runner
 can signal the whole group), the reaper's watch, the sandbox (bubblewrap) with the
 granted permissions, a cgroup with the memory and process limits, rlimits, and an
-environment of only PATH, HOME, LANG, TMPDIR and what the call passes.
+environment of only PATH, HOME, LANG, TMPDIR and the worker variables `--allow-env`
+names. The call's own env never goes into this environment — bwrap and the dynamic
+loader would read it (``LD_AUDIT``, ``BUN_OPTIONS``…): it travels in the request and
+the wrapper sets it inside the sandbox, for Bun only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
+import shutil
 import signal
 import subprocess
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolq.permissions import Grant
 from toolq.workers.runtime.bun import WRAPPER
 from toolq.workers.runtime.compat import compozy_environment
+from toolq.workers.runtime.egress import EgressProxy
 from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits, main_process, preexec
 from toolq.workers.runtime.reaper import reaper
 from toolq.workers.runtime.sandbox import SANDBOX_TMP, Permissions, Sandbox
@@ -26,14 +35,55 @@ _BASE_ENV_KEYS = ("PATH", "HOME", "LANG")
 _DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-def base_environment(allow_env: bool = False) -> dict[str, str]:
-    """The worker variables a tool sees: PATH, HOME, LANG — or all with --allow-env."""
-    if allow_env:
+TMP_PREFIX = "toolq-call-"
+_TMP_NAME = re.compile(rf"^{TMP_PREFIX}(\d+)-")
+
+
+def base_environment(allow_env: Grant = False) -> dict[str, str]:
+    """The worker variables a tool sees: PATH, HOME, LANG — plus those `--allow-env=NAMES`
+    names, or all of them with `--allow-env`."""
+    if allow_env is True:
         return dict(os.environ)
     env = {key: os.environ[key] for key in _BASE_ENV_KEYS if key in os.environ}
     env.setdefault("PATH", _DEFAULT_PATH)
     env.setdefault("LANG", "C.UTF-8")
+    for name in allow_env or ():
+        if name in os.environ:
+            env[name] = os.environ[name]
     return env
+
+
+def call_tmpdir() -> str:
+    """A private host directory for one call or warm process, named after this worker's
+    pid so that :func:`sweep_tmpdirs` can tell a dead worker's leftovers. Only an
+    unsandboxed tool uses it as TMPDIR (a sandboxed one has a capped tmpfs)."""
+    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+
+
+def sweep_tmpdirs(root: str | None = None) -> list[str]:
+    """Remove the temp directories of workers that are gone (killed before cleaning up)."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(root) as entries:
+        for entry in entries:
+            match = _TMP_NAME.match(entry.name)
+            if match is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            if _pid_alive(int(match.group(1))):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -106,6 +156,21 @@ class Launcher:
         self.project_dir = project_dir
         self.sandbox = sandbox
         self.cgroups = cgroups
+        self._egress: dict[tuple[str, ...], EgressProxy] = {}
+        self._egress_lock = threading.Lock()
+        sweep_tmpdirs()
+
+    def _egress_dir(self, permissions: Permissions) -> str | None:
+        """The host directory of the egress proxy enforcing a scoped --allow-net."""
+        if not isinstance(permissions.net, tuple):
+            return None
+        key = tuple(sorted(str(rule) for rule in permissions.net_rules))
+        with self._egress_lock:
+            proxy = self._egress.get(key)
+            if proxy is None or proxy.pid != os.getpid():  # a forked pool process: its own
+                proxy = EgressProxy(permissions.net_rules)
+                self._egress[key] = proxy
+        return proxy.directory
 
     def tmp_path(self, host_tmpdir: str) -> str:
         """TMPDIR as the tool sees it."""
@@ -124,6 +189,7 @@ class Launcher:
         """Start Bun on the wrapper (``check``: only load the entrypoint, then exit);
         raises OSError if it cannot be started."""
         envelope_r, envelope_w = os.pipe()
+        fds = [envelope_w]
         argv = [
             str(self.bun),
             "--smol",
@@ -133,18 +199,35 @@ class Launcher:
             str(self.entrypoint),
             str(envelope_w),
         ]
-        if warm or check:
-            argv.append("warm" if warm else "check")
+        argv.append("warm" if warm else "check" if check else "spawn")
+        if not permissions.ffi:
+            argv.append("--toolq-no-ffi")
+        uid = None
         if self.sandbox is not None:
-            argv = self.sandbox.command(permissions, tmpdir, argv)
-        cgroup = self.cgroups.create(limits) if self.cgroups is not None else None
+            argv += self.sandbox.wrapper_options(permissions)
+            seccomp = self.sandbox.seccomp_fd()
+            fds.append(seccomp)
+            argv = self.sandbox.command(
+                permissions,
+                argv,
+                tmp_mb=limits.max_tmp_mb,
+                seccomp_fd=seccomp,
+                egress_dir=self._egress_dir(permissions),
+            )
+            uid = self.sandbox.run_as
+        try:
+            cgroup = self.cgroups.create(limits) if self.cgroups is not None else None
+        except OSError:
+            for fd in (envelope_r, *fds):
+                os.close(fd)
+            raise
         try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(envelope_w,),
+                pass_fds=tuple(fds),
                 cwd=self.project_dir,
                 env={
                     **env,
@@ -152,9 +235,13 @@ class Launcher:
                     **compozy_environment(self.project_dir),
                 },
                 start_new_session=True,
-                # Joining the cgroup must happen in the child, before bwrap or Bun can fork;
-                # without one, no preexec_fn keeps the fast vfork path of subprocess.
-                preexec_fn=preexec(cgroup, limits) if cgroup is not None else None,
+                # Joining the cgroup must happen in the child, before bwrap or Bun can fork,
+                # and before it drops to the tool's uid; without a cgroup, no preexec_fn
+                # keeps subprocess's faster path.
+                preexec_fn=preexec(cgroup, limits, uid) if cgroup is not None else None,
+                user=uid if cgroup is None else None,
+                group=uid if cgroup is None else None,
+                extra_groups=[] if cgroup is None and uid is not None else None,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             os.close(envelope_r)
@@ -162,7 +249,8 @@ class Launcher:
                 cgroup.remove()
             raise OSError(f"cannot start Bun ({self.bun}): {exc}") from exc
         finally:
-            os.close(envelope_w)
+            for fd in fds:
+                os.close(fd)
         reaper().track(proc.pid)
         if cgroup is None:
             with contextlib.suppress(OSError):

@@ -30,6 +30,8 @@ class ResourceLimits:
     max_processes: int
     max_open_files: int
     max_cpu_time_s: float | None
+    max_tmp_mb: int = 64
+    """Size of the sandbox's /tmp tmpfs (TMPDIR is in it)."""
 
 
 class Cgroup:
@@ -128,8 +130,11 @@ class Cgroups:
         return group
 
 
-def preexec(cgroup: Cgroup | None, limits: ResourceLimits) -> Callable[[], None]:
-    """What the child runs before exec: join its cgroup (before it can fork), set rlimits."""
+def preexec(
+    cgroup: Cgroup | None, limits: ResourceLimits, uid: int | None = None
+) -> Callable[[], None]:
+    """What the child runs before exec: join its cgroup (before it can fork), set rlimits,
+    then drop to ``uid``/gid ``uid`` (joining needs root, so it comes last here)."""
     procs = cgroup.procs_files() if cgroup is not None else []
     nofile = limits.max_open_files
 
@@ -141,6 +146,10 @@ def preexec(cgroup: Cgroup | None, limits: ResourceLimits) -> Callable[[], None]
             finally:
                 os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
 
     return setup
 

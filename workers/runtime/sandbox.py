@@ -1,73 +1,70 @@
-"""Run Bun inside a bubblewrap sandbox that grants what `runtime.permissions` lists.
+"""Run Bun inside a bubblewrap sandbox that grants exactly what `runtime.permissions` lists.
 
-Compozy's permissions are Deno flags that Bun ignores; here they are enforced.
-Deny by default: the project directory read-only, a private empty /tmp (a 64 MiB
-tmpfs; TMPDIR is a host directory toolq empties after each call), no network, only
-the env the call passes, no executables but Bun, a private /proc; nothing else of
-the host filesystem but the few libraries Bun links against.
+Compozy's permissions are Deno flags that Bun ignores; here they are enforced (the
+README's permissions table and threat model say how, and which test proves each line).
+Deny by default: the project directory read-only, a private /tmp of its own (a tmpfs of
+``max_tmp_mb``; TMPDIR is /tmp/toolq inside it), no network, no worker variables, no
+executables but Bun, a private /proc; nothing else of the host filesystem but the few
+libraries Bun links against.
 
-| flag | grants |
-|---|---|
-| `--allow-read` / `--allow-read=a,b` | the host filesystem read-only / only those paths |
-| `--allow-write` / `--allow-write=a,b` | the project directory writable / only those paths |
-| `--allow-net` | the host's network (all or nothing) |
-| `--allow-env` | the worker's environment |
-| `--allow-run` | other programs (/usr, /bin) |
-| `--allow-sys` | /sys |
+Who the tool is: never root. A worker running as root starts bwrap as uid/gid 65534
+(nobody) on the host, so even under ``--allow-read`` root-only files such as
+/etc/shadow stay unreadable (a uid mapped inside a user namespace alone would still be
+host root to the filesystem); bwrap then maps that uid into a user namespace of its
+own. A worker that is not root runs bwrap as itself, mapped to 65534 inside. bwrap
+sets no-new-privileges, drops every capability and loads the seccomp filter of
+:mod:`toolq.workers.seccomp` before it executes Bun; nested user namespaces are
+disabled.
 
-The sandbox runs with every capability dropped (as root, a user namespace alone would
-still let a tool remount its binds writable) in a PID namespace of its own, whose
-init is bwrap: when the sandbox ends, everything a tool started in it ends too, even
-what escaped its process group. bwrap and Bun share one process group, so the
-runner's SIGTERM/SIGKILL of the group reaches Bun as it does unsandboxed (Bun is not
-PID 1, which would ignore SIGTERM).
+The sandbox runs in a PID namespace of its own, whose init is bwrap: when the sandbox
+ends, everything a tool started in it ends too, even what escaped its process group.
+bwrap and Bun share one process group, so the runner's SIGTERM/SIGKILL of the group
+reaches Bun as it does unsandboxed (Bun is not PID 1, which would ignore SIGTERM).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from toolq.errors import ConfigError
+from toolq.permissions import Permissions
+from toolq.workers.runtime.seccomp import (
+    filter_fd,
+    no_exec_filter,
+    sandbox_filter,
+    seccomp_syscall_number,
+)
+
+__all__ = ["Permissions", "Sandbox", "make_sandbox"]
 
 log = logging.getLogger("toolq.worker")
 
 SandboxMode = Literal["required", "auto", "off"]
 SANDBOX_TMP = "/tmp/toolq"
-"""TMPDIR inside the sandbox: the call's private host directory, bound onto /tmp's tmpfs."""
-TMPFS_BYTES = 64 * 1024 * 1024
+"""TMPDIR inside the sandbox: a directory in the sandbox's own size-capped /tmp tmpfs."""
+EGRESS_DIR = "/tmp/.toolq-egress"
+"""Where the egress proxy's socket appears inside the sandbox (scoped --allow-net): in the
+sandbox's own /tmp, since under --allow-read the host's / (and /run) is read-only and
+bwrap could not make a mount point there. Bound read-only: a tool cannot replace it."""
+TOOL_UID = 65534
+"""The uid and gid a tool runs as, inside the sandbox and (for a root worker) on the host."""
+DEFAULT_TMP_MB = 64
 INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install "
     "bubblewrap) and allow unprivileged user namespaces, or set runtime.sandbox: auto|off"
 )
 
 
-@dataclass(frozen=True)
-class Permissions:
-    """Parsed `--allow-*` flags. A path list grants only those paths; True grants all."""
-
-    read: bool | tuple[str, ...] = False
-    write: bool | tuple[str, ...] = False
-    net: bool = False
-    env: bool = False
-    run: bool = False
-    sys: bool = False
-
-    @classmethod
-    def parse(cls, flags: list[str]) -> Permissions:
-        grants: dict[str, bool | tuple[str, ...]] = {}
-        for flag in flags:
-            name, _, value = flag.partition("=")
-            key = name.removeprefix("--allow-")
-            paths = tuple(p for p in value.split(",") if p) if value else ()
-            grants[key] = paths if paths and key in ("read", "write") else True
-        return cls(**grants)  # type: ignore[arg-type]
+def host_uid() -> int | None:
+    """The host uid to start bwrap as: 65534 for a root worker, None (itself) otherwise."""
+    return TOOL_UID if os.geteuid() == 0 else None
 
 
 class Sandbox:
@@ -82,15 +79,40 @@ class Sandbox:
         self.project_dir = project_dir
         self.entrypoint_dir = entrypoint.resolve().parent
         self._libraries = _shared_libraries(self.bun)
+        self.run_as = host_uid()
+        """The host uid bwrap is started as (None: the worker's own)."""
+        self.filter = sandbox_filter()
+        self._no_exec = f"--toolq-no-exec={seccomp_syscall_number()}:{no_exec_filter().hex()}"
 
-    def command(self, permissions: Permissions, tmpdir: str, argv: list[str]) -> list[str]:
-        """``argv`` (starting with Bun) wrapped in bwrap, with ``tmpdir`` as its /tmp."""
-        args = [self.bwrap, "--unshare-all", "--cap-drop", "ALL"]
-        if permissions.net:
+    def seccomp_fd(self) -> int:
+        """A fresh fd holding the filter, for one launch (the caller closes it)."""
+        return filter_fd(self.filter)
+
+    def wrapper_options(self, permissions: Permissions) -> list[str]:
+        """What the wrapper sets up before the tool's module loads."""
+        options = [] if permissions.run else [self._no_exec]
+        if isinstance(permissions.net, tuple):
+            options.append(f"--toolq-egress={EGRESS_DIR}/egress.sock")
+        return options
+
+    def command(
+        self,
+        permissions: Permissions,
+        argv: list[str],
+        *,
+        tmp_mb: int = DEFAULT_TMP_MB,
+        seccomp_fd: int | None = None,
+        egress_dir: str | None = None,
+    ) -> list[str]:
+        """``argv`` (starting with Bun) wrapped in bwrap."""
+        uid = str(TOOL_UID)
+        args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
+        args += ["--uid", uid, "--gid", uid, "--cap-drop", "ALL"]
+        if permissions.net is True:
             args.append("--share-net")
         if permissions.read is True:
             args += ["--ro-bind", "/", "/"]  # Bun, its libraries and programs are in there
-        elif permissions.run:
+        elif permissions.run is True:
             args += ["--ro-bind", "/usr", "/usr"]  # programs and every library they need
             for name in ("bin", "sbin", "lib", "lib64"):
                 target = Path("/") / name
@@ -98,32 +120,27 @@ class Sandbox:
                     args += ["--symlink", os.readlink(target), f"/{name}"]
                 elif target.is_dir():
                     args += ["--ro-bind", str(target), f"/{name}"]
-        if permissions.read is not True and not permissions.run:
-            for real, seen_as in self._libraries:
-                args += ["--ro-bind", real, seen_as]
+        if permissions.read is not True and permissions.run is not True:
+            bound = set()
+            for real, seen_as in self._libraries + _programs(permissions.run):
+                if seen_as not in bound:
+                    bound.add(seen_as)
+                    args += ["--ro-bind", real, seen_as]
         # /tmp is a small tmpfs of the sandbox's own, made first: Bun, the project or a
         # granted path under /tmp (a checkout in /tmp, say) are bound onto it, and their
-        # mount points never land in a host directory. TMPDIR is the call's private host
-        # directory, bound inside it (the runner empties or removes it after the call).
-        args += [
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--size",
-            str(TMPFS_BYTES),
-            "--tmpfs",
-            "/tmp",
-            "--bind",
-            tmpdir,
-            SANDBOX_TMP,
-        ]
+        # mount points never land in a host directory. TMPDIR is a directory in it: its
+        # size is capped and it is gone when the sandbox ends.
+        # /dev is bwrap's own tmpfs, unbounded: read-only, so that /tmp (capped) and the
+        # granted paths are the only places a tool can write (device nodes still work).
+        args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+        args += ["--size", str(tmp_mb * 2**20), "--tmpfs", "/tmp", "--dir", SANDBOX_TMP]
         args += ["--ro-bind", str(self.bun), str(self.bun)]
         project = str(self.project_dir)
         args += ["--bind" if permissions.write is True else "--ro-bind", project, project]
         if not self.entrypoint_dir.is_relative_to(self.project_dir):
             args += ["--ro-bind", str(self.entrypoint_dir), str(self.entrypoint_dir)]
-        args += ["--ro-bind", str(self.wrapper), str(self.wrapper)]
+        for script in (self.wrapper, self.wrapper.with_name("no_ffi.ts")):
+            args += ["--ro-bind", str(script), str(script)]
         if isinstance(permissions.read, tuple):
             for path in permissions.read:
                 args += ["--ro-bind-try", path, path]
@@ -132,23 +149,52 @@ class Sandbox:
                 args += ["--bind-try", path, path]
         if permissions.sys:
             args += ["--ro-bind", "/sys", "/sys"]
+        elif permissions.read is True:  # the host's /sys came with /: hide it again
+            args += ["--tmpfs", "/sys", "--remount-ro", "/sys"]
+        if egress_dir is not None:
+            args += ["--ro-bind", egress_dir, EGRESS_DIR]
         if permissions.read is not True:
             args += ["--remount-ro", "/"]
+        if seccomp_fd is not None:
+            args += ["--seccomp", str(seccomp_fd)]
         args += ["--chdir", project, "--"]
         return args + argv
 
     def probe(self) -> str | None:
         """None if a sandboxed Bun runs here, else why not."""
-        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        if self.run_as is not None:
+            needed = [
+                (self.bun, os.X_OK),
+                (self.wrapper, os.R_OK),
+                (self.wrapper.with_name("no_ffi.ts"), os.R_OK),
+                (self.project_dir, os.R_OK | os.X_OK),
+                (self.entrypoint_dir, os.R_OK | os.X_OK),
+            ]
+            for path, mode in needed:
+                if not _others_may(path, mode):
+                    verb = "run" if mode == os.X_OK else "read"
+                    return (
+                        f"the tools' uid {self.run_as} cannot {verb} {path} "
+                        "(a root worker drops to it): make it and its parent "
+                        "directories readable and searchable by others (chmod o+rX)"
+                    )
+        fd = self.seccomp_fd()
+        uid = self.run_as
         try:
             proc = subprocess.run(
-                self.command(Permissions(), str(tmp), [str(self.bun), "--version"]),
+                self.command(Permissions(), [str(self.bun), "--version"], seccomp_fd=fd),
                 capture_output=True,
                 text=True,
                 timeout=20,
+                pass_fds=(fd,),
+                user=uid,
+                group=uid,
+                extra_groups=[] if uid is not None else None,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return str(exc)
+        finally:
+            os.close(fd)
         if proc.returncode != 0:
             return (proc.stderr or proc.stdout).strip() or f"bwrap exited {proc.returncode}"
         return None
@@ -180,6 +226,40 @@ def make_sandbox(
         )
     log.warning("tools run UNSANDBOXED (runtime.sandbox: auto): %s; %s", problem, INSTALL_HINT)
     return None
+
+
+def _others_may(path: Path, mode: int) -> bool:
+    """Whether a uid that is neither owner nor in the group may reach ``path`` with ``mode``
+    (every parent searchable) — what the tool's uid 65534 gets on a root-owned tree."""
+    bits = {os.R_OK: 0o004, os.W_OK: 0o002, os.X_OK: 0o001}
+    try:
+        target = path.resolve()
+        for parent in reversed(target.parents):
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+        st_mode = os.stat(target).st_mode
+    except OSError:
+        return False
+    return all(st_mode & bit for flag, bit in bits.items() if mode & flag)
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(run: bool | tuple[str, ...]) -> list[tuple[str, str]]:
+    """(real file, path in the sandbox) for each `--allow-run=PROGRAMS` program (found on
+    the tools' PATH unless absolute) and the libraries it links; missing ones are left
+    out, so starting them fails as "not found". Cached: ldd runs once per grant, not per call."""
+    if not isinstance(run, tuple):
+        return []
+    path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    found: list[tuple[str, str]] = []
+    for program in run:
+        located = program if program.startswith("/") else shutil.which(program, path=path)
+        if located is None or not os.path.isfile(located):
+            log.warning("--allow-run: program %s not found on this worker", program)
+            continue
+        found.append((os.path.realpath(located), os.path.abspath(located)))
+        found += _shared_libraries(Path(located))
+    return found
 
 
 def _shared_libraries(binary: Path) -> list[tuple[str, str]]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import tempfile
 import time
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import Call, Outcome, failed
-from toolq.workers.runtime.launch import Launcher, base_environment
+from toolq.workers.runtime.launch import Launcher, base_environment, call_tmpdir
 from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
 from toolq.workers.runtime.wire import encode_request, finish
 
@@ -31,13 +30,13 @@ class SpawnRuntime:
         request = encode_request(call, nonce, {})
         if isinstance(request, ToolFailure):
             return failed(request, started)
-        tmpdir = tempfile.mkdtemp(prefix="toolq-")
+        tmpdir = call_tmpdir()
         try:
             launched = self.launcher.launch(
                 tmpdir=tmpdir,
                 permissions=call.permissions,
                 limits=call.resources,
-                env={**base_environment(call.permissions.env), **call.env},
+                env=base_environment(call.permissions.env),  # call.env goes in the request
                 warm=False,
             )
         except OSError as exc:

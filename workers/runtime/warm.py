@@ -27,13 +27,12 @@ import os
 import secrets
 import shutil
 import signal
-import tempfile
 import threading
 import time
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome, failed
-from toolq.workers.runtime.launch import Launcher, base_environment
+from toolq.workers.runtime.launch import Launcher, base_environment, call_tmpdir
 from toolq.workers.runtime.limits import ResourceLimits, read_proc, rss_mb
 from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
@@ -48,7 +47,7 @@ class WarmProcess:
     def __init__(
         self, launcher: Launcher, permissions: Permissions, resources: ResourceLimits
     ) -> None:
-        self.tmpdir = tempfile.mkdtemp(prefix="toolq-warm-")
+        self.tmpdir = call_tmpdir()
         self.resources = resources
         try:
             self.launched = launcher.launch(

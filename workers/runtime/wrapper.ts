@@ -1,8 +1,22 @@
 // toolq's Bun wrapper: runs Compozy-style tool calls.
 //
-//   bun wrapper.ts <entrypoint> <envelope-fd>          spawn mode: one call, then exit
-//   bun wrapper.ts <entrypoint> <envelope-fd> warm     warm mode: one call per stdin line
-//   bun wrapper.ts <entrypoint> <envelope-fd> check    start-up check: load, list tools, exit
+//   bun wrapper.ts <entrypoint> <envelope-fd> spawn [options]   one call, then exit
+//   bun wrapper.ts <entrypoint> <envelope-fd> warm [options]    one call per stdin line
+//   bun wrapper.ts <entrypoint> <envelope-fd> check [options]   start-up check: load, list
+//                                                               tools, exit
+//
+// Options (set up before the tool's module loads, so its top-level code is bound too):
+//   --toolq-no-exec=<nr>:<hex>  install this seccomp filter (execve/execveat -> EPERM) on
+//                               every thread: no --allow-run. bwrap cannot: its filter
+//                               applies before it executes Bun itself.
+//   --toolq-no-ffi              no --allow-ffi: load no_ffi.ts (bun:ffi, Bun.FFI,
+//                               process.dlopen throw, also in Workers).
+//   --toolq-egress=<socket>     scoped --allow-net: relay 127.0.0.1:<port> to the egress
+//                               proxy's unix socket and point HTTP(S)_PROXY at it.
+//
+// The call's env arrives in the request (never in the environment bwrap and the
+// loader see) and is set here: before the entrypoint loads in spawn mode, per call in
+// warm mode.
 //
 // A request is one JSON object (one line in warm mode):
 //   {tool_id, tool_exec_id, input, config, env, timeout_ms, nonce}
@@ -19,6 +33,119 @@ const entrypoint = process.argv[2];
 const envelope = Bun.file(Number(process.argv[3]));
 const warm = process.argv[4] === "warm";
 const check = process.argv[4] === "check";
+const options = new Map(
+  process.argv.slice(5).map((arg) => {
+    const at = arg.indexOf("=");
+    return at < 0 ? [arg, ""] : [arg.slice(0, at), arg.slice(at + 1)];
+  }),
+);
+
+// bun:ffi is loaded only when a filter must be installed, and only by this file.
+function denyExec(spec: string): void {
+  const [nr, hex] = spec.split(":");
+  const { dlopen, ptr } = require("bun:ffi");
+  const symbols = { syscall: { args: ["i64", "i64", "i64", "ptr"], returns: "i64" } } as const;
+  const names = ["libc.so.6", `libc.musl-${process.arch === "arm64" ? "aarch64" : "x86_64"}.so.1`];
+  let libc: { symbols: { syscall(...args: unknown[]): bigint }; close(): void } | undefined;
+  for (const name of names) {
+    try {
+      libc = dlopen(name, symbols); // glibc, then musl: already loaded, found by soname
+      break;
+    } catch {}
+  }
+  if (!libc) throw new Error(`toolq: cannot find libc (${names.join(", ")}) to deny exec`);
+  const program = Buffer.from(hex, "hex");
+  const fprog = new BigUint64Array([BigInt(program.length / 8), BigInt(ptr(program))]);
+  // seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fprog): all threads
+  const status = libc.symbols.syscall(Number(nr), 1, 1, ptr(fprog));
+  libc.close();
+  if (status !== 0n) throw new Error(`toolq: cannot install the no-exec seccomp filter (${status})`);
+}
+
+// Scoped --allow-net: the sandbox has only its loopback; fetch goes through the worker's
+// egress proxy, which enforces the allow-list. Each side queues what its socket did not
+// take yet and sends it on `drain`, so large bodies pass whole.
+type Writable = { write(data: Uint8Array): number; end(): void };
+type Side = { socket?: Writable; queued: Uint8Array[]; ending: boolean };
+
+function forward(side: Side, chunk?: Uint8Array): void {
+  if (chunk) side.queued.push(new Uint8Array(chunk)); // a copy: the buffer is reused
+  if (!side.socket) return;
+  while (side.queued.length) {
+    const head = side.queued[0];
+    const written = side.socket.write(head);
+    if (written < head.length) {
+      side.queued[0] = head.subarray(Math.max(written, 0));
+      return; // the rest goes on drain
+    }
+    side.queued.shift();
+  }
+  if (side.ending) side.socket.end();
+}
+
+function finish(side: Side): void {
+  side.ending = true;
+  forward(side);
+}
+
+function relayEgress(socketPath: string): void {
+  type Pair = { toUpstream: Side; toClient: Side };
+  const server = Bun.listen<Pair>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open(client) {
+        const pair: Pair = {
+          toUpstream: { queued: [], ending: false },
+          toClient: { socket: client, queued: [], ending: false },
+        };
+        client.data = pair;
+        Bun.connect({
+          unix: socketPath,
+          socket: {
+            open(upstream) {
+              pair.toUpstream.socket = upstream;
+              forward(pair.toUpstream);
+            },
+            data(_upstream, chunk) {
+              forward(pair.toClient, chunk);
+            },
+            drain() {
+              forward(pair.toUpstream);
+            },
+            end() {
+              finish(pair.toClient);
+            },
+            close() {
+              finish(pair.toClient);
+            },
+            error() {
+              finish(pair.toClient);
+            },
+          },
+        }).catch(() => client.end());
+      },
+      data(client, chunk) {
+        forward(client.data.toUpstream, chunk);
+      },
+      drain(client) {
+        forward(client.data.toClient);
+      },
+      end(client) {
+        finish(client.data.toUpstream);
+      },
+      close(client) {
+        finish(client.data.toUpstream);
+      },
+    },
+  });
+  const url = `http://127.0.0.1:${server.port}`;
+  for (const name of ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]) process.env[name] = url;
+}
+
+if (options.has("--toolq-no-exec")) denyExec(options.get("--toolq-no-exec")!);
+if (options.has("--toolq-no-ffi")) require(`${import.meta.dir}/no_ffi.ts`);
+if (options.has("--toolq-egress")) relayEgress(options.get("--toolq-egress")!);
 
 type ErrorInfo = {
   kind: string;
@@ -104,13 +231,18 @@ async function onLateError(e: unknown): Promise<void> {
 process.on("uncaughtException", onLateError);
 process.on("unhandledRejection", onLateError);
 
-const loaded: Promise<Record<string, unknown> | Error> = import(entrypoint).then(
-  (module) => {
-    const exported = module.default;
-    return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
-  },
-  (e) => new Error(`failed to load entrypoint ${entrypoint}: ${loadProblem(e)}`),
-);
+let loading: Promise<Record<string, unknown> | Error> | null = null;
+
+function load(): Promise<Record<string, unknown> | Error> {
+  loading ??= import(entrypoint).then(
+    (module) => {
+      const exported = module.default;
+      return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
+    },
+    (e) => new Error(`failed to load entrypoint ${entrypoint}: ${loadProblem(e)}`),
+  );
+  return loading;
+}
 
 // Bun reports build errors (syntax, resolution) as an AggregateError of messages with positions.
 function loadProblem(e: unknown): string {
@@ -124,6 +256,7 @@ function loadProblem(e: unknown): string {
     })
     .join("; ");
 }
+if (warm) load(); // warm: loaded once, ahead of the first call
 
 const baseEnv = { ...process.env };
 
@@ -157,7 +290,8 @@ async function handle(line: string): Promise<void> {
   if (!/^[a-zA-Z0-9_/.-]+$/.test(toolId) || toolId.includes("..") || /^[/.]/.test(toolId)) {
     return send(null, { kind: "invalid_input", name: "ValidationError", message: `invalid tool id ${JSON.stringify(toolId)}` });
   }
-  const tools = await loaded;
+  if (!warm) applyEnv(request.env); // before the module loads: its top level sees it too
+  const tools = await load();
   if (tools instanceof Error) return send(null, describe(tools, "tool_error"));
   const tool = Object.hasOwn(tools, toolId) ? tools[toolId] : undefined;
   if (typeof tool !== "function") {
@@ -176,12 +310,27 @@ async function handle(line: string): Promise<void> {
   } catch (e) {
     await send(null, describe(e, "tool_error"));
   } finally {
-    if (warm) restoreEnv();
+    if (warm) {
+      restoreEnv();
+      emptyTmpdir();
+    }
+  }
+}
+
+// Warm mode: TMPDIR is the next call's too; what a call left in it goes.
+function emptyTmpdir(): void {
+  const dir = baseEnv.TMPDIR;
+  if (!dir) return;
+  try {
+    const { readdirSync, rmSync } = require("node:fs"); // not at the top: node:fs costs ~4 ms
+    for (const name of readdirSync(dir)) rmSync(`${dir}/${name}`, { recursive: true, force: true });
+  } catch {
+    // gone or unreadable: nothing of ours to clear
   }
 }
 
 if (check) {
-  const tools = await loaded;
+  const tools = await load();
   if (tools instanceof Error) {
     toStderr(tools.message);
     process.exit(1);
