@@ -81,7 +81,12 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         # slot means a busy worker holds no call it is not running: it hoards nothing.
         "worker_prefetch_multiplier": 1,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # No task-sent event: it costs the producer a PUBLISH per call, and Flower would
+        # rename a call it already knows as toolq:<tool> back to toolq.run_tool whenever
+        # that event arrives after the worker's (events travel on different connections).
+        # Flower shows a call from the moment a worker receives it; queued calls are
+        # counted on its broker page and by `toolq status`.
+        "task_send_sent_event": False,
         "result_expires": 24 * 3600,
         "result_extended": False,  # args would carry the call's env into Redis twice
         "enable_utc": True,

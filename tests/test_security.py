@@ -533,6 +533,7 @@ def test_unenforceable_forms_are_refused_at_config_load(
     tmp_path: Path, flag: str, message: str
 ) -> None:
     from toolq.config import load_settings
+    from toolq.workers.profile import resource_limits
 
     config = tmp_path / "c.yaml"
     config.write_text(f"runtime:\n  permissions: ['{flag}']\n")
@@ -543,6 +544,7 @@ def test_unenforceable_forms_are_refused_at_config_load(
 
 def test_allow_run_programs_with_the_whole_filesystem_is_refused(tmp_path: Path) -> None:
     from toolq.config import load_settings
+    from toolq.workers.profile import resource_limits
 
     config = tmp_path / "c.yaml"
     config.write_text("tools:\n  t:\n    permissions: [--allow-read, --allow-run=git]\n")
@@ -590,13 +592,14 @@ def test_only_tmp_and_granted_paths_are_writable(launcher: Launcher) -> None:
 
 def test_max_tmp_mb_per_tool(tmp_path: Path) -> None:
     from toolq.config import load_settings
+    from toolq.workers.profile import resource_limits
 
     config = tmp_path / "c.yaml"
     config.write_text("runtime:\n  max_tmp_mb: 16\ntools:\n  big:\n    limits: {max_tmp_mb: 256}\n")
     settings = load_settings(config, environ={})
-    assert settings.resource_limits("big")["max_tmp_mb"] == 256
-    assert settings.resource_limits("other")["max_tmp_mb"] == 16
-    assert load_settings(None, environ={}).resource_limits("x")["max_tmp_mb"] == 64
+    assert resource_limits(settings, "big").max_tmp_mb == 256
+    assert resource_limits(settings, "other").max_tmp_mb == 16
+    assert resource_limits(load_settings(None, environ={}), "x").max_tmp_mb == 64
 
 
 def test_dead_workers_temp_dirs_are_swept() -> None:
