@@ -148,6 +148,13 @@ def _read_yaml(path: Path, *, project_file: bool) -> dict[str, Any]:
         )
     if project_file:
         data = {k: v for k, v in data.items() if k not in COMPOZY_PROJECT_KEYS}
+    if "secret_key" in data:  # a key in a file is a key in version control
+        raise ConfigError(
+            f"{path}: secret_key: not allowed in a file; set TOOLQ_SECRET_KEY or point "
+            "secret_key_file at a file only the workers and producers can read",
+            key="secret_key",
+            source=str(path),
+        )
     return data
 
 

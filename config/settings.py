@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PositiveInt,
     PrivateAttr,
+    SecretStr,
     field_validator,
     model_validator,
 )
@@ -212,6 +213,11 @@ class Settings(_Strict):
     queues: dict[str, list[str]] = Field(default_factory=dict)
     """Routing: queue name -> the tools sent to it (others go to `queue`)."""
     tools: dict[str, ToolSettings] = Field(default_factory=dict)
+    secret_key: SecretStr | None = None
+    """Fernet key(s) sealing call env (comma-separated, the first seals; see toolq.sealing).
+    Only from TOOLQ_SECRET_KEY or a command-line override, never a YAML file."""
+    secret_key_file: str | None = None
+    """A file holding secret_key (relative paths: the project directory)."""
 
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="defaults")

@@ -458,6 +458,14 @@ def show_config(config: ConfigOption = None, profile: ProfileOption = None) -> N
     typer.echo(json.dumps(data, indent=2))
 
 
+@app.command()
+def keygen() -> None:
+    """Print a new secret key for TOOLQ_SECRET_KEY (see README, "Secrets")."""
+    from cryptography.fernet import Fernet
+
+    typer.echo(Fernet.generate_key().decode())
+
+
 breakers_app = typer.Typer(
     help="Circuit breakers, one per tool, shared by every worker.", no_args_is_help=False
 )
@@ -525,6 +533,8 @@ def dlq_list(
     entries = _guard(lambda: _dead_letters(_settings(config, profile)).list(limit))
     for entry in entries:
         entry["env"] = {key: "***" for key in entry.get("env") or {}}
+        if "env_sealed" in entry:
+            entry["env_sealed"] = "(sealed)"
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
         return
@@ -570,6 +580,7 @@ def dlq_replay(
             entry.get("env"),
             entry.get("timeout"),
             entry.get("queue"),
+            sealed_env=entry.get("env_sealed"),  # passed on unopened: no key needed here
         )
         letters.remove(entry["id"])
         return call.id

@@ -15,6 +15,7 @@ import redis
 from toolq.config.connections import redis_client
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
+from toolq.sealing import load_sealer
 from toolq.workers.breaker import Breakers
 from toolq.workers.deadletter import DeadLetters
 from toolq.workers.handler import MAX_DELIVERIES, CallHandler
@@ -88,6 +89,7 @@ def build_worker(
     prefork pool processes keep one each, started lazily after the fork).
     """
     slots = max_concurrent or settings.performance.max_concurrent_tools
+    sealer = load_sealer(settings)  # a bad key stops the worker before anything starts
     launcher = build_launcher(settings)
     profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
     runtimes: dict[Mode, Runtime] = {"spawn": SpawnRuntime(launcher)}
@@ -113,5 +115,6 @@ def build_worker(
         deliveries=Deliveries(client, settings.redelivery_s * (MAX_DELIVERIES + 2)),
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
+        sealer=sealer,
     )
     return WorkerParts(handler, runtime, warm, client, slots)

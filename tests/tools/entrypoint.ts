@@ -1,6 +1,6 @@
 // Test tools: one behaviour each, in the Compozy convention (default export).
 import { spawn } from "node:child_process";
-import { appendFileSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { appendFileSync, existsSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -234,6 +234,26 @@ export default {
   memory_hog: async () => {
     const hog: string[] = [];
     for (;;) hog.push("y".repeat(1 << 20) + hog.length);
+  },
+
+  // secrets (tests/test_secrets.py): each uses an env value without returning it
+  throw_env: async (input: { name?: string }) => {
+    throw new Error(process.env[input?.name ?? "API_KEY"]);
+  },
+  print_env: async (input: { name?: string }) => {
+    console.log(`using ${process.env[input?.name ?? "API_KEY"]}`);
+    return { ok: true };
+  },
+  hold_env: async (input: { ms?: number }) => {
+    await sleep(input?.ms ?? 1000);
+    return { has_key: !!process.env.API_KEY };
+  },
+  env_digest: async (input: { marker: string }) => {
+    if (!existsSync(input.marker)) {
+      writeFileSync(input.marker, "failed once");
+      throw new Error("fails the first time");
+    }
+    return { sha256: new Bun.CryptoHasher("sha256").update(process.env.API_KEY ?? "").digest("hex") };
   },
 };
 
