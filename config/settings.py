@@ -35,6 +35,9 @@ Seconds = Annotated[float, BeforeValidator(parse_duration)]
 TimeLimit = Annotated[float, BeforeValidator(parse_time_limit)]
 """A tool time limit: a duration no longer than :data:`MAX_TIME_LIMIT_S`."""
 
+Isolation = Literal["standard", "strict"]
+"""standard: warm calls share a process (module state survives); strict: one process per call."""
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "toolq"
 HARD_TIMEOUT_GRACE_S = 5.0
@@ -115,6 +118,7 @@ class ToolSettings(_Strict):
     hard_timeout_s: TimeLimit | None = Field(None, alias="hard_timeout", gt=0)
     permissions: list[str] | None = None
     mode: Literal["warm", "spawn"] | None = None
+    isolation: Isolation | None = None
     limits: LimitSettings | None = None
     retry: RetrySettings | None = None
     circuit_breaker: ToolBreakerSettings | None = None
@@ -139,6 +143,8 @@ class RuntimeSettings(_Strict):
     bun_path: str | None = None
     mode: Literal["warm", "spawn"] = "warm"
     """warm: long-lived Bun processes, entrypoint loaded once; spawn: a fresh Bun per call."""
+    isolation: Isolation = "standard"
+    """strict: a process never serves two calls (runs in spawn mode); see README, Runtime modes."""
     max_calls_per_process: PositiveInt = 1000
     max_process_rss_mb: float = Field(256.0, gt=0)
     sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
@@ -349,7 +355,13 @@ class Settings(_Strict):
 
     @property
     def uses_warm_mode(self) -> bool:
-        return self.runtime.mode == "warm" or any(t.mode == "warm" for t in self.tools.values())
+        runtime = self.runtime
+
+        def warm(tool: ToolSettings) -> bool:
+            isolation = tool.isolation or runtime.isolation
+            return (tool.mode or runtime.mode) == "warm" and isolation != "strict"
+
+        return warm(_NO_TOOL_SETTINGS) or any(warm(t) for t in self.tools.values())
 
     def __repr_args__(self) -> Any:
         # Never print credentials: a Redis URL may carry a password.
