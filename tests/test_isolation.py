@@ -5,6 +5,8 @@ next call; ``isolation: strict`` gives a process per call."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import StartWorker, wait_until
-from tests.test_runner import make_runner, run
+from tests.test_runner import make_launcher, make_runner, run
 from toolq.producers.client import ToolClient
+from toolq.workers.runtime.sandbox import Permissions
 from toolq.workers.runtime.warm import WarmRuntime
 
 
@@ -67,6 +70,42 @@ def test_tmp_and_dev_shm_are_fresh_for_the_next_call(pool: WarmRuntime) -> None:
     assert after["found"] == []  # /tmp/planted*, /dev/shm/planted.txt gone
     assert after["tmp"] == before["tmp"]  # what is mounted under /tmp (TMPDIR) is kept
     assert run(pool, "tmp_list").result["entries"] == []  # type: ignore[index]
+
+
+@pytest.mark.parametrize("move", [False, True])
+def test_a_planted_link_never_leads_the_clean_up_out_of_the_sandbox(
+    bun: Path, tmp_path: Path, move: bool
+) -> None:
+    """A granted path under /tmp makes directories on the sandbox's /tmp that the
+    clean-up keeps; links planted there (or in their place) point at a host directory."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("host data")
+    host = Path(tempfile.mkdtemp(prefix="toolq-test-"))  # on the host's /tmp
+    (host / "granted").mkdir()
+    leading = str(host)  # inside the sandbox: a directory on its /tmp, holding a mount
+    permissions = Permissions.parse(["--allow-read", f"--allow-write={host}/granted"])
+    pool = WarmRuntime(
+        make_launcher(bun), 1, max_calls_per_process=100, max_rss_mb=512, permissions=permissions
+    )
+    pool.start()
+    try:
+        attack = run(
+            pool, "scratch_attack", {"victim": str(victim), "leading": leading, "move": move}
+        )
+        assert attack.result is not None and attack.result["moved"] == move
+        planted = ["/tmp/evil", f"{leading}/junk.txt", f"{leading}/evil", "/tmp/moved"]
+        look = run(pool, "lexists", {"paths": [*planted, f"{leading}/granted"]}).result
+        assert look is not None
+        if move:  # the mount moved with its directory: the process is retired, not cleaned
+            assert look["pid"] != attack.result["pid"]
+        else:
+            assert look["pid"] == attack.result["pid"]
+            assert look["found"] == [f"{leading}/granted"]  # the mount point is kept
+        assert (victim / "precious.txt").read_text() == "host data"
+    finally:
+        pool.close()
+        shutil.rmtree(host, ignore_errors=True)
 
 
 def test_timers_a_call_left_never_run_in_the_next_call(pool: WarmRuntime, tmp_path: Path) -> None:

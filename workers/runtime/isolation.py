@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass
 
 from toolq.workers.runtime.launch import Launched
@@ -40,16 +41,17 @@ _KILL_ROUNDS = 10
 
 @dataclass
 class _Scratch:
-    """One scratch directory of the sandbox, seen from the host."""
+    """One scratch directory of the sandbox (paths as the sandbox sees them)."""
 
     dirs: tuple[str, ...]
-    """Whose entries are removed: the root and the directories leading to mount points."""
+    """Whose entries are removed: the scratch root, then the directories leading to
+    mount points under it (parents first)."""
     keep: frozenset[str]
-    """Mount points and the directories leading to them (host paths)."""
+    """Mount points under the root and the directories leading to them."""
     stamp: tuple[tuple[int, int], ...] | None = None
 
-    def times(self) -> tuple[tuple[int, int], ...]:
-        stats = [os.stat(path, follow_symlinks=False) for path in self.dirs]
+    def times(self, root: str) -> tuple[tuple[int, int], ...]:
+        stats = [os.stat(root + path, follow_symlinks=False) for path in self.dirs]
         return tuple((st.st_mtime_ns, st.st_ctime_ns) for st in stats)
 
 
@@ -60,6 +62,22 @@ class CallBoundary:
         self.launched = launched
         self._keep: frozenset[int] | None = None
         self._scratch: list[_Scratch] | None = None
+        self._mounts: set[str] = set()
+
+    def prime(self, wait_s: float = 2.0) -> None:
+        """Note where things are mounted in the sandbox before its first call (waiting
+        for Bun to start, at most ``wait_s``): a call that later moves a directory
+        holding a mount point is then seen, and its process retired."""
+        if self._scratch is not None or not self.launched.sandboxed:
+            return
+        deadline = time.monotonic() + wait_s
+        while not self.launched.bun_started and time.monotonic() < deadline:
+            if self.launched.proc.poll() is not None:
+                return
+            time.sleep(0.002)
+        if self.launched.bun_started:
+            with contextlib.suppress(OSError):
+                self._load_scratch()
 
     def clear(self) -> bool:
         """Kill the call's leftover processes and empty the scratch space; False if that
@@ -117,28 +135,30 @@ class CallBoundary:
     def _empty_scratch(self) -> bool:
         if not self.launched.sandboxed:
             return True  # /tmp is the host's: only TMPDIR is private (the runner's)
-        if self._scratch is None:
-            self._scratch = _private_scratch(self.launched.bun_pid)
-        for scratch in self._scratch:
-            if scratch.stamp is not None and scratch.times() == scratch.stamp:
-                continue
+        pid = self.launched.bun_pid
+        root = f"/proc/{pid}/root"
+        scratches = self._scratch if self._scratch is not None else self._load_scratch()
+        changed = [s for s in scratches if s.stamp is None or s.times(root) != s.stamp]
+        if not changed:
+            return True
+        if _mount_points(pid) != self._mounts:
+            return False  # a directory holding a mount point was moved: retire, never guess
+        for scratch in changed:
             for directory in scratch.dirs:
-                with os.scandir(directory) as entries:
-                    leftovers = [entry for entry in entries if entry.path not in scratch.keep]
-                for entry in leftovers:
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path)  # fd-based: never follows a planted link
-                    else:
-                        os.unlink(entry.path)
-            scratch.stamp = scratch.times()
+                _clear(root, directory, scratch.keep)
+            scratch.stamp = scratch.times(root)
         return True
 
+    def _load_scratch(self) -> list[_Scratch]:
+        pid = self.launched.bun_pid
+        self._mounts = _mount_points(pid)
+        self._scratch = _private_scratch(f"/proc/{pid}/root", self._mounts)
+        return self._scratch
 
-def _private_scratch(bun_pid: int) -> list[_Scratch]:
+
+def _private_scratch(root: str, mounts: set[str]) -> list[_Scratch]:
     """The scratch directories that are on a tmpfs of the sandbox's own."""
-    root = f"/proc/{bun_pid}/root"
-    mounts = _mount_points(f"/proc/{bun_pid}/mountinfo")
-    host_devices = _devices("/proc/self/mountinfo")
+    host_devices = {line.split()[2] for line in _read("/proc/self/mountinfo").splitlines()}
     found = []
     for scratch in SCRATCH:
         try:
@@ -148,30 +168,61 @@ def _private_scratch(bun_pid: int) -> list[_Scratch]:
         if f"{os.major(device)}:{os.minor(device)}" in host_devices:
             log.debug("%s in the sandbox is a host filesystem: not emptied", scratch)
             continue
-        inner = {m for m in mounts if m.startswith(scratch + "/")}
+        inner = {mount for mount in mounts if mount.startswith(scratch + "/")}
         leading = set()  # the directories between the scratch root and a mount point
         for mount in inner:
             parent = os.path.dirname(mount)
             while parent != scratch:
                 leading.add(parent)
                 parent = os.path.dirname(parent)
-        keep = {root + path for path in inner | leading}
-        dirs = [root + scratch, *sorted(root + path for path in leading - inner)]
-        found.append(_Scratch(tuple(dirs), frozenset(keep)))
+        dirs = (scratch, *sorted(leading - inner))
+        found.append(_Scratch(dirs, frozenset(inner | leading)))
     return found
 
 
-def _mount_points(mountinfo: str) -> set[str]:
+def _clear(root: str, directory: str, keep: frozenset[str]) -> None:
+    """Remove every entry of ``directory`` (a sandbox path) but those in ``keep``."""
+    fd = _open_within(root, directory)
+    try:
+        with os.scandir(fd) as entries:
+            leftovers = [
+                (entry.name, entry.is_dir(follow_symlinks=False))
+                for entry in entries
+                if f"{directory}/{entry.name}" not in keep
+            ]
+        for name, is_dir in leftovers:
+            if is_dir:
+                shutil.rmtree(name, dir_fd=fd)  # fd-based: never follows a planted link
+            else:
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _open_within(root: str, path: str) -> int:
+    """A descriptor of ``path`` inside the sandbox, opened one component at a time with
+    no symlink followed: a tool could plant one pointing at a host directory (an
+    absolute link would resolve against the host's root, not the sandbox's)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in path.strip("/").split("/"):
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _mount_points(pid: int) -> set[str]:
+    """Where things are mounted in the sandbox of ``pid``."""
     points = set()
-    for line in _read(mountinfo).splitlines():
+    for line in _read(f"/proc/{pid}/mountinfo").splitlines():
         fields = line.split()
         if len(fields) > 4:
             points.add(_unescape(fields[4]))
     return points
-
-
-def _devices(mountinfo: str) -> set[str]:
-    return {line.split()[2] for line in _read(mountinfo).splitlines() if line.strip()}
 
 
 def _read(path: str) -> str:

@@ -82,6 +82,8 @@ class WarmProcess:
 
     def call(self, call: Call) -> tuple[Outcome, bool]:
         """Run one call; returns the outcome and whether this process may serve another."""
+        if self.calls == 0:
+            self.boundary.prime()  # what the sandbox looked like before any call
         started = time.monotonic()
         nonce = secrets.token_hex(16)
         try:
