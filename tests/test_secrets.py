@@ -196,3 +196,19 @@ def test_what_a_tool_throws_or_prints_is_redacted_in_the_envelope(
     assert printed.result == {"ok": True}
     assert wait_until(lambda: "using ***" in worker.output(), 5)
     assert "using k9" not in worker.output()
+
+
+def test_the_key_never_reaches_a_tool_granted_the_whole_environment(
+    sealed_client: ToolClient, start_worker: StartWorker
+) -> None:
+    worker = start_worker(
+        env={
+            "TOOLQ_SECRET_KEY": KEY,
+            "TOOLQ_RUNTIME__PERMISSIONS": '["--allow-read", "--allow-write", "--allow-env"]',
+            "WORKER_ONLY_SETTING": "visible",  # proves the tool does get the worker's env
+        }
+    )
+    queue = worker.argv[-1].split("=", 1)[1]
+    keys_wanted = {"keys": ["TOOLQ_SECRET_KEY", "WORKER_ONLY_SETTING"]}
+    seen = sealed_client.run("env", keys_wanted, queue=queue, wait=60).result
+    assert seen == {"env": {"TOOLQ_SECRET_KEY": None, "WORKER_ONLY_SETTING": "visible"}}

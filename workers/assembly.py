@@ -8,6 +8,7 @@ touches the machine at start-up happens here, once per worker process.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import redis
@@ -90,6 +91,8 @@ def build_worker(
     """
     slots = max_concurrent or settings.performance.max_concurrent_tools
     sealer = load_sealer(settings)  # a bad key stops the worker before anything starts
+    # Read once: no child (a tool granted --allow-env, a pool process) inherits the key.
+    os.environ.pop("TOOLQ_SECRET_KEY", None)
     launcher = build_launcher(settings)
     profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
     runtimes: dict[Mode, Runtime] = {"spawn": SpawnRuntime(launcher)}
