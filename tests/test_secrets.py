@@ -212,3 +212,26 @@ def test_the_key_never_reaches_a_tool_granted_the_whole_environment(
     keys_wanted = {"keys": ["TOOLQ_SECRET_KEY", "WORKER_ONLY_SETTING"]}
     seen = sealed_client.run("env", keys_wanted, queue=queue, wait=60).result
     assert seen == {"env": {"TOOLQ_SECRET_KEY": None, "WORKER_ONLY_SETTING": "visible"}}
+
+
+def test_the_cli_refuses_a_malformed_key_in_one_line_without_showing_it() -> None:
+    bogus = "almost-a-key-but-not-quite"
+    env = {**os.environ, "TOOLQ_SECRET_KEY": bogus, "TOOLQ_CONFIG": str(TOOLS_CONFIG)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolq", "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("toolq: secret_key: key 1 of 1 is not a Fernet key")
+    assert bogus not in proc.stderr + proc.stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "toolq", "config"],
+        capture_output=True,
+        text=True,
+        env={**env, "TOOLQ_SECRET_KEY": KEY},
+        timeout=60,
+    )
+    assert shown.returncode == 0 and KEY not in shown.stdout

@@ -69,7 +69,11 @@ def _guard(action: Callable[[], T]) -> T:
 
 
 def _settings(config: Path | None, profile: str | None, **overrides: Any) -> Settings:
-    return _guard(lambda: load_settings(config, profile, overrides=overrides))
+    from toolq.sealing import load_sealer
+
+    settings = _guard(lambda: load_settings(config, profile, overrides=overrides))
+    _guard(lambda: load_sealer(settings))  # a malformed key: one line, exit 2
+    return settings
 
 
 def _parse_input(raw: str | None) -> Any:
