@@ -128,5 +128,6 @@ def test_strict_isolation_gives_each_call_a_process_of_its_own(
     strict = [client.run("module_counter", queue=queue, wait=60).result for _ in range(3)]
     assert [r["calls"] for r in strict] == [1, 1, 1]  # type: ignore[index]
     assert len({r["pid"] for r in strict}) == 3  # type: ignore[index]
-    shared = [client.run("pid", queue=queue, wait=60).result for _ in range(3)]
-    assert len({r["pid"] for r in shared}) < 3  # type: ignore[index]  # others stay warm
+    # other tools stay warm: six calls, at most four warm processes (the pool's size)
+    shared = [client.run("pid", queue=queue, wait=60).result for _ in range(6)]
+    assert len({r["pid"] for r in shared}) <= 4  # type: ignore[index]
