@@ -289,15 +289,7 @@ class CallHandler:
             "id": result.id,
             "tool_id": result.tool_id,
             "input": request.input if request else _raw(attempt.message, "input", None),
-            **(
-                env_fields(request.env, request.env_sealed, self.sealer)
-                if request
-                else env_fields(
-                    _raw(attempt.message, "env", {}),
-                    _raw(attempt.message, "env_sealed", None),
-                    self.sealer,
-                )
-            ),
+            **self._env_fields(attempt),
             "timeout": request.timeout_s if request else _raw(attempt.message, "timeout", None),
             "queue": attempt.delivery.queue,
             "error": result.error.to_dict() if result.error else None,
@@ -310,6 +302,14 @@ class CallHandler:
             self.dead_letters.add(entry)
         except Exception:
             log.warning("cannot dead-letter call %s", result.id, exc_info=True)
+
+    def _env_fields(self, attempt: _Attempt) -> dict[str, Any]:
+        """The env as a dead letter keeps it: sealed whenever this worker has a key."""
+        request, message = attempt.request, attempt.message
+        if request is not None:
+            return env_fields(request.env, request.env_sealed, self.sealer)
+        raw = _raw(message, "env", {}), _raw(message, "env_sealed", None)
+        return env_fields(*raw, self.sealer)
 
     def _log(self, result: ToolResult, outcome: Outcome) -> None:
         meta = result.metadata
