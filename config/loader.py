@@ -222,6 +222,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}",
             source=str(path),
         )
+    if "secret_key" in data:  # a key in a file is a key in version control
+        raise ConfigError(
+            f"{path}: secret_key: not allowed in a file; set TOOLQ_SECRET_KEY or point "
+            "secret_key_file at a file only the workers and producers can read",
+            key="secret_key",
+            source=str(path),
+        )
     return data
 
 

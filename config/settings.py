@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PositiveInt,
     PrivateAttr,
+    SecretStr,
     field_validator,
     model_validator,
 )
@@ -59,6 +60,9 @@ def parse_size(value: object) -> int:
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 """Bytes, written in YAML as `64MiB`, `500KB` or a number of bytes."""
+
+Isolation = Literal["standard", "strict"]
+"""standard: warm calls share a process (module state survives); strict: one process per call."""
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "toolq"
@@ -151,6 +155,7 @@ class ToolSettings(_Strict):
     hard_timeout_s: TimeLimit | None = Field(None, alias="hard_timeout", gt=0)
     permissions: list[str] | None = None
     mode: Literal["warm", "spawn"] | None = None
+    isolation: Isolation | None = None
     limits: LimitSettings | None = None
     retry: RetrySettings | None = None
     circuit_breaker: ToolBreakerSettings | None = None
@@ -175,6 +180,8 @@ class RuntimeSettings(_Strict):
     bun_path: str | None = None
     mode: Literal["warm", "spawn"] = "warm"
     """warm: long-lived Bun processes, entrypoint loaded once; spawn: a fresh Bun per call."""
+    isolation: Isolation = "standard"
+    """strict: a process never serves two calls (runs in spawn mode); see README, Runtime modes."""
     max_calls_per_process: PositiveInt = 1000
     max_process_rss_mb: float = Field(256.0, gt=0)
     sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
@@ -267,6 +274,11 @@ class Settings(_Strict):
     queues: dict[str, list[str]] = Field(default_factory=dict)
     """Routing: queue name -> the tools sent to it (others go to `queue`)."""
     tools: dict[str, ToolSettings] = Field(default_factory=dict)
+    secret_key: SecretStr | None = None
+    """Fernet key(s) sealing call env (comma-separated, the first seals; see toolq.sealing).
+    Only from TOOLQ_SECRET_KEY or a command-line override, never a YAML file."""
+    secret_key_file: str | None = None
+    """A file holding secret_key (relative paths: the project directory)."""
 
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="defaults")
@@ -435,7 +447,13 @@ class Settings(_Strict):
 
     @property
     def uses_warm_mode(self) -> bool:
-        return self.runtime.mode == "warm" or any(t.mode == "warm" for t in self.tools.values())
+        runtime = self.runtime
+
+        def warm(tool: ToolSettings) -> bool:
+            isolation = tool.isolation or runtime.isolation
+            return (tool.mode or runtime.mode) == "warm" and isolation != "strict"
+
+        return warm(_NO_TOOL_SETTINGS) or any(warm(t) for t in self.tools.values())
 
     def __repr_args__(self) -> Any:
         # Never print credentials: a Redis URL may carry a password.

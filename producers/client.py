@@ -15,6 +15,7 @@ Bad calls (an invalid tool id or env, input that is not JSON or is too big) rais
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -44,6 +45,7 @@ from toolq.errors import (
     ToolTimeout,
 )
 from toolq.protocol import CallRequest, new_request, validate
+from toolq.sealing import load_sealer
 
 log = logging.getLogger("toolq.producer")
 
@@ -178,6 +180,7 @@ class ToolClient:
             overrides = {"redis_url": redis_url} if redis_url else None
             settings = load_settings(config, profile, overrides=overrides)
         self.settings = settings
+        self._sealer = load_sealer(settings)  # with a secret key, every env goes sealed
         self.app: Celery = make_celery(settings, name="toolq-producer")
         self._redis_client: redis.Redis | None = None
         self._warned_queues: set[str] = set()
@@ -194,6 +197,7 @@ class ToolClient:
         max_attempts: int | None = None,
         retry: bool = True,
         idempotency_key: str | None = None,
+        sealed_env: str | None = None,
     ) -> ToolCall:
         """Put one call on the queue and return at once.
 
@@ -203,7 +207,8 @@ class ToolClient:
         policy for this call.
         With ``idempotency_key``, enqueueing again under the same key within
         ``idempotency_ttl`` returns the first call (and so its result) instead of
-        running the tool twice.
+        running the tool twice. ``sealed_env``: an env already sealed (a dead letter's),
+        passed on unopened for the worker to open.
         """
         request = validate(
             new_request(
@@ -217,6 +222,8 @@ class ToolClient:
             ),
             self.settings,
         )
+        if sealed_env is not None:
+            request = dataclasses.replace(request, env_sealed=sealed_env)
         call_id = str(uuid.uuid4())
         queue = queue or self.settings.queue_for(tool_id)
         if queue not in self.settings.all_queues and queue not in self._warned_queues:
@@ -251,7 +258,7 @@ class ToolClient:
                 with _redis_errors(self.settings.redis_url):
                     return self.app.send_task(
                         RUN_TOOL_TASK,
-                        args=[request.to_message()],
+                        args=[request.to_message(self._sealer)],
                         task_id=call_id,
                         queue=queue,
                         argsrepr=request.describe(),

@@ -533,7 +533,6 @@ def test_unenforceable_forms_are_refused_at_config_load(
     tmp_path: Path, flag: str, message: str
 ) -> None:
     from toolq.config import load_settings
-    from toolq.workers.profile import resource_limits
 
     config = tmp_path / "c.yaml"
     config.write_text(f"runtime:\n  permissions: ['{flag}']\n")
@@ -544,7 +543,6 @@ def test_unenforceable_forms_are_refused_at_config_load(
 
 def test_allow_run_programs_with_the_whole_filesystem_is_refused(tmp_path: Path) -> None:
     from toolq.config import load_settings
-    from toolq.workers.profile import resource_limits
 
     config = tmp_path / "c.yaml"
     config.write_text("tools:\n  t:\n    permissions: [--allow-read, --allow-run=git]\n")

@@ -69,7 +69,11 @@ def _guard(action: Callable[[], T]) -> T:
 
 
 def _settings(config: Path | None, profile: str | None, **overrides: Any) -> Settings:
-    return _guard(lambda: load_settings(config, profile, overrides=overrides))
+    from toolq.sealing import load_sealer
+
+    settings = _guard(lambda: load_settings(config, profile, overrides=overrides))
+    _guard(lambda: load_sealer(settings))  # a malformed key: one line, exit 2
+    return settings
 
 
 def _parse_input(raw: str | None, option: str = "--input") -> Any:
@@ -523,6 +527,14 @@ def show_config(config: ConfigOption = None, profile: ProfileOption = None) -> N
     typer.echo(json.dumps(data, indent=2))
 
 
+@app.command()
+def keygen() -> None:
+    """Print a new secret key for TOOLQ_SECRET_KEY (see README, "Secrets")."""
+    from cryptography.fernet import Fernet
+
+    typer.echo(Fernet.generate_key().decode())
+
+
 breakers_app = typer.Typer(
     help="Circuit breakers, one per tool, shared by every worker.", no_args_is_help=False
 )
@@ -597,6 +609,8 @@ def dlq_list(
     entries = _guard(lambda: _dead_letters(_settings(config, profile)).list(limit))
     for entry in entries:
         entry["env"] = {key: "***" for key in entry.get("env") or {}}
+        if "env_sealed" in entry:
+            entry["env_sealed"] = "(sealed)"
     if as_json:
         typer.echo(json.dumps(entries, indent=2))
         return
@@ -654,6 +668,7 @@ def dlq_replay(
             entry.get("timeout"),
             entry.get("queue"),
             config=entry.get("config"),
+            sealed_env=entry.get("env_sealed"),  # passed on unopened: no key needed here
         )
         letters.remove(entry["id"])
         return call.id

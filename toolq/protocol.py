@@ -2,7 +2,7 @@
 
 A call travels through Redis as Celery's single positional argument, a JSON object::
 
-    {"tool_id", "input", "env", "enqueued_at",            # always
+    {"tool_id", "input", "env" | "env_sealed", "enqueued_at",   # always
      "config"?,                                           # per-call tool config override
      "timeout"?,                                          # per-call soft limit, seconds
      "retry"?: {"max_attempts"?, "enabled"?},             # per-call retry overrides
@@ -13,6 +13,8 @@ encoder and decoder, and :func:`validate` its only rule book: the producer runs 
 before enqueueing (so a bad call fails at the call site) and the worker runs it
 again, because a message may come from anywhere. With the tool's Compozy definition
 (from the settings) it merges ``with`` under the input and checks the input schema.
+With a secret key configured (:mod:`toolq.sealing`) the env travels as one Fernet
+token, ``"env_sealed"``, and a worker refuses a plain one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from toolq.config.durations import format_duration, parse_duration
 from toolq.config.settings import Settings
 from toolq.errors import InvalidInput
+from toolq.sealing import Sealer, env_fields, open_env
 from toolq.validation import check_input_size, json_size, validate_env, validate_tool_id
 
 _INPUT_PREVIEW = 200
@@ -51,14 +54,17 @@ class CallRequest:
     """One entry per earlier attempt or deferral: kind, name, message, delay, worker, at."""
     counted: bool = False
     """An earlier attempt already counted against the tool's breaker (once per call)."""
+    env_sealed: str | None = None
+    """The token the env arrived sealed in: passed on as it is (retries, dead letters)."""
 
     # -- the Redis message ---------------------------------------------------------------
 
-    def to_message(self) -> dict[str, Any]:
+    def to_message(self, sealer: Sealer | None = None) -> dict[str, Any]:
+        """The message; with a ``sealer`` (a secret key), the env goes sealed."""
         message: dict[str, Any] = {
             "tool_id": self.tool_id,
             "input": self.input,
-            "env": dict(self.env),
+            **env_fields(self.env, self.env_sealed, sealer),
             "enqueued_at": self.enqueued_at,
         }
         if self.config is not None:
@@ -80,12 +86,14 @@ class CallRequest:
         return message
 
     @classmethod
-    def from_message(cls, message: Any) -> CallRequest:
-        """Read a message's structure; :class:`InvalidInput` for one that is not a call.
+    def from_message(cls, message: Any, sealer: Sealer | None = None) -> CallRequest:
+        """Read a message's structure; :class:`InvalidInput` for one that is not a call
+        (or whose env is plain while this side has a ``sealer``, or will not open).
 
         Field rules (tool id, env, limits) are :func:`validate`'s."""
         if not isinstance(message, Mapping):
             raise InvalidInput("request must be a JSON object", "ValidationError")
+        env, env_sealed = open_env(message, sealer)
         overrides = message.get("retry")
         overrides = {} if overrides is None else overrides
         if not isinstance(overrides, Mapping):
@@ -107,7 +115,7 @@ class CallRequest:
         return cls(
             tool_id=message.get("tool_id"),  # type: ignore[arg-type]  # checked by validate
             input=message.get("input"),
-            env=message.get("env") or {},
+            env=env,
             config=message.get("config"),
             enqueued_at=float(enqueued_at),
             timeout_s=message.get("timeout"),
@@ -116,6 +124,7 @@ class CallRequest:
             attempt=attempt,
             history=tuple(history),
             counted=counted,
+            env_sealed=env_sealed,
         )
 
     # -- what workers do with it ---------------------------------------------------------

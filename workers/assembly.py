@@ -9,6 +9,7 @@ touches the machine at start-up happens here, once per worker process.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import redis
@@ -16,6 +17,7 @@ import redis
 from toolq.config.connections import redis_client
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
+from toolq.sealing import load_sealer
 from toolq.workers.breaker import Breakers
 from toolq.workers.deadletter import DeadLetters
 from toolq.workers.handler import MAX_DELIVERIES, CallHandler
@@ -90,6 +92,9 @@ def build_worker(
     prefork pool processes keep one each, started lazily after the fork).
     """
     slots = max_concurrent or settings.performance.max_concurrent_tools
+    sealer = load_sealer(settings)  # a bad key stops the worker before anything starts
+    # Read once: no child (a tool granted --allow-env, a pool process) inherits the key.
+    os.environ.pop("TOOLQ_SECRET_KEY", None)
     launcher = build_launcher(settings)
     profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
     # Load the entrypoint once, as tools will run, before saying ready (either mode).
@@ -120,5 +125,6 @@ def build_worker(
         deliveries=Deliveries(client, settings.redelivery_s * (MAX_DELIVERIES + 2), settings.keys),
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
+        sealer=sealer,
     )
     return WorkerParts(handler, runtime, warm, client, slots)

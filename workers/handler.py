@@ -23,11 +23,13 @@ from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import CircuitOpen, InvalidInput, ToolCrashed, ToolFailure, ToolTimeout
 from toolq.protocol import CallRequest, validate
+from toolq.sealing import Sealer, env_fields
 from toolq.workers.backoff import RetryPolicy, next_delay
 from toolq.workers.breaker import Admission, Verdict, verdict_of
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles, ToolProfile
 from toolq.workers.runtime.base import Outcome, Runtime, failed
+from toolq.workers.runtime.secrets import redact_outcome
 
 log = logging.getLogger("toolq.worker")
 tool_log = logging.getLogger("toolq.tool")
@@ -111,11 +113,13 @@ class CallHandler:
     sandbox: str = "none"
     """What isolates tools on this worker (``bwrap`` or ``none``), for the metadata."""
     clock: Callable[[], float] = time.time
+    sealer: Sealer | None = None
+    """With a secret key: env arrives sealed (plain env is refused) and is dead-lettered sealed."""
 
     def handle(self, message: Any, delivery: Delivery) -> Decision:
         started_at = self.clock()
         try:
-            request = validate(CallRequest.from_message(message), self.settings)
+            request = validate(CallRequest.from_message(message, self.sealer), self.settings)
         except InvalidInput as refused:
             return self._finish(_Attempt(message, None, delivery, started_at), failed(refused))
         attempt = _Attempt(message, request, delivery, started_at)
@@ -167,7 +171,7 @@ class CallHandler:
 
     def backstop_timeout(self, message: Any, delivery: Delivery) -> Final:
         """Celery's own time limit fired (the runtime's never did): end the call."""
-        request = _decoded(message)
+        request = _decoded(message, self.sealer)
         attempt = _Attempt(message, request, delivery, self.clock())
         stopped = ToolTimeout("Celery's backstop time limit ended the call", "TimeoutError")
         return self._finish(attempt, failed(stopped))
@@ -234,7 +238,9 @@ class CallHandler:
         except InvalidInput as refused:
             return failed(refused)
         with self.metrics.running():
-            outcome = profile.check_output(self.runtime.run(call))
+            # Env values (the call's and its definition's) never leave in an error, a stack
+            # or stderr (stored, logged, retried).
+            outcome = redact_outcome(profile.check_output(self.runtime.run(call)), call.env)
         self.metrics.observe_run(request.tool_id, outcome)
         return outcome
 
@@ -302,7 +308,7 @@ class CallHandler:
             "id": result.id,
             "tool_id": result.tool_id,
             "input": request.input if request else _raw(attempt.message, "input", None),
-            "env": dict(request.env) if request else _raw(attempt.message, "env", {}),
+            **self._env_fields(attempt),
             "config": request.config if request else _raw(attempt.message, "config", None),
             "timeout": request.timeout_s if request else _raw(attempt.message, "timeout", None),
             "queue": attempt.delivery.queue,
@@ -316,6 +322,14 @@ class CallHandler:
             self.dead_letters.add(entry)
         except Exception:
             log.warning("cannot dead-letter call %s", result.id, exc_info=True)
+
+    def _env_fields(self, attempt: _Attempt) -> dict[str, Any]:
+        """The env as a dead letter keeps it: sealed whenever this worker has a key."""
+        request, message = attempt.request, attempt.message
+        if request is not None:
+            return env_fields(request.env, request.env_sealed, self.sealer)
+        raw = _raw(message, "env", {}), _raw(message, "env_sealed", None)
+        return env_fields(*raw, self.sealer)
 
     def _log(self, result: ToolResult, outcome: Outcome) -> None:
         meta = result.metadata
@@ -367,9 +381,9 @@ def _own_last_failure(request: CallRequest) -> ToolErrorInfo | None:
     return None
 
 
-def _decoded(message: Any) -> CallRequest | None:
+def _decoded(message: Any, sealer: Sealer | None) -> CallRequest | None:
     try:
-        return CallRequest.from_message(message)
+        return CallRequest.from_message(message, sealer)
     except ToolFailure:
         return None
 

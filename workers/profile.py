@@ -116,6 +116,8 @@ class Profiles:
         mode: Mode = tool.mode or settings.runtime.mode
         if mode == "warm" and (own_sandbox or not self.warm_available):
             mode = "spawn"  # a warm process runs with the runtime's permissions and limits
+        if _pick(tool.isolation, settings.runtime.isolation) == "strict":
+            mode = "spawn"  # a process of its own per call: no caller meets another's state
         return ToolProfile(
             tool_id=tool_id,
             time_limits=settings.limits_for(tool_id),

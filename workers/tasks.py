@@ -64,7 +64,7 @@ def register_tasks(app: Celery, handler: CallHandler) -> Task:
                 raise ToolCallFailed(decision.envelope)
             return decision.envelope
         raise self.retry(
-            args=[decision.request.to_message()],
+            args=[decision.request.to_message(handler.sealer)],
             kwargs={},
             countdown=decision.delay_s,
             argsrepr=decision.request.describe(),

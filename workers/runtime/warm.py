@@ -9,14 +9,16 @@ What users can rely on:
 
 - the call's env is set for that call and restored after it, and it gets its own
   private TMPDIR, removed afterwards;
-- child processes a call leaves behind are killed when it ends;
+- when a call ends, every process it started is killed (detached or not), the
+  sandbox's /tmp and /dev/shm are emptied and the timers it left are cleared
+  (:mod:`.isolation`, the wrapper);
 - after a timeout, a crash, an output-cap breach or an unreadable envelope the
   process (its whole group) is killed and replaced; a process is also retired after
   ``max_calls_per_process`` calls or once its RSS passes ``max_process_rss_mb``;
   replacements are started in the background, ahead of need;
 - what does survive between calls of one process is module-level state (caches,
-  globals, listeners a tool registered, timers it left running): a tool that needs
-  a fresh process per call is marked ``mode: spawn``.
+  globals, listeners a tool registered, pending I/O callbacks): a tool that needs a
+  fresh process per call is marked ``isolation: strict`` (or ``mode: spawn``).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import threading
 import time
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome, failed
+from toolq.workers.runtime.isolation import CallBoundary
 from toolq.workers.runtime.launch import Launcher, base_environment, call_tmpdir
-from toolq.workers.runtime.limits import ResourceLimits, read_proc, rss_mb
+from toolq.workers.runtime.limits import ResourceLimits, rss_mb
 from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
 from toolq.workers.runtime.wire import encode_request, finish
@@ -61,6 +63,7 @@ class WarmProcess:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise
         self.proc = self.launched.proc
+        self.boundary = CallBoundary(self.launched)
         self.tool_tmpdir = launcher.tmp_path(self.tmpdir)
         self.pipes = Pipes(self.proc, self.launched.envelope_fd, lambda: self.launched.bun_pid)
         self.calls = 0
@@ -78,6 +81,8 @@ class WarmProcess:
 
     def call(self, call: Call) -> tuple[Outcome, bool]:
         """Run one call; returns the outcome and whether this process may serve another."""
+        if self.calls == 0:
+            self.boundary.prime()  # what the sandbox looked like before any call
         started = time.monotonic()
         nonce = secrets.token_hex(16)
         try:
@@ -102,8 +107,7 @@ class WarmProcess:
             )
             if healthy:
                 self.calls += 1
-                if self.launched.bun_started:  # it answered, so it has; never bwrap itself
-                    _kill_children(self.launched.bun_pid)
+                healthy = self.boundary.clear()  # nothing of this call reaches the next
             return outcome, healthy
         finally:
             self._empty_tmpdir()
@@ -241,23 +245,3 @@ class WarmRuntime:
             self._cond.notify_all()
         if process is not None:
             process.kill()  # the pool closed while it started
-
-
-def _kill_children(pid: int) -> None:
-    """Kill what a call left running under the warm process (its children and theirs).
-
-    Bun starts child processes from its JavaScript thread, whose children list is
-    the main task's; descendants are found level by level.
-    """
-    try:
-        pending = [int(child) for child in read_proc(f"/proc/{pid}/task/{pid}/children").split()]
-    except OSError:
-        return
-    while pending:
-        child = pending.pop()
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{child}/task"):
-                children = read_proc(f"/proc/{child}/task/{tid}/children")
-                pending += [int(grandchild) for grandchild in children.split()]
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(child, signal.SIGKILL)

@@ -260,6 +260,53 @@ if (warm) load(); // warm: loaded once, ahead of the first call
 
 const baseEnv = { ...process.env };
 
+// Warm mode: timers a call leaves pending are cleared when it ends, and a Bun.sleep it
+// started never resolves after that, so nothing the call scheduled runs during a later
+// call and reads that caller's env. (Pending I/O callbacks cannot be cancelled: see the
+// README's "what survives"; isolation: strict gives such tools a process per call.)
+let callRunning = false;
+let callNumber = 0;
+const callTimers = new Map<unknown, (handle: unknown) => void>();
+if (warm) {
+  const g = globalThis as unknown as Record<string, (...args: unknown[]) => unknown>;
+  for (const [set, clear, once] of [
+    ["setTimeout", "clearTimeout", true],
+    ["setInterval", "clearInterval", false],
+    ["setImmediate", "clearImmediate", true],
+  ] as const) {
+    const original = g[set];
+    const originalClear = g[clear];
+    g[set] = (callback: unknown, ...rest: unknown[]) => {
+      if (!callRunning || typeof callback !== "function") return original(callback, ...rest);
+      const run = (...args: unknown[]) => {
+        if (once) callTimers.delete(handle);
+        return callback(...args);
+      };
+      const handle = original(run, ...rest);
+      callTimers.set(handle, originalClear);
+      return handle;
+    };
+    g[clear] = (handle: unknown) => {
+      callTimers.delete(handle);
+      return originalClear(handle);
+    };
+  }
+  const sleep = Bun.sleep;
+  (Bun as unknown as { sleep: typeof sleep }).sleep = (ms) => {
+    const started = callNumber;
+    const pending = sleep(ms);
+    return callRunning ? pending.then(() => (started === callNumber ? undefined : new Promise<void>(() => {}))) : pending;
+  };
+}
+
+function endCall(): void {
+  if (!callRunning) return;
+  callRunning = false;
+  callNumber++;
+  for (const [handle, clear] of callTimers) clear(handle);
+  callTimers.clear();
+}
+
 function applyEnv(env: Record<string, string> | undefined): void {
   for (const [key, value] of Object.entries(env ?? {})) process.env[key] = value;
 }
@@ -302,15 +349,25 @@ async function handle(line: string): Promise<void> {
       message: `Tool ${toolId} not found in entrypoint exports. Available tools: ${available.join(", ")}`,
     });
   }
-  if (warm) applyEnv(request.env);
+  if (warm) {
+    applyEnv(request.env);
+    callRunning = true;
+  }
   active.started = performance.now();
   try {
-    const result = await tool(request.input, request.config ?? {});
+    const result = await (async () => {
+      try {
+        return await tool(request.input, request.config ?? {});
+      } finally {
+        endCall(); // before the envelope: no timer of this call runs after it
+      }
+    })();
     await send(result, null);
   } catch (e) {
     await send(null, describe(e, "tool_error"));
   } finally {
     if (warm) {
+      endCall();
       restoreEnv();
       emptyTmpdir();
     }
