@@ -64,7 +64,9 @@ def test_a_detached_grandchild_dies_with_its_call(pool: WarmRuntime, tmp_path: P
 def test_tmp_and_dev_shm_are_fresh_for_the_next_call(pool: WarmRuntime) -> None:
     before = run(pool, "scratch_look").result
     assert before is not None and before["found"] == []
-    assert run(pool, "scratch_plant").result == {"ok": True}
+    planted = run(pool, "scratch_plant").result
+    assert planted is not None and planted["ok"]
+    assert planted["shm"] in ("planted", "read-only")  # read-only: nothing can be left there
     after = run(pool, "scratch_look").result
     assert after is not None
     assert after["found"] == []  # /tmp/planted*, /dev/shm/planted.txt gone
@@ -83,6 +85,8 @@ def test_a_planted_link_never_leads_the_clean_up_out_of_the_sandbox(
     (victim / "precious.txt").write_text("host data")
     host = Path(tempfile.mkdtemp(prefix="toolq-test-"))  # on the host's /tmp
     (host / "granted").mkdir()
+    host.chmod(0o755)  # tools run as an unprivileged uid: it must reach the granted path
+    (host / "granted").chmod(0o777)
     leading = str(host)  # inside the sandbox: a directory on its /tmp, holding a mount
     permissions = Permissions.parse(["--allow-read", f"--allow-write={host}/granted"])
     pool = WarmRuntime(

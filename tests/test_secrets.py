@@ -21,11 +21,13 @@ import redis
 from cryptography.fernet import Fernet
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
-from toolq import keys
 from toolq.config.loader import load_settings
 from toolq.producers.client import ToolCall, ToolClient
 
 KEY = Fernet.generate_key().decode()
+
+TEST_KEYS = load_settings(TOOLS_CONFIG, environ={}).keys
+"""The test tool project's own keys (its name namespaces them, kombu's too)."""
 
 
 @pytest.fixture
@@ -117,7 +119,7 @@ def test_with_a_key_no_env_value_is_anywhere_in_redis(
     scans = 0
     in_flight = redis.Redis.from_url(redis_url)
     while not calls["hold"].ready():  # while calls run: the unacked hash, retries' messages
-        unacked = in_flight.hlen("unacked")  # kombu's hash of delivered, running messages
+        unacked = in_flight.hlen(f"{TEST_KEYS.prefix}unacked")  # kombu: running messages
         blob = redis_contents(redis_url)
         assert not holds(blob, secret)
         scans += unacked > 0 and holds(blob, marker)
@@ -174,7 +176,7 @@ def test_a_worker_with_a_key_refuses_plain_env(
     fine = client.enqueue("hold_env", {"ms": 10}, queue=queue).result(timeout=60)
     assert fine.result == {"has_key": False}
     # the refused call's env is dead-lettered sealed, not as it came
-    entry = redis.Redis.from_url(redis_url).hget(keys.DEAD_LETTERS, refused.id)
+    entry = redis.Redis.from_url(redis_url).hget(TEST_KEYS.dead_letters, refused.id)
     assert entry is not None and not holds(entry, secret)
     assert "env" not in json.loads(entry) and json.loads(entry)["env_sealed"]
 

@@ -476,8 +476,13 @@ export default {
     mkdirSync("/tmp/planted/deeper", { recursive: true });
     writeFileSync("/tmp/planted/deeper/note.txt", "left by an earlier caller");
     writeFileSync("/tmp/planted.txt", "left by an earlier caller");
-    writeFileSync("/dev/shm/planted.txt", "left by an earlier caller");
-    return { ok: true };
+    let shm = "planted";
+    try {
+      writeFileSync("/dev/shm/planted.txt", "left by an earlier caller");
+    } catch (e) {
+      shm = String(e).includes("EROFS") ? "read-only" : String(e); // the sandbox's /dev is read-only
+    }
+    return { ok: true, shm };
   },
   scratch_look: async () => ({
     found: ["/tmp/planted", "/tmp/planted.txt", "/dev/shm/planted.txt"].filter((p) => existsSync(p)),

@@ -31,10 +31,13 @@ from dataclasses import dataclass
 
 from toolq.workers.runtime.launch import Launched
 from toolq.workers.runtime.limits import read_proc
+from toolq.workers.runtime.sandbox import SANDBOX_TMP
 
 log = logging.getLogger("toolq.worker")
 
 SCRATCH = ("/tmp", "/dev/shm")
+KEPT_EMPTY = (SANDBOX_TMP,)
+"""Directories in the scratch space that the next call needs (its TMPDIR): emptied, kept."""
 """Writable places every sandbox has, whatever it was granted."""
 _KILL_ROUNDS = 10
 
@@ -171,9 +174,10 @@ def _private_scratch(root: str, mounts: set[str]) -> list[_Scratch]:
             log.debug("%s in the sandbox is a host filesystem: not emptied", scratch)
             continue
         inner = {mount for mount in mounts if mount.startswith(scratch + "/")}
-        leading = set()  # the directories between the scratch root and a mount point
-        for mount in inner:
-            parent = os.path.dirname(mount)
+        emptied = {path for path in KEPT_EMPTY if path.startswith(scratch + "/")}
+        leading = set(emptied)  # kept, emptied: up to a mount point or a kept directory
+        for path in inner | emptied:
+            parent = os.path.dirname(path)
             while parent != scratch:
                 leading.add(parent)
                 parent = os.path.dirname(parent)
