@@ -48,7 +48,8 @@ class Soak:
         self.args = args
         self.rng = random.Random(args.seed)
         self.server = RedisServer(persistent=True)
-        self.counters = PROJECT / ".tmp" / f"soak-{uuid.uuid4().hex[:8]}"
+        # not under .tmp: pytest empties its basetemp there at every run
+        self.counters = PROJECT / ".soak" / f"soak-{uuid.uuid4().hex[:8]}"
         self.workers: list[WorkerProcess] = []
         self.calls: list[tuple[str, float, Path]] = []  # id, enqueued at, counter
         self.enqueue_retries = 0
@@ -141,7 +142,7 @@ class Soak:
     # -- run -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        self.counters.mkdir(parents=True)
+        self.counters.mkdir(parents=True)  # the sandbox lets tools write in the project
         self.server.start()
         settings = load_settings(CONFIG, environ={}, overrides={"redis_url": self.server.url})
         client = ToolClient(settings)
