@@ -14,7 +14,9 @@ worker that exits on its own is counted (it should never happen) and replaced.
 Reports, bounded in count and time: calls lost (no result by the end; goal 0), calls
 run more than once (their worker was killed mid-run, or an outage hid a result; each
 still has one result), failed results, enqueue retries during outages, worker exits we
-did not cause, and the latency tail from first enqueue to result.
+did not cause, and the latency tail: from enqueue to the worker finishing the call (so a
+redelivery after a kill counts; the wait for Redis to come back before a result is
+readable does not).
 """
 
 from __future__ import annotations
