@@ -203,6 +203,9 @@ def test_poison_messages_are_refused_recorded_answered_and_the_worker_goes_on(
         unacked = [json.loads(v)[0] for v in connection.hvals("unacked")]
         assert not [m for m in unacked if marker in json.dumps(m)]
     assert worker.proc.poll() is None
+    log = worker.output()
+    assert log.count("poison message") >= len(ids)  # one line each, no traceback
+    assert "Traceback" not in log and "Unrecoverable" not in log
 
 
 def test_a_poison_message_reusing_a_finished_calls_id_does_not_rewrite_its_result(
