@@ -14,7 +14,9 @@ worker that exits on its own is counted (it should never happen) and replaced.
 Reports, bounded in count and time: calls lost (no result by the end; goal 0), calls
 run more than once (their worker was killed mid-run, or an outage hid a result; each
 still has one result), failed results, enqueue retries during outages, worker exits we
-did not cause, and the latency tail from first enqueue to result.
+did not cause, and the latency tail: from enqueue to the worker finishing the call (so a
+redelivery after a kill counts; the wait for Redis to come back before a result is
+readable does not).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class Soak:
         self.args = args
         self.rng = random.Random(args.seed)
         self.server = RedisServer(persistent=True)
-        self.counters = PROJECT / ".tmp" / f"soak-{uuid.uuid4().hex[:8]}"
+        # not under .tmp: pytest empties its basetemp there at every run
+        self.counters = PROJECT / ".soak" / f"soak-{uuid.uuid4().hex[:8]}"
         self.workers: list[WorkerProcess] = []
         self.calls: list[tuple[str, float, Path]] = []  # id, enqueued at, counter
         self.enqueue_retries = 0
@@ -141,7 +144,7 @@ class Soak:
     # -- run -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        self.counters.mkdir(parents=True)
+        self.counters.mkdir(parents=True)  # the sandbox lets tools write in the project
         self.server.start()
         settings = load_settings(CONFIG, environ={}, overrides={"redis_url": self.server.url})
         client = ToolClient(settings)

@@ -76,6 +76,20 @@ def _redis_errors(url: str) -> Iterator[None]:
         raise
 
 
+def _subscribe_on_wait(app: Celery) -> None:
+    """Subscribe to a call's result when someone waits for it, not at enqueue.
+
+    Celery's Redis backend subscribes at ``send_task``; ``result()`` subscribes anyway
+    and then reads the stored state, so nothing is missed. Without it an enqueue opens
+    one connection, not two — a hung Redis costs it one socket timeout — and a
+    fire-and-forget call holds no subscription. (``app.backend`` is per thread.)
+    """
+    backend: Any = app.backend
+    if not getattr(backend, "_toolq_subscribe_on_wait", False):
+        backend.on_task_call = lambda *args, **kwargs: None
+        backend._toolq_subscribe_on_wait = True
+
+
 class ToolCall:
     """A handle on an enqueued call. ``id`` is stable; ``result()`` waits for the envelope."""
 
@@ -253,6 +267,7 @@ class ToolClient:
         connection (a restart) is tried again until then; a hung Redis is not waited
         for twice (Celery's own publish retries would wait 4-5 socket timeouts)."""
         deadline = time.monotonic() + self.settings.redis_socket_timeout_s
+        _subscribe_on_wait(self.app)
         while True:
             try:
                 with _redis_errors(self.settings.redis_url):
