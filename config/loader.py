@@ -18,12 +18,14 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from toolq.config.settings import Settings
+from toolq.config.tooldefs import ToolDefinition, load_definitions, looks_like_typo, suggest
 from toolq.errors import ConfigError
 
 PROFILES = ("development", "production")
@@ -31,11 +33,11 @@ DEFAULT_CONFIG_FILE = "compozy.yaml"
 ENV_PREFIX = "TOOLQ_"
 _LOADER_VARIABLES = {"TOOLQ_CONFIG", "TOOLQ_PROFILE"}
 
-# Keys of a Compozy project file that toolq does not use: accepted and ignored so
-# that an existing compozy.yaml loads unchanged. Anything else unknown is an error.
+# Top-level keys of a Compozy project file that toolq does not use: accepted and
+# ignored. Any other unknown top-level key is taken as Compozy's too, unless it looks
+# like a typo of one of toolq's own keys (then it is an error with a suggestion).
 COMPOZY_PROJECT_KEYS = frozenset(
     {
-        "name",
         "version",
         "description",
         "author",
@@ -43,14 +45,34 @@ COMPOZY_PROJECT_KEYS = frozenset(
         "models",
         "schemas",
         "autoload",
+        "config",
         "opts",
         "cache",
         "monitoring",
+        "memory",
         "memories",
         "mcps",
         "templates",
+        "temporal",
+        "database",
+        "knowledge",
+        "knowledge_bases",
+        "embedders",
+        "vector_dbs",
+        "providers",
+        "agents",
+        "tasks",
+        "signals",
+        "webhooks",
+        "schedules",
     }
 )
+TOOLQ_KEYS = frozenset(info.alias or name for name, info in Settings.model_fields.items())
+"""toolq's own top-level keys (``tools`` is shared: a list is Compozy's, a mapping toolq's)."""
+RUNTIME_ALIASES = {"tool_execution_timeout": "timeout"}
+"""Compozy's names for toolq's runtime keys."""
+RUNTIME_IGNORED = frozenset({"native_tools"})
+"""Compozy runtime keys toolq accepts and ignores (Compozy's built-in tools are not toolq's)."""
 
 Layer = tuple[str, dict[str, Any]]
 
@@ -71,8 +93,10 @@ def load_settings(
         layers.append(_profile_layer(profile))
 
     config_path = _config_path(config, env)
+    definitions: dict[str, ToolDefinition] = {}
     if config_path is not None:
-        layers.append((str(config_path), _read_yaml(config_path, project_file=True)))
+        project_layers, definitions = _project_layers(config_path, _read_yaml(config_path))
+        layers += project_layers
 
     env_layer = _environment_layer(env)
     if env_layer[1]:
@@ -81,15 +105,15 @@ def load_settings(
         layers.append(("command-line options", _nest(dict(overrides))))
 
     merged: dict[str, Any] = {}
-    for _, data in layers:
-        merged = _deep_merge(merged, data)
+    for source, data in layers:
+        merged = _deep_merge(merged, _compozy_runtime(data, source))
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
         raise _config_error(exc, layers) from None
     project_dir = config_path.parent.resolve() if config_path else Path.cwd().resolve()
     source = str(config_path) if config_path else "defaults"
-    settings = settings.located(project_dir, source)
+    settings = settings.located(project_dir, source).with_definitions(definitions)
     if not settings.entrypoint_path.is_relative_to(project_dir):
         raise ConfigError(
             f"{source}: runtime.entrypoint: {settings.runtime.entrypoint} resolves to "
@@ -122,10 +146,59 @@ def _profile_layer(name: str) -> Layer:
         )
     resource = resources.files("toolq.config").joinpath(f"{name}.yaml")
     with resources.as_file(resource) as path:
-        return (f"profile {name} ({path.name})", _read_yaml(path, project_file=False))
+        return (f"profile {name} ({path.name})", _read_yaml(path))
 
 
-def _read_yaml(path: Path, *, project_file: bool) -> dict[str, Any]:
+def _project_layers(path: Path, data: dict[str, Any]) -> tuple[list[Layer], dict[str, Any]]:
+    """A Compozy project file as settings layers: its tool definitions' toolq settings
+    (lowest), then toolq's own keys; every other key is Compozy's and ignored."""
+    source = str(path)
+    own: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in TOOLQ_KEYS and key != "tools":
+            own[key] = value
+        elif key in COMPOZY_PROJECT_KEYS or key == "tools":
+            continue
+        elif looks_like_typo(key, TOOLQ_KEYS):
+            raise ConfigError(
+                f"invalid configuration: {source}: {key}: unknown key{suggest(key, TOOLQ_KEYS)}",
+                key=key,
+                source=source,
+            )
+    tools = data.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        own["tools"] = tools  # toolq's mapping of per-tool settings (validated as such)
+    found = load_definitions(
+        path.parent.resolve(),
+        data.get("autoload"),
+        tools if isinstance(tools, list) else None,
+        source,
+    )
+    return [*found.layers, (source, own)], found.tools
+
+
+def _compozy_runtime(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Compozy's runtime key names mapped onto toolq's; its ignored ones dropped."""
+    runtime = data.get("runtime")
+    if not isinstance(runtime, dict):
+        return data
+    runtime = dict(runtime)
+    for compozy, toolq in RUNTIME_ALIASES.items():
+        if compozy in runtime:
+            if toolq in runtime:
+                raise ConfigError(
+                    f"invalid configuration: {source}: runtime: set {toolq} or {compozy} "
+                    "(the same setting), not both",
+                    key=f"runtime.{compozy}",
+                    source=source,
+                )
+            runtime[toolq] = runtime.pop(compozy)
+    for key in RUNTIME_IGNORED:
+        runtime.pop(key, None)
+    return {**data, "runtime": runtime}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -146,8 +219,6 @@ def _read_yaml(path: Path, *, project_file: bool) -> dict[str, Any]:
             f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}",
             source=str(path),
         )
-    if project_file:
-        data = {k: v for k, v in data.items() if k not in COMPOZY_PROJECT_KEYS}
     return data
 
 
@@ -204,7 +275,7 @@ def _config_error(exc: ValidationError, layers: list[Layer]) -> ConfigError:
         source = _source_of(loc, layers)
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + suggest(loc[-1], _valid_keys(loc[:-1]))
         elif "input" in error and loc and repr(error["input"]) not in message:
             message = f"{message} (got {error['input']!r})"
         if source.startswith("environment"):
@@ -217,6 +288,32 @@ def _config_error(exc: ValidationError, layers: list[Layer]) -> ConfigError:
             first_key, first_source = key, source
     text = "invalid configuration: " + "; ".join(lines)
     return ConfigError(text, key=first_key, source=first_source)
+
+
+def _valid_keys(loc: list[str]) -> set[str]:
+    """The keys the settings model accepts at ``loc`` (for "did you mean")."""
+    node: Any = Settings
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            fields = {
+                info.alias or name: info.annotation for name, info in node.model_fields.items()
+            }
+            node = fields.get(part)
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+        else:
+            return set()
+        node = _unwrap_optional(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return {info.alias or name for name, info in node.model_fields.items()}
+    return set()
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
 
 
 def _source_of(loc: list[str], layers: list[Layer]) -> str:

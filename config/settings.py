@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -28,6 +28,10 @@ from toolq.config.durations import (
     parse_duration,
     parse_time_limit,
 )
+from toolq.keys import Keys
+
+if TYPE_CHECKING:
+    from toolq.config.tooldefs import ToolDefinition
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 """A duration field: seconds in code, written in YAML as `30s`, `100ms`, `2m` or a number."""
@@ -207,9 +211,17 @@ class TimeLimits:
         return TimeLimits(timeout_s, timeout_s + grace)
 
 
+def project_slug(name: str) -> str | None:
+    """A project name as a queue name and key namespace: runs of other characters
+    become ``-`` (``"Weather Agent"`` -> ``"Weather-Agent"``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or None
+
+
 class Settings(_Strict):
     """Everything toolq reads. Build it with :func:`toolq.config.load_settings`."""
 
+    name: str | None = None
+    """Compozy's project name: the default queue and the namespace of toolq's keys."""
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
     backoff_initial_interval_s: Seconds = Field(0.1, alias="backoff_initial_interval")
@@ -236,6 +248,30 @@ class Settings(_Strict):
 
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="defaults")
+    _definitions: dict[str, ToolDefinition] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _queue_from_name(cls, data: Any) -> Any:
+        """A named project gets its own default queue (unless one is given)."""
+        if isinstance(data, dict) and data.get("queue") is None:
+            name = data.get("name")
+            slug = project_slug(name) if isinstance(name, str) else None
+            data = {**data, "queue": slug or DEFAULT_QUEUE}
+        return data
+
+    @property
+    def project(self) -> str | None:
+        """The project toolq's keys are namespaced by: the name, else an explicit queue
+        other than the default; None keeps the un-namespaced ``toolq:`` keys."""
+        if self.name is not None and project_slug(self.name):
+            return project_slug(self.name)
+        return self.queue if self.queue != DEFAULT_QUEUE else None
+
+    @property
+    def keys(self) -> Keys:
+        """This project's Redis keys."""
+        return Keys(self.project)
 
     @field_validator("redis_url")
     @classmethod
@@ -316,6 +352,18 @@ class Settings(_Strict):
         self._project_dir = project_dir
         self._source = source
         return self
+
+    def with_definitions(self, definitions: dict[str, ToolDefinition]) -> Settings:
+        self._definitions = dict(definitions)
+        return self
+
+    @property
+    def definitions(self) -> dict[str, ToolDefinition]:
+        """Compozy tool definitions (autoload files and the ``tools:`` list), by id."""
+        return self._definitions
+
+    def definition(self, tool_id: str) -> ToolDefinition | None:
+        return self._definitions.get(tool_id)
 
     @property
     def entrypoint_path(self) -> Path:

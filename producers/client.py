@@ -29,7 +29,6 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from toolq import keys
 from toolq.config.celery_app import RUN_TOOL_TASK, make_celery
 from toolq.config.connections import redis_client
 from toolq.config.durations import parse_duration
@@ -145,19 +144,31 @@ class ToolClient:
         timeout: Duration | None = None,
         queue: str | None = None,
         *,
+        config: Mapping[str, Any] | None = None,
         max_attempts: int | None = None,
         retry: bool = True,
         idempotency_key: str | None = None,
     ) -> ToolCall:
         """Put one call on the queue and return at once.
 
-        ``max_attempts`` and ``retry=False`` override the retry policy for this call.
+        ``config`` overrides the tool's configured ``config`` (its second argument) key
+        by key. Input that breaks the tool's input schema raises :class:`InvalidInput`
+        here, naming the field. ``max_attempts`` and ``retry=False`` override the retry
+        policy for this call.
         With ``idempotency_key``, enqueueing again under the same key within
         ``idempotency_ttl`` returns the first call (and so its result) instead of
         running the tool twice.
         """
         request = validate(
-            new_request(tool_id, input, env, timeout, max_attempts=max_attempts, retry=retry),
+            new_request(
+                tool_id,
+                input,
+                env,
+                timeout,
+                config=config,
+                max_attempts=max_attempts,
+                retry=retry,
+            ),
             self.settings,
         )
         call_id = str(uuid.uuid4())
@@ -190,7 +201,7 @@ class ToolClient:
         except BrokerUnavailable:
             if idempotency_key is not None:  # do not leave the key pointing at nothing
                 with contextlib.suppress(RedisError):
-                    self._redis.delete(keys.idempotency(idempotency_key))
+                    self._redis.delete(self.settings.keys.idempotency(idempotency_key))
             raise
         return ToolCall(call_id, tool_id, async_result, self.settings.redis_url)
 
@@ -202,6 +213,7 @@ class ToolClient:
         timeout: Duration | None = None,
         queue: str | None = None,
         *,
+        config: Mapping[str, Any] | None = None,
         wait: Duration | None = None,
         max_attempts: int | None = None,
         retry: bool = True,
@@ -214,6 +226,7 @@ class ToolClient:
             env,
             timeout,
             queue,
+            config=config,
             max_attempts=max_attempts,
             retry=retry,
             idempotency_key=idempotency_key,
@@ -228,13 +241,23 @@ class ToolClient:
         timeout: Duration | None = None,
         queue: str | None = None,
         *,
+        config: Mapping[str, Any] | None = None,
         wait: Duration | None = None,
         max_attempts: int | None = None,
         retry: bool = True,
     ) -> list[ToolResult]:
         """Run one call per input, in parallel across workers; results in input order."""
         calls = [
-            self.enqueue(tool_id, item, env, timeout, queue, max_attempts=max_attempts, retry=retry)
+            self.enqueue(
+                tool_id,
+                item,
+                env,
+                timeout,
+                queue,
+                config=config,
+                max_attempts=max_attempts,
+                retry=retry,
+            )
             for item in inputs
         ]
         deadline = None if wait is None else time.monotonic() + _seconds(wait, "wait")
@@ -265,7 +288,7 @@ class ToolClient:
         """Reserve the key for ``call_id``; return the earlier call's id if there is one."""
         if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 256:
             raise InvalidInput("idempotency_key must be 1 to 256 characters", "ValidationError")
-        key = keys.idempotency(idempotency_key)
+        key = self.settings.keys.idempotency(idempotency_key)
         ttl = max(1, int(self.settings.idempotency_ttl_s))
         with _redis_errors(self.settings.redis_url):
             if self._redis.set(key, call_id, nx=True, ex=ttl):

@@ -117,7 +117,7 @@ def test_flower_shows_workers_calls_and_queues(
     assert "tok-123456" not in task["args"]  # secrets in env are redacted
     assert task["worker"] == worker.hostname and task["runtime"] is not None
     lengths = json.loads(get(f"{base}/api/queues/length", auth))["active_queues"]
-    assert any(queue["name"] == "toolq" for queue in lengths)
+    assert any(queue["name"] == "toolq-test-tools" for queue in lengths)  # the project's
 
 
 def test_flower_shows_failed_calls_as_failure_under_the_tool_id(
@@ -255,12 +255,15 @@ def test_status_reports_queues_workers_breakers_and_dead_letters(
     proc = toolq(redis_url, "status", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert any(q["name"] == "toolq" and q["length"] >= 0 for q in report["queues"])
+    assert report["project"] == "toolq-test-tools"  # the project file's name
+    assert any(q["name"] == "toolq-test-tools" and q["length"] >= 0 for q in report["queues"])
     node = next(w for w in report["workers"] if w["name"] == worker.hostname)
-    assert node["queues"] == ["toolq"] and node["running"] >= 0 and node["reserved"] >= 0
+    assert node["queues"] == ["toolq-test-tools"]
+    assert node["running"] >= 0 and node["reserved"] >= 0
     assert isinstance(report["dead_letters"], int)
     table = toolq(redis_url, "status")
     assert table.returncode == 0 and worker.hostname in table.stdout
+    assert "project: toolq-test-tools" in table.stdout
 
 
 def test_sentinel_urls_work_for_broker_backend_and_breakers(tmp_path: Path) -> None:

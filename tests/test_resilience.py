@@ -373,7 +373,7 @@ def test_idempotent_enqueue_runs_the_tool_once(
     assert other.id != first.id and other.result(timeout=30).ok
     assert len(runs(counter)) == 2
     with redis.Redis.from_url(redis_url) as connection:
-        assert connection.ttl("toolq:idem:order-42") > 0
+        assert connection.ttl("toolq:toolq-test-tools:idem:order-42") > 0  # the project's
 
 
 def test_concurrent_idempotent_enqueues_agree(

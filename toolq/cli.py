@@ -72,7 +72,7 @@ def _settings(config: Path | None, profile: str | None, **overrides: Any) -> Set
     return _guard(lambda: load_settings(config, profile, overrides=overrides))
 
 
-def _parse_input(raw: str | None) -> Any:
+def _parse_input(raw: str | None, option: str = "--input") -> Any:
     if raw is None:
         return {}
     if raw == "-":
@@ -80,9 +80,18 @@ def _parse_input(raw: str | None) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        _fail(f"--input is not valid JSON: {exc}")
+        _fail(f"{option} is not valid JSON: {exc}")
     except RecursionError:
-        _fail("--input nests too deeply")
+        _fail(f"{option} nests too deeply")
+
+
+def _parse_tool_config(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    value = _parse_input(raw, "--tool-config")
+    if not isinstance(value, dict):
+        _fail("--tool-config must be a JSON object")
+    return value
 
 
 def _parse_env(pairs: list[str] | None) -> dict[str, str]:
@@ -135,6 +144,13 @@ TimeoutOption = Annotated[
     str | None, typer.Option("--timeout", "-t", help="Soft time limit for this call, e.g. 10s.")
 ]
 QueueOption = Annotated[str | None, typer.Option("--queue", "-q", help="Queue to send to.")]
+ToolConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tool-config",
+        help="JSON object overriding the tool's config (its second argument) key by key.",
+    ),
+]
 MaxAttemptsOption = Annotated[
     int | None, typer.Option("--max-attempts", min=1, help="Override the retry policy's attempts.")
 ]
@@ -157,12 +173,14 @@ def _enqueue(
     max_attempts: int | None,
     no_retry: bool,
     idempotency_key: str | None,
+    tool_config: str | None = None,
 ) -> ToolCall:
     """`run` and `enqueue`: parse the options, enqueue one call."""
     from toolq.producers import ToolClient
 
     client = ToolClient(settings)
     payload, env_map = _parse_input(raw_input), _parse_env(env)
+    config_map = _parse_tool_config(tool_config)
     return _guard(
         lambda: client.enqueue(
             tool_id,
@@ -170,6 +188,7 @@ def _enqueue(
             env_map,
             timeout,
             queue,
+            config=config_map,
             max_attempts=max_attempts,
             retry=not no_retry,
             idempotency_key=idempotency_key,
@@ -222,6 +241,7 @@ def run(
     env: EnvOption = None,
     timeout: TimeoutOption = None,
     queue: QueueOption = None,
+    tool_config: ToolConfigOption = None,
     max_attempts: MaxAttemptsOption = None,
     no_retry: NoRetryOption = False,
     idempotency_key: IdempotencyOption = None,
@@ -242,6 +262,7 @@ def run(
         max_attempts,
         no_retry,
         idempotency_key,
+        tool_config,
     )
     try:
         result = _guard(lambda: call.result(timeout=wait))
@@ -257,6 +278,7 @@ def enqueue(
     env: EnvOption = None,
     timeout: TimeoutOption = None,
     queue: QueueOption = None,
+    tool_config: ToolConfigOption = None,
     max_attempts: MaxAttemptsOption = None,
     no_retry: NoRetryOption = False,
     idempotency_key: IdempotencyOption = None,
@@ -274,6 +296,7 @@ def enqueue(
         max_attempts,
         no_retry,
         idempotency_key,
+        tool_config,
     )
     typer.echo(call.id)
 
@@ -364,6 +387,8 @@ def status(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
+    project = report["project"]
+    typer.echo(f"project: {project}" if project else "project: (none: shared toolq keys)")
     _print_table(
         ["queue", "waiting"],
         [[queue["name"], str(queue["length"])] for queue in report["queues"]],
@@ -610,6 +635,7 @@ def dlq_replay(
             entry.get("env"),
             entry.get("timeout"),
             entry.get("queue"),
+            config=entry.get("config"),
         )
         letters.remove(entry["id"])
         return call.id
@@ -630,14 +656,14 @@ def _breakers(settings: Settings) -> Breakers:
     from toolq.config.connections import redis_client
     from toolq.workers.breaker import Breakers
 
-    return Breakers(redis_client(settings), settings.breaker_settings)
+    return Breakers(redis_client(settings), settings.breaker_settings, settings.keys)
 
 
 def _dead_letters(settings: Settings) -> DeadLetters:
     from toolq.config.connections import redis_client
     from toolq.workers.deadletter import DeadLetters
 
-    return DeadLetters(redis_client(settings), settings.dead_letter_max)
+    return DeadLetters(redis_client(settings), settings.dead_letter_max, settings.keys)
 
 
 def main() -> None:

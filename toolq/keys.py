@@ -1,31 +1,66 @@
 """Every Redis key toolq owns, in one place, under the ``toolq:`` prefix.
 
-(Celery and kombu keep their own keys: ``celery-task-meta-*``, the queue lists,
-``unacked*`` and ``_kombu.*``.)
+Keys are namespaced by project (:class:`Keys`): a project file with a ``name`` (or
+an explicit ``queue``) keeps its breakers, dead letters, idempotency keys and
+delivery counters under ``toolq:{project}:``, so two projects sharing a Redis never
+see each other's state. Without a project the keys are ``toolq:…`` as before.
+
+(Celery and kombu keep their own keys: ``celery-task-meta-<call id>``, the queue
+lists, ``unacked*`` and ``_kombu.*``; they are keyed by unique call ids and by
+queue names, which are per project too.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 PREFIX = "toolq:"
 
-BREAKERS = f"{PREFIX}breakers"
-"""Set of tool ids that have a breaker."""
-DEAD_LETTERS = f"{PREFIX}dlq:entries"
-"""Hash: call id -> JSON entry (input, env, error, history)."""
-DEAD_LETTER_INDEX = f"{PREFIX}dlq:index"
-"""Sorted set: call id scored by the time it failed."""
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of one project (``namespace`` None: the shared, un-namespaced ones)."""
+
+    namespace: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"{PREFIX}{self.namespace}:" if self.namespace else PREFIX
+
+    @property
+    def breakers(self) -> str:
+        """Set of tool ids that have a breaker."""
+        return f"{self.prefix}breakers"
+
+    @property
+    def dead_letters(self) -> str:
+        """Hash: call id -> JSON entry (input, env, error, history)."""
+        return f"{self.prefix}dlq:entries"
+
+    @property
+    def dead_letter_index(self) -> str:
+        """Sorted set: call id scored by the time it failed."""
+        return f"{self.prefix}dlq:index"
+
+    def breaker(self, tool_id: str) -> str:
+        """Hash: state, failures, successes, opened_at, probe, probe_until, trips."""
+        return f"{self.prefix}breaker:{tool_id}"
+
+    def idempotency(self, key: str) -> str:
+        """String: the call id first enqueued under this idempotency key (expires)."""
+        return f"{self.prefix}idem:{key}"
+
+    def deliveries(self, call_id: str, attempt: int) -> str:
+        """Counter: how often one attempt of a call was delivered to a worker (expires)."""
+        return f"{self.prefix}deliveries:{call_id}:{attempt}"
 
 
-def breaker(tool_id: str) -> str:
-    """Hash: state, failures, successes, opened_at, probe, probe_until, trips."""
-    return f"{PREFIX}breaker:{tool_id}"
+DEFAULT = Keys()
+"""The keys of a project without a name (and the module-level names below)."""
 
-
-def idempotency(key: str) -> str:
-    """String: the call id first enqueued under this idempotency key (expires)."""
-    return f"{PREFIX}idem:{key}"
-
-
-def deliveries(call_id: str, attempt: int) -> str:
-    """Counter: how often one attempt of a call was delivered to a worker (expires)."""
-    return f"{PREFIX}deliveries:{call_id}:{attempt}"
+BREAKERS = DEFAULT.breakers
+DEAD_LETTERS = DEFAULT.dead_letters
+DEAD_LETTER_INDEX = DEFAULT.dead_letter_index
+breaker = DEFAULT.breaker
+idempotency = DEFAULT.idempotency
+deliveries = DEFAULT.deliveries

@@ -3,6 +3,7 @@
 A call travels through Redis as Celery's single positional argument, a JSON object::
 
     {"tool_id", "input", "env", "enqueued_at",            # always
+     "config"?,                                           # per-call tool config override
      "timeout"?,                                          # per-call soft limit, seconds
      "retry"?: {"max_attempts"?, "enabled"?},             # per-call retry overrides
      "attempt"?, "history"?}                              # added by workers on retries
@@ -10,7 +11,8 @@ A call travels through Redis as Celery's single positional argument, a JSON obje
 :meth:`CallRequest.to_message` and :meth:`CallRequest.from_message` are its only
 encoder and decoder, and :func:`validate` its only rule book: the producer runs it
 before enqueueing (so a bad call fails at the call site) and the worker runs it
-again, because a message may come from anywhere.
+again, because a message may come from anywhere. With the tool's Compozy definition
+(from the settings) it merges ``with`` under the input and checks the input schema.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class CallRequest:
     tool_id: str
     input: Any = None
     env: Mapping[str, str] = field(default_factory=dict)
+    config: Mapping[str, Any] | None = None
+    """Overrides the tool's definition ``config`` key by key (its second argument)."""
     enqueued_at: float = 0.0
     """When the call was first enqueued (producer's clock): retries count from here."""
     timeout_s: float | None = None
@@ -57,6 +61,8 @@ class CallRequest:
             "env": dict(self.env),
             "enqueued_at": self.enqueued_at,
         }
+        if self.config is not None:
+            message["config"] = dict(self.config)
         if self.timeout_s is not None:
             message["timeout"] = self.timeout_s
         overrides: dict[str, Any] = {}
@@ -102,6 +108,7 @@ class CallRequest:
             tool_id=message.get("tool_id"),  # type: ignore[arg-type]  # checked by validate
             input=message.get("input"),
             env=message.get("env") or {},
+            config=message.get("config"),
             enqueued_at=float(enqueued_at),
             timeout_s=message.get("timeout"),
             max_attempts=overrides.get("max_attempts"),
@@ -141,6 +148,7 @@ def new_request(
     env: Mapping[str, str] | None = None,
     timeout: float | str | None = None,
     *,
+    config: Mapping[str, Any] | None = None,
     max_attempts: int | None = None,
     retry: bool = True,
 ) -> CallRequest:
@@ -155,6 +163,7 @@ def new_request(
         tool_id=tool_id,
         input=input,
         env=env if env is not None else {},
+        config=config,
         enqueued_at=time.time(),
         timeout_s=timeout_s,
         max_attempts=max_attempts,
@@ -164,9 +173,15 @@ def new_request(
 
 def validate(request: CallRequest, settings: Settings) -> CallRequest:
     """Everything a worker would refuse, refused: raise :class:`InvalidInput`, or return
-    the request with its env checked. Producer and worker both call this."""
+    the request with its env checked and, for a tool with a Compozy definition, its
+    input as the tool gets it (``with`` merged under it, the input schema satisfied).
+    Producer and worker both call this, with their settings (and so definitions)."""
     validate_tool_id(request.tool_id)
     env = validate_env(request.env)
+    if request.config is not None and not isinstance(request.config, Mapping):
+        raise InvalidInput(
+            "config must be an object (the tool's second argument)", "ValidationError"
+        )
     if not isinstance(request.retry, bool):
         raise InvalidInput("retry must be true or false", "ValidationError")
     if request.max_attempts is not None and (
@@ -176,9 +191,15 @@ def validate(request: CallRequest, settings: Settings) -> CallRequest:
     timeout_s = None
     if request.timeout_s is not None:
         timeout_s = _check_timeout(request.timeout_s, settings.max_hard_timeout_s)
-    size = json_size(request.input) + json_size(env, "env")
+    tool_input = request.input
+    definition = settings.definition(request.tool_id)
+    if definition is not None:
+        tool_input = definition.effective_input(tool_input)
+    size = json_size(tool_input) + json_size(env, "env") + json_size(request.config, "config")
     check_input_size(size)
-    return replace(request, env=env, timeout_s=timeout_s)
+    if definition is not None:
+        definition.check_input(tool_input)
+    return replace(request, input=tool_input, env=env, timeout_s=timeout_s)
 
 
 def _check_timeout(timeout: Any, ceiling_s: float) -> float:

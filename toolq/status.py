@@ -14,7 +14,8 @@ INSPECT_TIMEOUT_S = 1.0
 
 
 def cluster_status(settings: Settings) -> dict[str, Any]:
-    """Queues (configured and consumed) with lengths, workers, breakers, dead letters."""
+    """The project (None: un-namespaced), queues (configured and consumed) with lengths,
+    workers, and the project's breakers and dead letters."""
     app = make_celery(settings, name="toolq-status")
     client = redis_client(settings)
     try:
@@ -36,10 +37,17 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
             names += [q for q in worker["queues"] if q not in names]
         queues = [{"name": name, "length": int(client.llen(name))} for name in names]
         breakers = [
-            vars(status) for status in Breakers(client, settings.breaker_settings).statuses()
+            vars(status)
+            for status in Breakers(client, settings.breaker_settings, settings.keys).statuses()
         ]
-        dead = DeadLetters(client, settings.dead_letter_max).count()
+        dead = DeadLetters(client, settings.dead_letter_max, settings.keys).count()
     finally:
         client.close()
         app.close()
-    return {"queues": queues, "workers": workers, "breakers": breakers, "dead_letters": dead}
+    return {
+        "project": settings.project,
+        "queues": queues,
+        "workers": workers,
+        "breakers": breakers,
+        "dead_letters": dead,
+    }

@@ -1,5 +1,6 @@
-"""Build a worker from settings, in one place: find Bun, check the entrypoint, probe
-the sandbox and cgroups, start the runtimes, open Redis, build the metrics.
+"""Build a worker from settings, in one place: find Bun, check the entrypoint (load it
+once in Bun), probe the sandbox and cgroups, start the runtimes, open Redis, build the
+metrics.
 
 :class:`toolq.workers.handler.CallHandler` only handles calls; everything that
 touches the machine at start-up happens here, once per worker process.
@@ -29,6 +30,7 @@ from toolq.workers.runtime.routing import ByMode
 from toolq.workers.runtime.sandbox import make_sandbox
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
+from toolq.workers.startup import check_entrypoint, report_definitions
 
 log = logging.getLogger("toolq.worker")
 
@@ -90,6 +92,11 @@ def build_worker(
     slots = max_concurrent or settings.performance.max_concurrent_tools
     launcher = build_launcher(settings)
     profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
+    # Load the entrypoint once, as tools will run, before saying ready (either mode).
+    exported = check_entrypoint(
+        settings, launcher, profiles.default_permissions(), profiles.default_resources()
+    )
+    report_definitions(settings, exported)
     runtimes: dict[Mode, Runtime] = {"spawn": SpawnRuntime(launcher)}
     warm = None
     if settings.uses_warm_mode:
@@ -108,9 +115,9 @@ def build_worker(
         settings=settings,
         profiles=profiles,
         runtime=runtime,
-        breakers=Breakers(client, settings.breaker_settings),
-        dead_letters=DeadLetters(client, settings.dead_letter_max),
-        deliveries=Deliveries(client, settings.redelivery_s * (MAX_DELIVERIES + 2)),
+        breakers=Breakers(client, settings.breaker_settings, settings.keys),
+        dead_letters=DeadLetters(client, settings.dead_letter_max, settings.keys),
+        deliveries=Deliveries(client, settings.redelivery_s * (MAX_DELIVERIES + 2), settings.keys),
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
     )

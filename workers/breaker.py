@@ -135,7 +135,13 @@ class ToolBreaker(pybreaker.CircuitBreaker):
     """One tool's breaker: pybreaker's settings (``fail_max``, ``reset_timeout``,
     ``success_threshold``), its state in Redis. ``admit`` before a call, ``record`` after."""
 
-    def __init__(self, client: redis.Redis, tool_id: str, config: BreakerSettings) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        tool_id: str,
+        config: BreakerSettings,
+        namespace: keys.Keys = keys.DEFAULT,
+    ) -> None:
         super().__init__(
             fail_max=config.fail_max,
             reset_timeout=config.reset_timeout_s,
@@ -144,13 +150,15 @@ class ToolBreaker(pybreaker.CircuitBreaker):
         )
         self.tool_id = tool_id
         self.config = config
+        self._keys = namespace
         self._admit = client.register_script(_ADMIT)
         self._record = client.register_script(_RECORD)
 
     def admit(self, probe_lease_s: float) -> Admission:
         token = uuid.uuid4().hex
         state, wait, probe = self._admit(
-            keys=[keys.breaker(self.tool_id)], args=[self.reset_timeout, token, probe_lease_s]
+            keys=[self._keys.breaker(self.tool_id)],
+            args=[self.reset_timeout, token, probe_lease_s],
         )
         state = state.decode()
         if state in ("closed", "probe"):
@@ -163,7 +171,7 @@ class ToolBreaker(pybreaker.CircuitBreaker):
         """Report a call's verdict; returns the breaker's state afterwards."""
         rate = self.config.failure_rate or 0
         state: bytes = self._record(
-            keys=[keys.breaker(self.tool_id), keys.BREAKERS],
+            keys=[self._keys.breaker(self.tool_id), self._keys.breakers],
             args=[
                 verdict,
                 probe,
@@ -181,15 +189,21 @@ class ToolBreaker(pybreaker.CircuitBreaker):
 class Breakers:
     """All tools' breakers, for a worker (admit/record) and for operators (list/reset)."""
 
-    def __init__(self, client: redis.Redis, config_for: Callable[[str], BreakerSettings]) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        config_for: Callable[[str], BreakerSettings],
+        namespace: keys.Keys = keys.DEFAULT,
+    ) -> None:
         self._redis = client
+        self._keys = namespace
         self._config_for = config_for
         self._breakers: dict[str, ToolBreaker] = {}
 
     def get(self, tool_id: str) -> ToolBreaker:
         breaker = self._breakers.get(tool_id)
         if breaker is None:
-            breaker = ToolBreaker(self._redis, tool_id, self._config_for(tool_id))
+            breaker = ToolBreaker(self._redis, tool_id, self._config_for(tool_id), self._keys)
             self._breakers[tool_id] = breaker
         return breaker
 
@@ -203,10 +217,11 @@ class Breakers:
         seconds, micros = self._redis.time()
         now = seconds + micros / 1e6
         statuses = []
-        for raw in sorted(self._redis.smembers(keys.BREAKERS)):
+        for raw in sorted(self._redis.smembers(self._keys.breakers)):
             tool_id = _text(raw)
             data = {
-                _text(k): _text(v) for k, v in self._redis.hgetall(keys.breaker(tool_id)).items()
+                _text(k): _text(v)
+                for k, v in self._redis.hgetall(self._keys.breaker(tool_id)).items()
             }
             state = data.get("state", "closed")
             opened_at = float(data["opened_at"]) if "opened_at" in data else None
@@ -230,13 +245,13 @@ class Breakers:
 
     def reset(self, tool_id: str) -> bool:
         """Close one breaker by hand; False if it never existed."""
-        existed = bool(self._redis.exists(keys.breaker(tool_id)))
+        existed = bool(self._redis.exists(self._keys.breaker(tool_id)))
         if existed:
             self._redis.hset(
-                keys.breaker(tool_id),
+                self._keys.breaker(tool_id),
                 mapping={"state": "closed", "failures": 0, "successes": 0, "window": ""},
             )
-            self._redis.hdel(keys.breaker(tool_id), "opened_at", "probe", "probe_until")
+            self._redis.hdel(self._keys.breaker(tool_id), "opened_at", "probe", "probe_until")
         return existed
 
 

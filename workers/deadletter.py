@@ -17,48 +17,51 @@ from toolq import keys
 
 
 class DeadLetters:
-    def __init__(self, client: redis.Redis, max_entries: int) -> None:
+    def __init__(
+        self, client: redis.Redis, max_entries: int, namespace: keys.Keys = keys.DEFAULT
+    ) -> None:
         self._redis = client
+        self._keys = namespace
         self._max = max_entries
 
     def add(self, entry: dict[str, Any]) -> None:
         call_id = str(entry["id"])
         entry = {**entry, "failed_at": time.time()}
         with self._redis.pipeline() as pipe:
-            pipe.hset(keys.DEAD_LETTERS, call_id, json.dumps(entry))
-            pipe.zadd(keys.DEAD_LETTER_INDEX, {call_id: entry["failed_at"]})
-            pipe.zcard(keys.DEAD_LETTER_INDEX)
+            pipe.hset(self._keys.dead_letters, call_id, json.dumps(entry))
+            pipe.zadd(self._keys.dead_letter_index, {call_id: entry["failed_at"]})
+            pipe.zcard(self._keys.dead_letter_index)
             size = int(pipe.execute()[-1])
         if size > self._max:
-            oldest: Any = self._redis.zpopmin(keys.DEAD_LETTER_INDEX, size - self._max)
+            oldest: Any = self._redis.zpopmin(self._keys.dead_letter_index, size - self._max)
             if oldest:
-                self._redis.hdel(keys.DEAD_LETTERS, *[member for member, _ in oldest])
+                self._redis.hdel(self._keys.dead_letters, *[member for member, _ in oldest])
 
     def list(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Newest first."""
         ids: Any = self._redis.zrevrange(
-            keys.DEAD_LETTER_INDEX, 0, -1 if limit is None else limit - 1
+            self._keys.dead_letter_index, 0, -1 if limit is None else limit - 1
         )
         if not ids:
             return []
-        raw = self._redis.hmget(keys.DEAD_LETTERS, ids)
+        raw = self._redis.hmget(self._keys.dead_letters, ids)
         return [json.loads(item) for item in raw if item is not None]
 
     def get(self, call_id: str) -> dict[str, Any] | None:
-        raw = self._redis.hget(keys.DEAD_LETTERS, call_id)
+        raw = self._redis.hget(self._keys.dead_letters, call_id)
         return json.loads(raw) if raw is not None else None
 
     def remove(self, call_id: str) -> bool:
         with self._redis.pipeline() as pipe:
-            pipe.hdel(keys.DEAD_LETTERS, call_id)
-            pipe.zrem(keys.DEAD_LETTER_INDEX, call_id)
+            pipe.hdel(self._keys.dead_letters, call_id)
+            pipe.zrem(self._keys.dead_letter_index, call_id)
             removed, _ = pipe.execute()
         return bool(removed)
 
     def count(self) -> int:
-        return int(self._redis.zcard(keys.DEAD_LETTER_INDEX))
+        return int(self._redis.zcard(self._keys.dead_letter_index))
 
     def purge(self) -> int:
         count = self.count()
-        self._redis.delete(keys.DEAD_LETTERS, keys.DEAD_LETTER_INDEX)
+        self._redis.delete(self._keys.dead_letters, self._keys.dead_letter_index)
         return count

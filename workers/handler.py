@@ -27,7 +27,7 @@ from toolq.workers.backoff import RetryPolicy, next_delay
 from toolq.workers.breaker import Admission, Verdict, verdict_of
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles, ToolProfile
-from toolq.workers.runtime.base import Call, Outcome, Runtime, failed
+from toolq.workers.runtime.base import Outcome, Runtime, failed
 
 log = logging.getLogger("toolq.worker")
 tool_log = logging.getLogger("toolq.tool")
@@ -229,18 +229,12 @@ class CallHandler:
         return self._finish(_with_stop(attempt, why), failed(refused))
 
     def _run(self, request: CallRequest, delivery: Delivery, profile: ToolProfile) -> Outcome:
-        call = Call(
-            tool_id=request.tool_id,
-            tool_exec_id=delivery.call_id,
-            input=request.input,
-            env=request.env,
-            time_limits=profile.time_limits.for_call(request.timeout_s),
-            permissions=profile.permissions,
-            resources=profile.resources,
-            mode=profile.mode,
-        )
+        try:
+            call = profile.call(request, delivery.call_id)  # config and env of its definition
+        except InvalidInput as refused:
+            return failed(refused)
         with self.metrics.running():
-            outcome = self.runtime.run(call)
+            outcome = profile.check_output(self.runtime.run(call))
         self.metrics.observe_run(request.tool_id, outcome)
         return outcome
 
@@ -309,6 +303,7 @@ class CallHandler:
             "tool_id": result.tool_id,
             "input": request.input if request else _raw(attempt.message, "input", None),
             "env": dict(request.env) if request else _raw(attempt.message, "env", {}),
+            "config": request.config if request else _raw(attempt.message, "config", None),
             "timeout": request.timeout_s if request else _raw(attempt.message, "timeout", None),
             "queue": attempt.delivery.queue,
             "error": result.error.to_dict() if result.error else None,

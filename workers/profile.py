@@ -3,12 +3,18 @@
 Precedence, with explicit ``is None`` checks: call > tool (``tools.<id>``) > runtime
 or top level > default. The worker asks :class:`Profiles` once per tool id and keeps
 the answer; nothing downstream sees a dict or a ``""`` meaning "the default".
+
+A tool's Compozy definition rides along: its ``config`` (the call's ``config``
+overrides it key by key), its ``env`` (templates resolved from the worker's
+environment per call, never kept resolved) and its output schema.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TypeVar
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from toolq.config.settings import (
     BreakerSettings,
@@ -17,8 +23,13 @@ from toolq.config.settings import (
     Settings,
     TimeLimits,
 )
+from toolq.config.tooldefs import ToolDefinition
+from toolq.envelope import ToolErrorInfo
+from toolq.errors import InvalidOutput
+from toolq.protocol import CallRequest
+from toolq.validation import validate_env
 from toolq.workers.backoff import RetryPolicy
-from toolq.workers.runtime.base import Mode
+from toolq.workers.runtime.base import Call, Mode, Outcome
 from toolq.workers.runtime.limits import ResourceLimits
 from toolq.workers.runtime.sandbox import Permissions
 
@@ -35,6 +46,45 @@ class ToolProfile:
     breaker: BreakerSettings
     mode: Mode
     """warm only where the worker runs warm processes and the tool shares their sandbox."""
+    definition: ToolDefinition | None = None
+
+    def call(
+        self, request: CallRequest, tool_exec_id: str, environ: Mapping[str, str] | None = None
+    ) -> Call:
+        """The run of a validated request: config = definition's under the call's; env =
+        definition's (templates from ``environ``, the worker's) under the call's.
+        :class:`~toolq.errors.InvalidInput` if a template names a variable not set."""
+        config: dict[str, Any] = {}
+        env: dict[str, str] = {}
+        if self.definition is not None:
+            config.update(self.definition.config)
+            env = validate_env(
+                self.definition.resolve_env(os.environ if environ is None else environ)
+            )
+        return Call(
+            tool_id=self.tool_id,
+            tool_exec_id=tool_exec_id,
+            input=request.input,
+            env={**env, **request.env},
+            config={**config, **(request.config or {})},
+            time_limits=self.time_limits.for_call(request.timeout_s),
+            permissions=self.permissions,
+            resources=self.resources,
+            mode=self.mode,
+        )
+
+    def check_output(self, outcome: Outcome) -> Outcome:
+        """A success whose result breaks the definition's output schema is ``invalid_output``."""
+        if self.definition is None or outcome.error is not None:
+            return outcome
+        problem = self.definition.output_problem(outcome.result)
+        if problem is None:
+            return outcome
+        failure = InvalidOutput(
+            f"result does not match tool {self.tool_id}'s output schema: {problem}",
+            "ValidationError",
+        )
+        return replace(outcome, result=None, error=ToolErrorInfo.from_failure(failure))
 
 
 class Profiles:
@@ -74,6 +124,7 @@ class Profiles:
             retry=retry_policy(settings, tool_id),
             breaker=settings.breaker_settings(tool_id),
             mode=mode,
+            definition=settings.definition(tool_id),
         )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolq.workers.runtime.bun import WRAPPER
+from toolq.workers.runtime.compat import compozy_environment
 from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits, main_process, preexec
 from toolq.workers.runtime.reaper import reaper
 from toolq.workers.runtime.sandbox import SANDBOX_TMP, Permissions, Sandbox
@@ -118,8 +119,10 @@ class Launcher:
         limits: ResourceLimits,
         env: dict[str, str],
         warm: bool,
+        check: bool = False,
     ) -> Launched:
-        """Start Bun on the wrapper; raises OSError if it cannot be started."""
+        """Start Bun on the wrapper (``check``: only load the entrypoint, then exit);
+        raises OSError if it cannot be started."""
         envelope_r, envelope_w = os.pipe()
         argv = [
             str(self.bun),
@@ -130,8 +133,8 @@ class Launcher:
             str(self.entrypoint),
             str(envelope_w),
         ]
-        if warm:
-            argv.append("warm")
+        if warm or check:
+            argv.append("warm" if warm else "check")
         if self.sandbox is not None:
             argv = self.sandbox.command(permissions, tmpdir, argv)
         cgroup = self.cgroups.create(limits) if self.cgroups is not None else None
@@ -143,7 +146,11 @@ class Launcher:
                 stderr=subprocess.PIPE,
                 pass_fds=(envelope_w,),
                 cwd=self.project_dir,
-                env={**env, "TMPDIR": self.tmp_path(tmpdir)},
+                env={
+                    **env,
+                    "TMPDIR": self.tmp_path(tmpdir),
+                    **compozy_environment(self.project_dir),
+                },
                 start_new_session=True,
                 # Joining the cgroup must happen in the child, before bwrap or Bun can fork;
                 # without one, no preexec_fn keeps the fast vfork path of subprocess.

@@ -2,6 +2,7 @@
 //
 //   bun wrapper.ts <entrypoint> <envelope-fd>          spawn mode: one call, then exit
 //   bun wrapper.ts <entrypoint> <envelope-fd> warm     warm mode: one call per stdin line
+//   bun wrapper.ts <entrypoint> <envelope-fd> check    start-up check: load, list tools, exit
 //
 // A request is one JSON object (one line in warm mode):
 //   {tool_id, tool_exec_id, input, config, env, timeout_ms, nonce}
@@ -17,6 +18,7 @@ const MAX_OUTPUT_BYTES = 10 * 1024 * 1024;
 const entrypoint = process.argv[2];
 const envelope = Bun.file(Number(process.argv[3]));
 const warm = process.argv[4] === "warm";
+const check = process.argv[4] === "check";
 
 type ErrorInfo = {
   kind: string;
@@ -95,6 +97,7 @@ function describe(e: unknown, kind: string, message?: string): ErrorInfo {
 // A failure outside the tool's own promise is still the call's error. In warm mode
 // the process may hold state the failure left broken, so it exits and is replaced.
 async function onLateError(e: unknown): Promise<void> {
+  if (check) toStderr(`the entrypoint failed while loading: ${e instanceof Error ? e.stack ?? e.message : String(e)}`);
   await send(null, describe(e, "tool_error"), true);
   process.exit(1);
 }
@@ -106,8 +109,21 @@ const loaded: Promise<Record<string, unknown> | Error> = import(entrypoint).then
     const exported = module.default;
     return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
   },
-  (e) => new Error(`failed to load entrypoint ${entrypoint}: ${e}`),
+  (e) => new Error(`failed to load entrypoint ${entrypoint}: ${loadProblem(e)}`),
 );
+
+// Bun reports build errors (syntax, resolution) as an AggregateError of messages with positions.
+function loadProblem(e: unknown): string {
+  const errors = (e as { errors?: unknown[] } | null)?.errors;
+  if (!Array.isArray(errors) || errors.length === 0) return String(e);
+  return errors
+    .map((m) => {
+      const p = (m as { position?: { file?: string; line?: number; column?: number } }).position;
+      const where = p ? ` (${p.file}:${p.line}:${p.column})` : "";
+      return `${(m as { message?: string }).message ?? String(m)}${where}`;
+    })
+    .join("; ");
+}
 
 const baseEnv = { ...process.env };
 
@@ -164,7 +180,15 @@ async function handle(line: string): Promise<void> {
   }
 }
 
-if (warm) {
+if (check) {
+  const tools = await loaded;
+  if (tools instanceof Error) {
+    toStderr(tools.message);
+    process.exit(1);
+  }
+  toStderr(`tools: ${Object.keys(tools).filter((k) => typeof tools[k] === "function").sort().join(", ")}`);
+  process.exit(0);
+} else if (warm) {
   for await (const line of console) {
     if (line) await handle(line);
   }

@@ -1,0 +1,8 @@
+export default {
+  async always_down() {
+    return { up: true };
+  },
+  async whoami() {
+    return { project: "harbour-ops" };
+  },
+};

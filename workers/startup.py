@@ -1,0 +1,122 @@
+"""Start-up checks: a worker loads the project's entrypoint once, the way its tools will
+run (same Bun, sandbox, permissions and limits), before it says it is ready.
+
+Without this a project whose dependencies were never installed, or whose entrypoint
+does not parse, starts "ready" and then fails every call as a retryable
+``tool_error`` (tripping its breaker). Here the worker exits with the error and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+from toolq.config.settings import Settings
+from toolq.errors import ConfigError
+from toolq.workers.runtime.launch import Launcher, base_environment
+from toolq.workers.runtime.limits import ResourceLimits
+from toolq.workers.runtime.sandbox import Permissions
+
+log = logging.getLogger("toolq.worker")
+
+CHECK_TIMEOUT_S = 60.0
+"""Loading the entrypoint (its top-level code) must finish within this."""
+ERROR_SHOWN = 1500
+"""How much of Bun's error output the message carries."""
+_MISSING_MODULE = ("Cannot find package", "Cannot find module", "Could not resolve")
+
+
+def check_entrypoint(
+    settings: Settings,
+    launcher: Launcher,
+    permissions: Permissions,
+    resources: ResourceLimits,
+    timeout_s: float = CHECK_TIMEOUT_S,
+) -> list[str]:
+    """Load the entrypoint in a Bun process of its own; return the tools it exports, or
+    raise :class:`ConfigError` with Bun's error and what to do about it."""
+    tmpdir = tempfile.mkdtemp(prefix="toolq-check-")
+    try:
+        try:
+            launched = launcher.launch(
+                tmpdir=tmpdir,
+                permissions=permissions,
+                limits=resources,
+                env=base_environment(permissions.env),
+                warm=False,
+                check=True,
+            )
+        except OSError as exc:
+            raise _error(settings, f"cannot start Bun: {exc}") from None
+        try:
+            _, stderr = launched.proc.communicate(timeout=timeout_s)
+            code = launched.returncode()
+        except subprocess.TimeoutExpired:
+            raise _error(
+                settings, f"loading it took longer than {timeout_s:g}s (top-level code hangs?)"
+            ) from None
+        finally:
+            launched.stop()
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    text = stderr.decode(errors="replace").strip()
+    if code == 0:
+        tools = text.rsplit("tools: ", 1)[-1].strip() if "tools: " in text else ""
+        return [tool for tool in tools.split(", ") if tool]
+    return_error = text[-ERROR_SHOWN:] or f"Bun exited with code {code}"
+    raise _error(settings, return_error, hint=_hint(settings, text))
+
+
+def _hint(settings: Settings, text: str) -> str:
+    project = settings.project_dir
+    has_manifest = (project / "package.json").is_file()
+    if has_manifest and (
+        any(marker in text for marker in _MISSING_MODULE) or not (project / "node_modules").is_dir()
+    ):
+        return (
+            f"its dependencies are not installed: run `bun install` in {project} "
+            "(toolq runs Bun with --no-install and never installs packages itself)"
+        )
+    if any(marker in text for marker in _MISSING_MODULE):
+        return "an imported module is missing: check the import paths (or add a package.json)"
+    return "fix the entrypoint (or a module it imports) so that `bun` can load it"
+
+
+def _error(settings: Settings, detail: str, hint: str | None = None) -> ConfigError:
+    entrypoint = settings.entrypoint_path
+    message = f"{settings.source}: runtime.entrypoint: cannot load {entrypoint}: {detail}"
+    if hint:
+        message += f"{os.linesep}fix: {hint}"
+    return ConfigError(message, key="runtime.entrypoint", source=settings.source)
+
+
+def report_definitions(
+    settings: Settings, exported: list[str], environ: dict[str, str] | None = None
+) -> None:
+    """Log what would otherwise surface one call at a time: definitions of tools the
+    entrypoint does not export, env templates naming variables this worker lacks."""
+    env = os.environ if environ is None else environ
+    log.info(
+        "project %s: entrypoint %s exports %s",
+        settings.project or "(unnamed)",
+        settings.entrypoint_path,
+        ", ".join(exported) or "no tools",
+    )
+    for tool_id, definition in sorted(settings.definitions.items()):
+        if exported and tool_id not in exported:
+            log.warning(
+                "tool %s is defined in %s but the entrypoint does not export it",
+                tool_id,
+                definition.source,
+            )
+        missing = sorted(name for name in definition.env_variables() if name not in env)
+        if missing:
+            log.warning(
+                "tool %s: its env reads %s, not set in this worker's environment: its calls "
+                "will be refused",
+                tool_id,
+                ", ".join(missing),
+            )
