@@ -17,7 +17,10 @@ from toolq.config.connections import redis_client
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
 from toolq.workers.breaker import Breakers
+from toolq.workers.cache import ResultCache
+from toolq.workers.cancel import CancelWatch
 from toolq.workers.deadletter import DeadLetters
+from toolq.workers.flow import Flow
 from toolq.workers.handler import MAX_DELIVERIES, CallHandler
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles
@@ -120,5 +123,8 @@ def build_worker(
         deliveries=Deliveries(client, settings.redelivery_s * (MAX_DELIVERIES + 2), settings.keys),
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
+        flow=Flow(client, settings.keys),
+        cancels=CancelWatch(client, settings.keys),
+        cache=ResultCache(client, settings.keys),
     )
     return WorkerParts(handler, runtime, warm, client, slots)
