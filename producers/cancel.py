@@ -11,6 +11,7 @@ is dropped by the worker that receives it; a call that already finished is left 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Literal
 
 import redis
@@ -39,5 +40,8 @@ def cancel_call(
         pipe.execute()
     stopped = Cancelled("the call was cancelled", "Cancelled")
     envelope = ToolResult.failed(call_id, tool_id, stopped, {"cancelled_at": now}).to_dict()
-    app.backend.store_result(call_id, ToolCallFailed(envelope), states.FAILURE)
+    with warnings.catch_warnings():
+        # Celery's Redis backend still calls redis-py's deprecated setex.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        app.backend.store_result(call_id, ToolCallFailed(envelope), states.FAILURE)
     return "cancelled"

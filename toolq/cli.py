@@ -428,7 +428,8 @@ def status(
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Queues and lengths, workers with running/reserved calls, open breakers, dead letters."""
+    """Queues (lengths, caps), workers with running/reserved calls, open breakers, dead
+    letters, cluster-wide slots and rate limits."""
     from toolq.status import cluster_status
 
     settings = _settings(config, profile)
@@ -439,8 +440,15 @@ def status(
     project = report["project"]
     typer.echo(f"project: {project}" if project else "project: (none: shared toolq keys)")
     _print_table(
-        ["queue", "waiting"],
-        [[queue["name"], str(queue["length"])] for queue in report["queues"]],
+        ["queue", "waiting", "cap"],
+        [
+            [
+                queue["name"],
+                str(queue["length"]),
+                "-" if queue["cap"] is None else str(queue["cap"]),
+            ]
+            for queue in report["queues"]
+        ],
         empty="no queues",
         title="queues",
     )
@@ -459,6 +467,29 @@ def status(
         + (", ".join(f"{b['tool_id']} ({b['state']})" for b in breakers) or "none")
     )
     typer.echo(f"dead letters: {report['dead_letters']}")
+    flow = report["flow"]
+    if flow["slots"]:
+        _print_table(
+            ["tool", "key", "slots in use", "waiting for a slot"],
+            [
+                [
+                    s["tool_id"],
+                    "-" if s["key"] is None else s["key"],
+                    f"{s['in_use']}/{s['limit']}",
+                    str(s["waiting"]),
+                ]
+                for s in flow["slots"]
+            ],
+            empty="",
+            title="cluster-wide slots",
+        )
+    if flow["rate"]:
+        _print_table(
+            ["tool", "rate limit", "mode", "waiting for a token"],
+            [[r["tool_id"], r["rate_limit"], r["mode"], str(r["waiting"])] for r in flow["rate"]],
+            empty="",
+            title="rate limits",
+        )
 
 
 @app.command()

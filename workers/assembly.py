@@ -47,10 +47,13 @@ class WorkerParts:
     warm: WarmRuntime | None
     redis: redis.Redis
     max_concurrent: int
+    cancels: CancelWatch | None = None
 
     def close(self) -> None:
-        """Stop the warm Bun processes and the Redis connection."""
+        """Stop the warm Bun processes, the cancel watch and the Redis connection."""
         self.runtime.close()
+        if self.cancels is not None:
+            self.cancels.close()
         self.redis.close()
 
 
@@ -114,6 +117,8 @@ def build_worker(
         runtimes["warm"] = warm
     runtime = ByMode(runtimes, slots)
     client = redis_client(settings)
+    cancels = CancelWatch(client, settings.keys)
+    cancels.start()  # cancelled ids loaded before the first call is checked
     handler = CallHandler(
         settings=settings,
         profiles=profiles,
@@ -124,7 +129,7 @@ def build_worker(
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
         flow=Flow(client, settings.keys),
-        cancels=CancelWatch(client, settings.keys),
+        cancels=cancels,
         cache=ResultCache(client, settings.keys),
     )
-    return WorkerParts(handler, runtime, warm, client, slots)
+    return WorkerParts(handler, runtime, warm, client, slots, cancels)

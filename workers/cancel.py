@@ -9,6 +9,7 @@ a call running here is stopped the moment the id arrives (its :class:`CancelToke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.client import PubSub
 from redis.exceptions import RedisError
 
 from toolq.keys import CANCELLED_KEEP_S, Keys
@@ -26,6 +28,8 @@ from toolq.workers.runtime.base import CancelToken
 log = logging.getLogger("toolq.worker")
 
 RECONNECT_S = 1.0
+LISTEN_S = 1.0
+"""How long one wait for a message lasts (so the thread sees a shutdown)."""
 
 
 class CancelWatch:
@@ -38,13 +42,22 @@ class CancelWatch:
         self._cancelled: dict[str, float] = {}
         self._running: dict[str, CancelToken] = {}
         self._pid: int | None = None
+        self._stopped = threading.Event()
 
     def start(self) -> None:
-        """Subscribe (once per process: a prefork child starts its own)."""
+        """Subscribe and load the cancelled ids, before the first call is checked (once
+        per process: a prefork child starts its own); then listen in a thread."""
         if self.client is None or self._pid == os.getpid():
             return
         self._pid = os.getpid()
-        threading.Thread(target=self._listen, name="toolq-cancel", daemon=True).start()
+        self._stopped.clear()
+        pubsub = self._subscribe()
+        threading.Thread(
+            target=self._listen, args=(pubsub,), name="toolq-cancel", daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self._stopped.set()
 
     def is_cancelled(self, call_id: str) -> bool:
         self.start()
@@ -79,25 +92,40 @@ class CancelWatch:
                     k: t for k, t in self._cancelled.items() if t > now - CANCELLED_KEEP_S
                 }
 
-    def _listen(self) -> None:
+    def _subscribe(self) -> PubSub | None:
+        """Subscribed first, then loaded: no id falls between the two."""
         assert self.client is not None
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub: PubSub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.keys.cancel_channel)
+            since = time.time() - CANCELLED_KEEP_S
+            entries: Any = self.client.zrangebyscore(
+                self.keys.cancelled, since, "+inf", withscores=True
+            )
+        except (RedisError, OSError):
+            log.warning("cannot subscribe to cancellations; trying again")
+            pubsub.close()
+            return None
+        for raw, score in entries:
+            self.cancelled(raw.decode(), float(score))
+        return pubsub
+
+    def _listen(self, pubsub: PubSub | None) -> None:
+        while not self._stopped.is_set():
+            if pubsub is None:
+                time.sleep(RECONNECT_S)
+                pubsub = self._subscribe()
+                continue
             try:
-                pubsub.subscribe(self.keys.cancel_channel)
-                # Subscribed first, then loaded: no id falls between the two.
-                since = time.time() - CANCELLED_KEEP_S
-                entries: Any = self.client.zrangebyscore(
-                    self.keys.cancelled, since, "+inf", withscores=True
-                )
-                for raw, score in entries:
-                    self.cancelled(raw.decode(), float(score))
-                for message in pubsub.listen():
-                    data = message.get("data")
+                while not self._stopped.is_set():
+                    message = pubsub.get_message(timeout=LISTEN_S)
+                    data = message.get("data") if message else None
                     if isinstance(data, bytes):
                         self.cancelled(data.decode())
-            except (RedisError, OSError):
-                log.warning("cancel channel lost; subscribing again", exc_info=False)
-                time.sleep(RECONNECT_S)
+            except Exception:  # the connection is gone (or closed at shutdown)
+                if not self._stopped.is_set():
+                    log.warning("cancel channel lost; subscribing again")
             finally:
-                pubsub.close()
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+                pubsub = None
