@@ -125,6 +125,7 @@ def test_a_waiting_call_does_not_block_another_tool_on_its_worker(
         "capped_one", {"log": str(log), "ms": 0, "tag": "waiter"}, queue=waiter_queue
     )
     time.sleep(0.5)  # the waiter has been re-published at least once by now
+    assert waiter.state() == "RETRY"  # what Flower shows too: waiting, not running
     other = client.run("echo", {"hi": 1}, queue=waiter_queue, wait=30)
     finished_other = time.time()
     assert other.ok

@@ -304,3 +304,24 @@ def test_queue_caps_default_and_per_queue() -> None:
     assert Settings().queue_cap("toolq") is None
     with pytest.raises(ValidationError):
         Settings.model_validate({"max_queue_lengths": {"slow": 0}})
+
+
+def test_metrics_count_slots_waiters_refusals_and_cache_hits() -> None:
+    flow = FakeFlow(token_wait=[0.5, 9.0])
+    flow.held[("capped", None)] = {"someone"}
+    r = rig([ok()], TOOLS, flow=flow)
+    registry = r.handler.metrics.registry
+    r.handler.handle(message("capped"), delivery("c1"))
+    assert registry.get_sample_value("toolq_slots_in_use", {"tool_id": "capped"}) == 1
+    assert (
+        registry.get_sample_value("toolq_waiting_calls", {"tool_id": "capped", "reason": "slot"})
+        == 1
+    )
+    r.handler.handle(message("rated"), delivery("c2"))
+    r.handler.handle(message("rated_reject"), delivery("c3"))
+    for action in ("queued", "rejected"):
+        labels = {"tool_id": "rated" if action == "queued" else "rated_reject", "action": action}
+        assert registry.get_sample_value("toolq_rate_limited_total", labels) == 1
+    for call_id in ("c4", "c5"):
+        r.handler.handle(message("cached"), delivery(call_id))
+    assert registry.get_sample_value("toolq_cache_hits_total", {"tool_id": "cached"}) == 1
