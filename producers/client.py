@@ -307,6 +307,9 @@ class ToolClient:
         wait: Duration | None = None,
         max_attempts: int | None = None,
         retry: bool = True,
+        priority: int | None = None,
+        cache: bool = True,
+        block: Duration | None = None,
     ) -> list[ToolResult]:
         """Run one call per input, in parallel across workers; results in input order."""
         calls = [
@@ -319,6 +322,9 @@ class ToolClient:
                 config=config,
                 max_attempts=max_attempts,
                 retry=retry,
+                priority=priority,
+                cache=cache,
+                block=block,
             )
             for item in inputs
         ]
