@@ -306,6 +306,15 @@ def test_cache_hit_bypass_env_and_errors(
     assert values and not any(b"s3cret" in (v or b"") for v in values)
     failing = [client.run("cached", {"log": str(log), "fail": True}, wait=30) for _ in range(2)]
     assert all(r.error is not None for r in failing) and len(starts(log)) == 4
+    payload = json.dumps({"log": str(log), "t": tag})
+    via_cli = toolq(redis_url, "run", "cached", "--input", payload, "--no-cache", "--priority", "3")
+    assert via_cli.returncode == 0, via_cli.stderr
+    envelope = json.loads(via_cli.stdout)
+    assert "cached" not in envelope["metadata"] and envelope["metadata"]["priority"] == 3
+    assert len(starts(log)) == 5
+    cached_cli = json.loads(toolq(redis_url, "run", "cached", "--input", payload).stdout)
+    assert cached_cli["metadata"]["cached"] is True
+    assert toolq(redis_url, "run", "cached", "--priority", "10").returncode == 2
 
 
 # -- backpressure ---------------------------------------------------------------------------
