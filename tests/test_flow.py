@@ -409,3 +409,75 @@ def test_status_shows_slots_waiters_and_queue_caps(
     text = toolq(redis_url, "status").stdout
     assert "capped_one" in text and "waiting for a token" in text
     assert all(call.result(timeout=60).ok for call in calls)
+
+
+# -- the Lua scripts, straight against Redis -----------------------------------------------
+
+
+@pytest.fixture
+def flow(redis_url: str) -> Any:
+    from toolq.keys import Keys
+    from toolq.workers.flow import Flow
+
+    store = redis.Redis.from_url(redis_url)
+    keys = Keys(f"scripts-{uuid.uuid4().hex[:8]}")
+    yield Flow(store, keys)
+    for key in store.scan_iter(f"{keys.prefix}*"):
+        store.delete(key)
+    store.close()
+
+
+def test_slots_go_to_waiters_in_arrival_order(flow: Any) -> None:
+    def take(holder: str, arrival: float) -> Any:
+        return flow.acquire("t", None, holder, limit=1, lease_s=30, arrival=arrival)
+
+    assert take("a", 1.0).granted
+    assert (take("late", 3.0).granted, take("late", 3.0).rank) == (False, 0)
+    early = take("early", 2.0)  # arrived before "late": goes ahead of it
+    assert (early.granted, early.rank, early.in_use, early.waiting) == (False, 0, 1, 2)
+    assert flow.release("t", None, "a") == 0
+    assert not take("late", 3.0).granted  # free, but not its turn
+    assert take("early", 2.0).granted
+    assert take("early", 2.0).granted  # asking again while holding it renews the lease
+
+
+def test_a_lease_runs_out_on_redis_clock(flow: Any) -> None:
+    assert flow.acquire("t", "k", "dead", limit=1, lease_s=0.3, arrival=1.0).granted
+    assert not flow.acquire("t", "k", "next", limit=1, lease_s=5, arrival=2.0).granted
+    assert flow.acquire("t", "other-key", "x", limit=1, lease_s=5, arrival=2.0).granted
+    time.sleep(0.5)
+    assert flow.acquire("t", "k", "next", limit=1, lease_s=5, arrival=2.0).granted
+
+
+def test_a_waiter_that_stops_asking_drops_out(flow: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import toolq.workers.flow as flow_module
+
+    monkeypatch.setattr(flow_module, "WAITER_STALE_S", 0.1)
+    monkeypatch.setattr(flow_module, "SLOT_POLL_S", 0.1)
+    assert flow.acquire("t", None, "a", limit=1, lease_s=30, arrival=1.0).granted
+    assert not flow.acquire("t", None, "gone", limit=1, lease_s=30, arrival=2.0).granted
+    flow.release("t", None, "a")
+    assert not flow.acquire("t", None, "b", limit=1, lease_s=30, arrival=3.0).granted
+    time.sleep(0.4)  # "gone" was due 0.1 s after it asked, + 0.1 s
+    assert flow.acquire("t", None, "b", limit=1, lease_s=30, arrival=3.0).granted
+
+
+def test_gcra_spaces_tokens_and_reject_reserves_nothing(flow: Any) -> None:
+    began = time.monotonic()
+
+    def spaced(wait_s: float, tokens_ahead: int) -> bool:
+        """The token is ``tokens_ahead`` intervals after the first, on Redis' clock."""
+        due = tokens_ahead * 0.1
+        return due - (time.monotonic() - began) - 0.005 <= wait_s <= due + 0.005
+
+    first = flow.token("t", "a", interval_s=0.1, reserve=True)
+    assert first.granted and first.wait_s == 0
+    assert spaced(flow.token("t", "b", interval_s=0.1, reserve=True).wait_s, 1)
+    third = flow.token("t", "c", interval_s=0.1, reserve=True)
+    assert spaced(third.wait_s, 2) and third.waiting == 2
+    refused = flow.token("t", "d", interval_s=0.1, reserve=False)
+    assert not refused.granted and spaced(refused.wait_s, 3)
+    after = flow.token("t", "e", interval_s=0.1, reserve=True)
+    assert spaced(after.wait_s, 3)  # the refusal took no token
+    time.sleep(0.5)
+    assert flow.token("t", "f", interval_s=0.1, reserve=False).granted
