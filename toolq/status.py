@@ -81,12 +81,14 @@ def flow_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     for tool_id, tool in sorted(settings.tools.items()):
         if tool.max_concurrency is not None:
             found: list[str | None] = [None]
-            if tool.concurrency_key is not None:
-                prefix = keys.slots(tool_id, "")
-                found = [
-                    unquote(raw.decode()[len(prefix) :])
-                    for raw in client.scan_iter(match=prefix + "*", count=500)
-                ]
+            if tool.concurrency_key is not None:  # keys with a slot held or a waiter
+                seen: set[str] = set()
+                for prefix in (keys.slots(tool_id, ""), keys.slot_waiting_seen(tool_id, "")):
+                    seen.update(
+                        unquote(raw.decode()[len(prefix) :])
+                        for raw in client.scan_iter(match=prefix + "*", count=500)
+                    )
+                found = [key for key in sorted(seen)]
             for key in found:
                 in_use = client.zcount(keys.slots(tool_id, key), f"({now}", "+inf")
                 waiting = client.zcount(keys.slot_waiting_seen(tool_id, key), f"({now}", "+inf")

@@ -283,59 +283,83 @@ class CallHandler:
         """A rate token, then a cluster slot; or a re-publication to wait for them
         (holding no worker slot), or the end in ``reject`` mode. A tool with neither
         configured passes without a round trip; without Redis, calls pass (logged)."""
-        flow, tool_id, call_id = profile.flow, request.tool_id, attempt.delivery.call_id
-        if not flow.gated or self.flow is None:
+        if not profile.flow.gated or self.flow is None:
             return _Slot()
-        token_at = request.rate_token_at
         try:
-            if flow.rate_interval_s is not None and token_at is None:
-                token = self.flow.token(
-                    tool_id,
-                    call_id,
-                    interval_s=flow.rate_interval_s,
-                    reserve=not flow.reject_over_rate,
-                )
-                self.metrics.waiting_calls.labels(tool_id, "rate").set(token.waiting)
-                if not token.granted:
-                    self.metrics.rate_limited.labels(tool_id, "rejected").inc()
-                    refused = RateLimited(
-                        f"tool {tool_id} is over its rate limit; the next call is allowed in "
-                        f"{token.wait_s:.3f}s",
-                        "RateLimited",
-                    )
-                    return self._finish(attempt, failed(refused))
-                if token.wait_s > 0:
-                    self.metrics.rate_limited.labels(tool_id, "queued").inc()
-                    token_at = self.clock() + token.wait_s
-                    waiting = replace(request, rate_token_at=token_at, waits=request.waits + 1)
-                    return Retry(waiting, token.wait_s)
-                token_at = self.clock()
-            if flow.max_concurrency is None:
-                return _Slot()
-            key = flow.slot_key(request.input)
-            limits = profile.time_limits.for_call(request.timeout_s)
-            grant = self.flow.acquire(
-                tool_id,
-                key,
-                call_id,
-                limit=flow.max_concurrency,
-                lease_s=limits.hard_timeout_s + LEASE_MARGIN_S,
-                arrival=request.enqueued_at or attempt.started_at,
-            )
+            token_at = self._take_token(attempt, request, profile)
+            if not isinstance(token_at, float | None):
+                return token_at
+            return self._take_slot(attempt, request, profile, token_at)
         except Exception:
-            log.warning("flow control for %s unavailable; letting the call through", tool_id)
+            log.warning(
+                "flow control for %s unavailable; letting the call through", request.tool_id
+            )
             return _Slot()
+
+    def _take_token(
+        self, attempt: _Attempt, request: CallRequest, profile: ToolProfile
+    ) -> Decision | float | None:
+        """The time of the call's rate token (None: the tool has no rate limit), or the
+        decision to wait for the reserved one or to refuse the call."""
+        interval_s, tool_id = profile.flow.rate_interval_s, request.tool_id
+        if interval_s is None or request.rate_token_at is not None:
+            return request.rate_token_at
+        token = self.flow_gate.token(
+            tool_id,
+            attempt.delivery.call_id,
+            interval_s=interval_s,
+            reserve=not profile.flow.reject_over_rate,
+        )
+        self.metrics.waiting_calls.labels(tool_id, "rate").set(token.waiting)
+        if not token.granted:
+            self.metrics.rate_limited.labels(tool_id, "rejected").inc()
+            refused = RateLimited(
+                f"tool {tool_id} is over its rate limit; the next call is allowed in "
+                f"{token.wait_s:.3f}s",
+                "RateLimited",
+            )
+            return self._finish(attempt, failed(refused))
+        if token.wait_s > 0:
+            self.metrics.rate_limited.labels(tool_id, "queued").inc()
+            token_at = self.clock() + token.wait_s
+            return Retry(
+                replace(request, rate_token_at=token_at, waits=request.waits + 1), token.wait_s
+            )
+        return self.clock()
+
+    def _take_slot(
+        self, attempt: _Attempt, request: CallRequest, profile: ToolProfile, token_at: float | None
+    ) -> _Slot | Decision:
+        """A cluster slot, leased for the call's hard limit + margin; or wait for one,
+        keeping the rate token the call already holds."""
+        limit, tool_id = profile.flow.max_concurrency, request.tool_id
+        if limit is None:
+            return _Slot()
+        key = profile.flow.slot_key(request.input)
+        hard_s = profile.time_limits.for_call(request.timeout_s).hard_timeout_s
+        grant = self.flow_gate.acquire(
+            tool_id,
+            key,
+            attempt.delivery.call_id,
+            limit=limit,
+            lease_s=hard_s + LEASE_MARGIN_S,
+            arrival=request.enqueued_at or attempt.started_at,
+        )
         self.metrics.slots_in_use.labels(tool_id).set(grant.in_use)
         self.metrics.waiting_calls.labels(tool_id, "slot").set(grant.waiting)
         if grant.granted:
             return _Slot(key, held=True)
         waiting = replace(request, rate_token_at=token_at, waits=request.waits + 1)
-        return Retry(waiting, slot_poll_s(grant.rank, flow.max_concurrency))
+        return Retry(waiting, slot_poll_s(grant.rank, limit))
+
+    @property
+    def flow_gate(self) -> FlowGate:
+        assert self.flow is not None
+        return self.flow
 
     def _release(self, tool_id: str, key: str | None, call_id: str) -> None:
-        assert self.flow is not None
         try:
-            in_use = self.flow.release(tool_id, key, call_id)
+            in_use = self.flow_gate.release(tool_id, key, call_id)
         except Exception:  # the lease runs out by itself
             log.warning("cannot release %s's slot for call %s", tool_id, call_id)
             return
