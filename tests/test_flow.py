@@ -241,11 +241,12 @@ def test_a_cancelled_queued_call_never_runs(
     assert toolq(redis_url, "cancel", call.id).returncode == 1  # finished: nothing to do
 
 
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_a_running_call_is_stopped_sigterm_then_sigkill(
-    client: ToolClient, start_worker: StartWorker, tmp_path: Path
+    client: ToolClient, start_worker: StartWorker, tmp_path: Path, pool: str
 ) -> None:
     queue, pidfile = shared_queue(), tmp_path / "signals"
-    start_worker(queues=[queue], concurrency=1)
+    start_worker(queues=[queue], concurrency=1, pool=pool)  # prefork: the child subscribes
     pidfile.touch()
     # ignores SIGTERM; soft limit 6s for this call, the tool's grace (1s) before SIGKILL
     call = client.enqueue("ignore_sigterm", {"pidfile": str(pidfile)}, timeout=6, queue=queue)
