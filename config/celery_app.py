@@ -16,6 +16,21 @@ RUN_TOOL_TASK = "toolq.run_tool"
 """The one task: run a tool invocation with Bun and return its envelope."""
 NOOP_TASK = "toolq.noop"
 """A task that does nothing, on every worker: the baseline for benchmarks."""
+PRIORITY_STEPS = list(range(10))
+"""kombu's Redis transport keeps one list per priority step (``<queue>`` for 0, else
+``<queue>\x06\x16<step>``) and a worker's BRPOP names them in step order, so it takes
+from step 0 first. Ten steps: each of toolq's priorities has a list of its own."""
+PRIORITY_SEP = "\x06\x16"
+
+
+def broker_priority(priority: int | None) -> int:
+    """toolq's priority (0 default .. 9 most urgent) as kombu's Redis one (0 first)."""
+    return 9 - (priority or 0)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting calls, one per priority step."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
 BRPOP_READ_MARGIN_S = 10.0
@@ -43,6 +58,10 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         "health_check_interval": 25,
         "socket_timeout": read_timeout,
         "socket_connect_timeout": timeout,
+        # Priorities (README, "Flow control"): one list per step. queue_order_strategy
+        # stays round_robin: it orders a worker's *queues*, not priorities.
+        "priority_steps": PRIORITY_STEPS,
+        "sep": PRIORITY_SEP,
     }
     if settings.project:
         # kombu keeps unacknowledged deliveries in one hash per Redis database and restores

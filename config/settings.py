@@ -148,6 +148,26 @@ class LimitSettings(_Strict):
     max_tmp_mb: PositiveInt | None = None
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(value: Any) -> float:
+    """``"10/s"``, ``"600/m"``, ``"36/h"`` -> seconds between two calls (GCRA's interval)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f'write a rate as calls per period, e.g. "{value}/s" (got {value!r})')
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f'expected a rate such as "10/s", "600/m" or "36/h" (got {value!r})')
+    return _RATE_PERIODS[match.group(2)] / float(match.group(1))
+
+
+class CacheSettings(_Strict):
+    """`tools.<id>.cache`: successful results kept for `ttl`, keyed by tool, input, config."""
+
+    ttl_s: Seconds = Field(alias="ttl", gt=0)
+
+
 class ToolSettings(_Strict):
     """Per-tool overrides under `tools: {<tool_id>: {...}}`; unset keys inherit."""
 
@@ -159,8 +179,42 @@ class ToolSettings(_Strict):
     limits: LimitSettings | None = None
     retry: RetrySettings | None = None
     circuit_breaker: ToolBreakerSettings | None = None
+    # flow control (README, "Flow control")
+    max_concurrency: PositiveInt | None = None
+    """At most this many calls of the tool run at once, on all workers together."""
+    concurrency_key: str | None = None
+    """``input.<field>[.<field>...]``: the cap holds per value of that input field."""
+    rate_limit: str | None = None
+    """``"10/s"``, ``/m`` or ``/h``: calls started, on all workers together (GCRA)."""
+    rate_limit_mode: Literal["queue", "reject"] = "queue"
+    cache: CacheSettings | None = None
 
     _check_permissions = field_validator("permissions")(_check_permissions)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
+
+    @field_validator("concurrency_key")
+    @classmethod
+    def _key_path(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"input(\.[A-Za-z0-9_-]+)+", value):
+            raise ValueError(f"expected input.<field>[.<field>...] (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _key_needs_cap(self) -> ToolSettings:
+        if self.concurrency_key is not None and self.max_concurrency is None:
+            raise ValueError("concurrency_key needs max_concurrency (the cap per key)")
+        return self
+
+    @property
+    def rate_interval_s(self) -> float | None:
+        """Seconds between two calls under ``rate_limit`` (None: no limit)."""
+        return None if self.rate_limit is None else parse_rate(self.rate_limit)
 
 
 _NO_TOOL_SETTINGS = ToolSettings()
@@ -279,6 +333,10 @@ class Settings(_Strict):
     Only from TOOLQ_SECRET_KEY or a command-line override, never a YAML file."""
     secret_key_file: str | None = None
     """A file holding secret_key (relative paths: the project directory)."""
+    max_queue_length: PositiveInt | None = None
+    """Backpressure: enqueue refuses (QueueFull) or blocks when a queue holds this many."""
+    max_queue_lengths: dict[str, PositiveInt] = Field(default_factory=dict)
+    """Per queue name, overriding `max_queue_length`."""
 
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="defaults")
@@ -347,6 +405,10 @@ class Settings(_Strict):
             if tool_id in tool_ids:
                 return name
         return self.queue
+
+    def queue_cap(self, queue: str) -> int | None:
+        """The most calls ``queue`` may hold (None: unbounded)."""
+        return self.max_queue_lengths.get(queue, self.max_queue_length)
 
     @property
     def all_queues(self) -> list[str]:

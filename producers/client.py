@@ -30,7 +30,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from toolq.config.celery_app import RUN_TOOL_TASK, make_celery
+from toolq.config.celery_app import RUN_TOOL_TASK, broker_priority, make_celery, queue_lists
 from toolq.config.connections import redis_client
 from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
@@ -39,15 +39,19 @@ from toolq.envelope import ToolResult
 from toolq.errors import (
     BrokerUnavailable,
     InvalidInput,
+    QueueFull,
     ResultTimeout,
     ToolCallFailed,
     ToolCrashed,
     ToolTimeout,
 )
+from toolq.producers.cancel import CancelOutcome, cancel_call
 from toolq.protocol import CallRequest, new_request, validate
 from toolq.sealing import load_sealer
 
 log = logging.getLogger("toolq.producer")
+QUEUE_FULL_POLL_S = 0.05
+"""How often ``enqueue(block=...)`` looks again at a full queue."""
 
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
@@ -93,11 +97,27 @@ def _subscribe_on_wait(app: Celery) -> None:
 class ToolCall:
     """A handle on an enqueued call. ``id`` is stable; ``result()`` waits for the envelope."""
 
-    def __init__(self, call_id: str, tool_id: str, async_result: AsyncResult, url: str) -> None:
+    def __init__(
+        self,
+        call_id: str,
+        tool_id: str,
+        async_result: AsyncResult,
+        url: str,
+        client: ToolClient | None = None,
+    ) -> None:
         self.id = call_id
         self.tool_id = tool_id
         self._async = async_result
         self._url = url
+        self._client = client
+
+    def cancel(self) -> CancelOutcome:
+        """Cancel the call: a queued one never runs, a running one is stopped (SIGTERM,
+        then SIGKILL after its grace), a waiting retry is dropped; ``result()`` returns
+        ``cancelled`` at once. ``"finished"`` if it had already ended (nothing changes)."""
+        if self._client is None:
+            raise RuntimeError("this ToolCall has no client to cancel through")
+        return self._client.cancel(self.id, self.tool_id)
 
     def __repr__(self) -> str:
         return f"ToolCall(id={self.id!r}, tool_id={self.tool_id!r})"
@@ -212,8 +232,16 @@ class ToolClient:
         retry: bool = True,
         idempotency_key: str | None = None,
         sealed_env: str | None = None,
+        priority: int | None = None,
+        cache: bool = True,
+        block: Duration | None = None,
     ) -> ToolCall:
         """Put one call on the queue and return at once.
+
+        ``priority`` 0 (default) .. 9: a worker takes more urgent calls of its queues
+        first. ``cache=False`` runs the tool even if its result cache has an answer.
+        A queue at its ``max_queue_length`` raises :class:`QueueFull`, or with ``block``
+        waits up to that long for room first.
 
         ``config`` overrides the tool's configured ``config`` (its second argument) key
         by key. Input that breaks the tool's input schema raises :class:`InvalidInput`
@@ -233,6 +261,8 @@ class ToolClient:
                 config=config,
                 max_attempts=max_attempts,
                 retry=retry,
+                priority=priority,
+                cache=cache,
             ),
             self.settings,
         )
@@ -249,6 +279,7 @@ class ToolClient:
                 ", ".join(self.settings.all_queues),
                 queue,
             )
+        self._make_room(queue, block)
         if idempotency_key is not None:
             first = self._claim(idempotency_key, call_id)
             if first is not None:
@@ -260,7 +291,31 @@ class ToolClient:
                 with contextlib.suppress(RedisError):
                     self._redis.delete(self.settings.keys.idempotency(idempotency_key))
             raise
-        return ToolCall(call_id, tool_id, async_result, self.settings.redis_url)
+        return ToolCall(call_id, tool_id, async_result, self.settings.redis_url, self)
+
+    def queue_length(self, queue: str) -> int:
+        """Calls waiting in ``queue`` (all priorities; not those a worker holds)."""
+        with _redis_errors(self.settings.redis_url), self._redis.pipeline() as pipe:
+            for name in queue_lists(queue):
+                pipe.llen(name)
+            return sum(int(n) for n in pipe.execute())
+
+    def _make_room(self, queue: str, block: Duration | None) -> None:
+        """Backpressure: one look at the queue's length when it has a cap (none otherwise).
+        Producers racing for the last places may overshoot the cap by their number."""
+        cap = self.settings.queue_cap(queue)
+        if cap is None:
+            return
+        deadline = time.monotonic() + (0.0 if block is None else _seconds(block, "block"))
+        while (length := self.queue_length(queue)) >= cap:
+            if time.monotonic() >= deadline:
+                raise QueueFull(queue, length, cap)
+            time.sleep(QUEUE_FULL_POLL_S)
+
+    def cancel(self, call_id: str, tool_id: str = "") -> CancelOutcome:
+        """Cancel a call by id (see :meth:`ToolCall.cancel`)."""
+        with _redis_errors(self.settings.redis_url):
+            return cancel_call(self._redis, self.app, self.settings.keys, call_id, tool_id)
 
     def _send(self, request: CallRequest, call_id: str, queue: str) -> AsyncResult:
         """Publish once per try, within ``redis_socket_timeout`` in all: a refused
@@ -276,6 +331,7 @@ class ToolClient:
                         args=[request.to_message(self._sealer)],
                         task_id=call_id,
                         queue=queue,
+                        priority=broker_priority(request.priority),
                         argsrepr=request.describe(),
                         kwargsrepr="{}",
                         shadow=f"toolq:{request.tool_id}",  # the name Flower shows
@@ -300,6 +356,9 @@ class ToolClient:
         max_attempts: int | None = None,
         retry: bool = True,
         idempotency_key: str | None = None,
+        priority: int | None = None,
+        cache: bool = True,
+        block: Duration | None = None,
     ) -> ToolResult:
         """Enqueue and wait. ``timeout`` limits the tool; ``wait`` limits the waiting."""
         call = self.enqueue(
@@ -312,6 +371,9 @@ class ToolClient:
             max_attempts=max_attempts,
             retry=retry,
             idempotency_key=idempotency_key,
+            priority=priority,
+            cache=cache,
+            block=block,
         )
         return call.result(timeout=wait)
 
@@ -327,6 +389,9 @@ class ToolClient:
         wait: Duration | None = None,
         max_attempts: int | None = None,
         retry: bool = True,
+        priority: int | None = None,
+        cache: bool = True,
+        block: Duration | None = None,
     ) -> list[ToolResult]:
         """Run one call per input, in parallel across workers; results in input order."""
         calls = [
@@ -339,6 +404,9 @@ class ToolClient:
                 config=config,
                 max_attempts=max_attempts,
                 retry=retry,
+                priority=priority,
+                cache=cache,
+                block=block,
             )
             for item in inputs
         ]
@@ -352,7 +420,7 @@ class ToolClient:
     def call(self, call_id: str, tool_id: str = "") -> ToolCall:
         """A handle on a call enqueued earlier (by id)."""
         return ToolCall(
-            call_id, tool_id, AsyncResult(call_id, app=self.app), self.settings.redis_url
+            call_id, tool_id, AsyncResult(call_id, app=self.app), self.settings.redis_url, self
         )
 
     def close(self) -> None:

@@ -41,6 +41,8 @@ def test_error_kinds_map_one_to_one_to_classes() -> None:
         "crashed",
         "circuit_open",
         "memory_exceeded",
+        "rate_limited",
+        "cancelled",
     }
     assert set(FAILURE_CLASSES) == kinds
     assert all(

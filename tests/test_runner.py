@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import TOOLS, processes_running, unique_seconds, wait_until
 from toolq.config.settings import TimeLimits
-from toolq.workers.runtime.base import Call, Outcome
+from toolq.workers.runtime.base import Call, CancelToken, Outcome
 from toolq.workers.runtime.bun import WRAPPER
 from toolq.workers.runtime.launch import Launcher
 from toolq.workers.runtime.limits import Cgroups
@@ -329,3 +329,40 @@ def max_overlap(windows: list[tuple[float, float]]) -> int:
 def test_runner_survives_every_fault(runner: Runner) -> None:
     """Runs last: after every fault above, the same runner (and warm pool) still serves."""
     assert run(runner, "echo", {"still": "serving"}).result == {"echo": {"still": "serving"}}
+
+
+# -- cancel (toolq cancel: the runtime seam) ------------------------------------------------
+
+
+def run_cancelled(runner: Runner, tool_id: str, payload: Any, after_s: float) -> Outcome:
+    """Run with a cancel token that is set ``after_s`` into the call."""
+    token = CancelToken()
+    limits = TimeLimits(6.0, 7.5)  # grace 1.5 s; far from the soft limit
+    call = Call(tool_id, "exec-1", payload, {}, limits, permissions=TOOL_PERMISSIONS, cancel=token)
+    timer = threading.Timer(after_s, token.cancel)
+    timer.start()
+    try:
+        return runner.run(call)
+    finally:
+        timer.cancel()
+        token.close()
+
+
+def test_cancel_sends_sigterm_then_sigkill_after_the_grace(runner: Runner, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    started = time.monotonic()
+    outcome = run_cancelled(runner, "ignore_sigterm", {"pidfile": str(log)}, 0.5)
+    elapsed = time.monotonic() - started
+    assert kind(outcome) == "cancelled"
+    assert "sigterm" in log.read_text()  # asked first
+    assert 0.5 + 1.5 - 0.1 <= elapsed < 6.0  # killed after the grace, before the soft limit
+
+
+def test_cancel_ends_a_tool_that_obeys_sigterm_at_once(runner: Runner, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    started = time.monotonic()
+    outcome = run_cancelled(runner, "graceful_sigterm", {"marker": str(marker)}, 0.3)
+    assert kind(outcome) == "cancelled"
+    assert marker.read_text() == "cleaned up"
+    assert time.monotonic() - started < 0.3 + 1.4  # did not wait for the grace
+    assert run(runner, "echo", {"after": "cancel"}).result == {"echo": {"after": "cancel"}}

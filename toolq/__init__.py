@@ -7,12 +7,15 @@ from toolq.config import Settings, load_settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import (
     BrokerUnavailable,
+    Cancelled,
     CircuitOpen,
     ConfigError,
     InvalidInput,
     InvalidOutput,
     MemoryExceeded,
     OutputTooLarge,
+    QueueFull,
+    RateLimited,
     ResultTimeout,
     ToolCrashed,
     ToolError,
@@ -27,12 +30,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokerUnavailable",
+    "Cancelled",
     "CircuitOpen",
     "ConfigError",
     "InvalidInput",
     "InvalidOutput",
     "MemoryExceeded",
     "OutputTooLarge",
+    "QueueFull",
+    "RateLimited",
     "ResultTimeout",
     "Settings",
     "ToolCall",

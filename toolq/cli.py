@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings, redact_url
 from toolq.envelope import ToolResult
-from toolq.errors import BrokerUnavailable, ConfigError, InvalidInput, ResultTimeout
+from toolq.errors import BrokerUnavailable, ConfigError, InvalidInput, QueueFull, ResultTimeout
 
 if TYPE_CHECKING:
     from toolq.producers import ToolCall
@@ -64,6 +64,8 @@ def _guard(action: Callable[[], T]) -> T:
         _fail(f"invalid call: {exc.message}")
     except BrokerUnavailable as exc:
         _fail(str(exc))
+    except QueueFull as exc:
+        _fail(f"{exc}; nothing was enqueued")
     except RedisError as exc:  # operator commands talk to Redis directly
         _fail(f"cannot reach Redis: {exc}")
 
@@ -165,6 +167,17 @@ IdempotencyOption = Annotated[
         "--idempotency-key", help="Same key within idempotency_ttl: the first call is reused."
     ),
 ]
+PriorityOption = Annotated[
+    int | None,
+    typer.Option("--priority", min=0, max=9, help="0 (default) to 9 (most urgent)."),
+]
+NoCacheOption = Annotated[
+    bool, typer.Option("--no-cache", help="Run the tool even if its result cache has an answer.")
+]
+BlockOption = Annotated[
+    str | None,
+    typer.Option("--block", help="Queue full: wait up to this long for room (else exit 2)."),
+]
 
 
 def _enqueue(
@@ -178,6 +191,10 @@ def _enqueue(
     no_retry: bool,
     idempotency_key: str | None,
     tool_config: str | None = None,
+    *,
+    priority: int | None = None,
+    no_cache: bool = False,
+    block: str | None = None,
 ) -> ToolCall:
     """`run` and `enqueue`: parse the options, enqueue one call."""
     from toolq.producers import ToolClient
@@ -196,6 +213,9 @@ def _enqueue(
             max_attempts=max_attempts,
             retry=not no_retry,
             idempotency_key=idempotency_key,
+            priority=priority,
+            cache=not no_cache,
+            block=block,
         )
     )
 
@@ -249,6 +269,9 @@ def run(
     max_attempts: MaxAttemptsOption = None,
     no_retry: NoRetryOption = False,
     idempotency_key: IdempotencyOption = None,
+    priority: PriorityOption = None,
+    no_cache: NoCacheOption = False,
+    block: BlockOption = None,
     wait: Annotated[
         str | None, typer.Option(help="Give up waiting after this long (exit 3).")
     ] = None,
@@ -267,6 +290,9 @@ def run(
         no_retry,
         idempotency_key,
         tool_config,
+        priority=priority,
+        no_cache=no_cache,
+        block=block,
     )
     try:
         result = _guard(lambda: call.result(timeout=wait))
@@ -286,6 +312,9 @@ def enqueue(
     max_attempts: MaxAttemptsOption = None,
     no_retry: NoRetryOption = False,
     idempotency_key: IdempotencyOption = None,
+    priority: PriorityOption = None,
+    no_cache: NoCacheOption = False,
+    block: BlockOption = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
@@ -301,6 +330,9 @@ def enqueue(
         no_retry,
         idempotency_key,
         tool_config,
+        priority=priority,
+        no_cache=no_cache,
+        block=block,
     )
     typer.echo(call.id)
 
@@ -328,6 +360,23 @@ def result(
     except ResultTimeout as exc:
         _fail(str(exc), EXIT_PENDING)
     _print_result(outcome)
+
+
+@app.command()
+def cancel(
+    call_id: Annotated[str, typer.Argument(help="The id printed by `toolq enqueue`.")],
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Cancel a call: queued, it never runs; running, Bun is stopped; its result is
+    `cancelled`. Exit 1 if it had already finished (nothing changes)."""
+    from toolq.producers import ToolClient
+
+    with ToolClient(_settings(config, profile)) as client:
+        outcome = _guard(lambda: client.cancel(call_id))
+    typer.echo(json.dumps({"id": call_id, "outcome": outcome}))
+    if outcome == "finished":
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -383,7 +432,8 @@ def status(
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Queues and lengths, workers with running/reserved calls, open breakers, dead letters."""
+    """Queues (lengths, caps), workers with running/reserved calls, open breakers, dead
+    letters, cluster-wide slots and rate limits."""
     from toolq.status import cluster_status
 
     settings = _settings(config, profile)
@@ -394,8 +444,15 @@ def status(
     project = report["project"]
     typer.echo(f"project: {project}" if project else "project: (none: shared toolq keys)")
     _print_table(
-        ["queue", "waiting"],
-        [[queue["name"], str(queue["length"])] for queue in report["queues"]],
+        ["queue", "waiting", "cap"],
+        [
+            [
+                queue["name"],
+                str(queue["length"]),
+                "-" if queue["cap"] is None else str(queue["cap"]),
+            ]
+            for queue in report["queues"]
+        ],
         empty="no queues",
         title="queues",
     )
@@ -414,6 +471,29 @@ def status(
         + (", ".join(f"{b['tool_id']} ({b['state']})" for b in breakers) or "none")
     )
     typer.echo(f"dead letters: {report['dead_letters']}")
+    flow = report["flow"]
+    if flow["slots"]:
+        _print_table(
+            ["tool", "key", "slots in use", "waiting for a slot"],
+            [
+                [
+                    s["tool_id"],
+                    "-" if s["key"] is None else s["key"],
+                    f"{s['in_use']}/{s['limit']}",
+                    str(s["waiting"]),
+                ]
+                for s in flow["slots"]
+            ],
+            empty="",
+            title="cluster-wide slots",
+        )
+    if flow["rate"]:
+        _print_table(
+            ["tool", "rate limit", "mode", "waiting for a token"],
+            [[r["tool_id"], r["rate_limit"], r["mode"], str(r["waiting"])] for r in flow["rate"]],
+            empty="",
+            title="rate limits",
+        )
 
 
 @app.command()

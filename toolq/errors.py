@@ -3,6 +3,7 @@
     ToolqError
     ├── ConfigError              bad settings file, key, type or value (CLI exit 2)
     ├── BrokerUnavailable        Redis could not be reached (CLI exit 2)
+    ├── QueueFull                the queue holds max_queue_length calls (CLI exit 2)
     ├── ResultTimeout            waiting for a call's result took longer than asked
     ├── ToolCallFailed           a failed call's whole envelope on its way through Celery's
     │                            result backend (state FAILURE); ToolCall.result() reads it
@@ -15,7 +16,9 @@
         ├── OutputTooLarge       "output_too_large"  result or stdout over its cap
         ├── InvalidOutput        "invalid_output"    result not JSON-serialisable / unreadable
         ├── MemoryExceeded       "memory_exceeded"   the tool passed runtime.max_memory_mb
-        └── CircuitOpen          "circuit_open"      the tool's breaker is open; Bun not started
+        ├── CircuitOpen          "circuit_open"      the tool's breaker is open; Bun not started
+        ├── RateLimited          "rate_limited"      over the tool's rate_limit (mode reject)
+        └── Cancelled            "cancelled"         `toolq cancel` / ToolCall.cancel()
 
 Each failure class knows its envelope ``kind`` and whether retrying can help by
 default (``retryable``; a thrown error's own ``retryable`` property overrides it), so
@@ -47,6 +50,19 @@ class ConfigError(ToolqError):
 
 class BrokerUnavailable(ToolqError, ConnectionError):
     """Redis (broker or result backend) did not answer; nothing was enqueued or read."""
+
+
+class QueueFull(ToolqError):
+    """Backpressure: the queue already holds its ``max_queue_length``; nothing was enqueued."""
+
+    def __init__(self, queue: str, length: int, cap: int) -> None:
+        super().__init__(queue, length, cap)
+        self.queue = queue
+        self.length = length
+        self.cap = cap
+
+    def __str__(self) -> str:
+        return f"queue {self.queue!r} is full ({self.length} calls, max_queue_length {self.cap})"
 
 
 class ResultTimeout(ToolqError, TimeoutError):
@@ -133,6 +149,18 @@ class CircuitOpen(ToolFailure):
     kind = "circuit_open"
 
 
+class RateLimited(ToolFailure):
+    """Refused by the tool's cluster-wide rate limit; retrying at once would be refused too."""
+
+    kind = "rate_limited"
+
+
+class Cancelled(ToolFailure):
+    """Someone cancelled the call: it never ran, or its Bun was stopped."""
+
+    kind = "cancelled"
+
+
 FAILURE_CLASSES: dict[str, type[ToolFailure]] = {
     cls.kind: cls
     for cls in (
@@ -145,6 +173,8 @@ FAILURE_CLASSES: dict[str, type[ToolFailure]] = {
         InvalidOutput,
         MemoryExceeded,
         CircuitOpen,
+        RateLimited,
+        Cancelled,
     )
 }
 """Envelope ``error.kind`` -> exception class, one to one."""

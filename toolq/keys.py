@@ -14,8 +14,11 @@ project too. kombu's ``unacked`` bookkeeping is moved under the project's prefix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 PREFIX = "toolq:"
+CANCELLED_KEEP_S = 24 * 3600.0
+"""How long a cancelled call id stays in :attr:`Keys.cancelled`."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,47 @@ class Keys:
     def deliveries(self, call_id: str, attempt: int) -> str:
         """Counter: how often one attempt of a call was delivered to a worker (expires)."""
         return f"{self.prefix}deliveries:{call_id}:{attempt}"
+
+    # -- flow control (toolq.workers.flow, toolq.workers.cancel, toolq.workers.cache) --
+
+    def slots(self, tool_id: str, key: str | None = None) -> str:
+        """Sorted set: call id holding a slot -> its lease's expiry (Redis time)."""
+        return f"{self.prefix}slots:{tool_id}{_keyed(key)}"
+
+    def slot_waiting(self, tool_id: str, key: str | None = None) -> str:
+        """Sorted set: call id waiting for a slot -> its first arrival (enqueued_at)."""
+        return f"{self.prefix}slot-waiting:{tool_id}{_keyed(key)}"
+
+    def slot_waiting_seen(self, tool_id: str, key: str | None = None) -> str:
+        """Sorted set: waiting call id -> when it counts as gone unless it asks again."""
+        return f"{self.prefix}slot-seen:{tool_id}{_keyed(key)}"
+
+    def rate(self, tool_id: str) -> str:
+        """String: the tool's GCRA theoretical arrival time (Redis time, seconds)."""
+        return f"{self.prefix}rate:{tool_id}"
+
+    def rate_waiting(self, tool_id: str) -> str:
+        """Sorted set: call id holding a future rate token -> the token's time."""
+        return f"{self.prefix}rate-waiting:{tool_id}"
+
+    @property
+    def cancelled(self) -> str:
+        """Sorted set: cancelled call id -> when it was cancelled (trimmed after a day)."""
+        return f"{self.prefix}cancelled"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel: a cancelled call id, for the worker that may be running it."""
+        return f"{self.prefix}cancel"
+
+    def cache(self, digest: str) -> str:
+        """String: a cached successful result (JSON), expiring after the tool's cache ttl."""
+        return f"{self.prefix}cache:{digest}"
+
+
+def _keyed(key: str | None) -> str:
+    """A concurrency key's value as a key suffix (quoted: a value may hold ``:``)."""
+    return "" if key is None else ":" + quote(key, safe="")
 
 
 DEFAULT = Keys()

@@ -6,7 +6,10 @@ A call travels through Redis as Celery's single positional argument, a JSON obje
      "config"?,                                           # per-call tool config override
      "timeout"?,                                          # per-call soft limit, seconds
      "retry"?: {"max_attempts"?, "enabled"?},             # per-call retry overrides
-     "attempt"?, "history"?}                              # added by workers on retries
+     "priority"?: 0..9,                                   # 9 most urgent; default 0
+     "cache"?: false,                                     # bypass the tool's result cache
+     "attempt"?, "history"?,                              # added by workers on retries
+     "rate_token_at"?, "waits"?}                          # added by flow control
 
 :meth:`CallRequest.to_message` and :meth:`CallRequest.from_message` are its only
 encoder and decoder, and :func:`validate` its only rule book: the producer runs it
@@ -32,6 +35,8 @@ from toolq.sealing import Sealer, env_fields, open_env
 from toolq.validation import check_input_size, json_size, validate_env, validate_tool_id
 
 _INPUT_PREVIEW = 200
+MAX_PRIORITY = 9
+"""Priorities run 0 (the default) to 9 (the most urgent)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,14 @@ class CallRequest:
     """An earlier attempt already counted against the tool's breaker (once per call)."""
     env_sealed: str | None = None
     """The token the env arrived sealed in: passed on as it is (retries, dead letters)."""
+    priority: int | None = None
+    """0..9, 9 the most urgent; None is 0 (README, "Flow control")."""
+    cache: bool = True
+    """False: run the tool even if its result cache holds an answer (and do not store one)."""
+    rate_token_at: float | None = None
+    """The call already holds the rate token of this time (it waited for it)."""
+    waits: int = 0
+    """How often flow control re-published the call (slot or rate token not yet free)."""
 
     # -- the Redis message ---------------------------------------------------------------
 
@@ -83,6 +96,14 @@ class CallRequest:
             message["history"] = [dict(entry) for entry in self.history]
         if self.counted:
             message["counted"] = True
+        if self.priority is not None:
+            message["priority"] = self.priority
+        if not self.cache:
+            message["cache"] = False
+        if self.rate_token_at is not None:
+            message["rate_token_at"] = self.rate_token_at
+        if self.waits:
+            message["waits"] = self.waits
         return message
 
     @classmethod
@@ -112,6 +133,15 @@ class CallRequest:
             raise InvalidInput("attempt must be a positive integer", "ValidationError")
         if not _is_number(enqueued_at):
             raise InvalidInput("enqueued_at must be a number", "ValidationError")
+        cache = message.get("cache", True)
+        token_at = message.get("rate_token_at")
+        waits = message.get("waits", 0)
+        if not isinstance(cache, bool):
+            raise InvalidInput("cache must be true or false", "ValidationError")
+        if token_at is not None and not _is_number(token_at):
+            raise InvalidInput("rate_token_at must be a number", "ValidationError")
+        if not _is_int(waits) or waits < 0:
+            raise InvalidInput("waits must be a non-negative integer", "ValidationError")
         return cls(
             tool_id=message.get("tool_id"),  # type: ignore[arg-type]  # checked by validate
             input=message.get("input"),
@@ -125,6 +155,10 @@ class CallRequest:
             history=tuple(history),
             counted=counted,
             env_sealed=env_sealed,
+            priority=message.get("priority"),
+            cache=cache,
+            rate_token_at=None if token_at is None else float(token_at),
+            waits=waits,
         )
 
     # -- what workers do with it ---------------------------------------------------------
@@ -139,6 +173,7 @@ class CallRequest:
             attempt=self.attempt if same_attempt else self.attempt + 1,
             history=(*self.history, {**entry, "at": time.time()}),
             counted=self.counted or counted,
+            rate_token_at=None,  # a new attempt takes a rate token of its own
         )
 
     def describe(self) -> str:
@@ -160,6 +195,8 @@ def new_request(
     config: Mapping[str, Any] | None = None,
     max_attempts: int | None = None,
     retry: bool = True,
+    priority: int | None = None,
+    cache: bool = True,
 ) -> CallRequest:
     """A request as a caller states it (durations as ``"30s"`` or seconds), not yet validated."""
     timeout_s: Any = timeout
@@ -177,6 +214,8 @@ def new_request(
         timeout_s=timeout_s,
         max_attempts=max_attempts,
         retry=retry,
+        priority=priority,
+        cache=cache,
     )
 
 
@@ -197,6 +236,15 @@ def validate(request: CallRequest, settings: Settings) -> CallRequest:
         not _is_int(request.max_attempts) or request.max_attempts < 1
     ):
         raise InvalidInput("max_attempts must be a positive integer", "ValidationError")
+    if request.priority is not None and (
+        not _is_int(request.priority) or not 0 <= request.priority <= MAX_PRIORITY
+    ):
+        raise InvalidInput(
+            f"priority must be an integer from 0 to {MAX_PRIORITY} ({MAX_PRIORITY} most urgent)",
+            "ValidationError",
+        )
+    if not isinstance(request.cache, bool):
+        raise InvalidInput("cache must be true or false", "ValidationError")
     timeout_s = None
     if request.timeout_s is not None:
         timeout_s = _check_timeout(request.timeout_s, settings.max_hard_timeout_s)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 
-from toolq.config.celery_app import make_celery
+import redis
+
+from toolq.config.celery_app import make_celery, queue_lists
 from toolq.config.connections import redis_client
 from toolq.config.settings import Settings
 from toolq.workers.breaker import Breakers
@@ -14,8 +17,8 @@ INSPECT_TIMEOUT_S = 1.0
 
 
 def cluster_status(settings: Settings) -> dict[str, Any]:
-    """The project (None: un-namespaced), queues (configured and consumed) with lengths,
-    workers, and the project's breakers and dead letters."""
+    """The project (None: un-namespaced), queues (configured and consumed) with lengths
+    and caps, workers, the project's breakers and dead letters, and flow control."""
     app = make_celery(settings, name="toolq-status")
     client = redis_client(settings)
     try:
@@ -33,9 +36,14 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
             for name in sorted(set(active) | set(reserved) | set(consumed))
         ]
         names = list(settings.all_queues)
+        names += [q for q in settings.max_queue_lengths if q not in names]
         for worker in workers:
             names += [q for q in worker["queues"] if q not in names]
-        queues = [{"name": name, "length": int(client.llen(name))} for name in names]
+        queues = [
+            {"name": name, "length": _length(client, name), "cap": settings.queue_cap(name)}
+            for name in names
+        ]
+        flow = flow_status(client, settings)
         breakers = [
             vars(status)
             for status in Breakers(client, settings.breaker_settings, settings.keys).statuses()
@@ -50,4 +58,58 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
         "workers": workers,
         "breakers": breakers,
         "dead_letters": dead,
+        "flow": flow,
     }
+
+
+def _length(client: redis.Redis, queue: str) -> int:
+    """Calls waiting in a queue, over its priority lists."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in queue_lists(queue):
+            pipe.llen(name)
+        return sum(int(n) for n in pipe.execute())
+
+
+def flow_status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """Slots in use and calls waiting per capped tool (and per key in use), and calls
+    holding a future rate token per rate-limited tool; read on Redis' clock."""
+    seconds, micros = client.time()
+    now = seconds + micros / 1e6
+    keys = settings.keys
+    slots: list[dict[str, Any]] = []
+    rates: list[dict[str, Any]] = []
+    for tool_id, tool in sorted(settings.tools.items()):
+        if tool.max_concurrency is not None:
+            found: list[str | None] = [None]
+            if tool.concurrency_key is not None:  # keys with a slot held or a waiter
+                seen: set[str] = set()
+                for prefix in (keys.slots(tool_id, ""), keys.slot_waiting_seen(tool_id, "")):
+                    seen.update(
+                        unquote(raw.decode()[len(prefix) :])
+                        for raw in client.scan_iter(match=prefix + "*", count=500)
+                    )
+                found = [key for key in sorted(seen)]
+            for key in found:
+                in_use = client.zcount(keys.slots(tool_id, key), f"({now}", "+inf")
+                waiting = client.zcount(keys.slot_waiting_seen(tool_id, key), f"({now}", "+inf")
+                if key is None or in_use or waiting:
+                    slots.append(
+                        {
+                            "tool_id": tool_id,
+                            "key": key,
+                            "in_use": int(in_use),
+                            "limit": tool.max_concurrency,
+                            "waiting": int(waiting),
+                        }
+                    )
+        if tool.rate_limit is not None:
+            waiting = client.zcount(keys.rate_waiting(tool_id), f"({now}", "+inf")
+            rates.append(
+                {
+                    "tool_id": tool_id,
+                    "rate_limit": tool.rate_limit,
+                    "mode": tool.rate_limit_mode,
+                    "waiting": int(waiting),
+                }
+            )
+    return {"slots": slots, "rate": rates}

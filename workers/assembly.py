@@ -19,7 +19,10 @@ from toolq.config.settings import Settings
 from toolq.errors import ConfigError
 from toolq.sealing import load_sealer
 from toolq.workers.breaker import Breakers
+from toolq.workers.cache import ResultCache
+from toolq.workers.cancel import CancelWatch
 from toolq.workers.deadletter import DeadLetters
+from toolq.workers.flow import Flow
 from toolq.workers.handler import MAX_DELIVERIES, CallHandler
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles
@@ -46,10 +49,13 @@ class WorkerParts:
     warm: WarmRuntime | None
     redis: redis.Redis
     max_concurrent: int
+    cancels: CancelWatch | None = None
 
     def close(self) -> None:
-        """Stop the warm Bun processes and the Redis connection."""
+        """Stop the warm Bun processes, the cancel watch and the Redis connection."""
         self.runtime.close()
+        if self.cancels is not None:
+            self.cancels.close()
         self.redis.close()
 
 
@@ -116,6 +122,8 @@ def build_worker(
         runtimes["warm"] = warm
     runtime = ByMode(runtimes, slots)
     client = redis_client(settings)
+    cancels = CancelWatch(client, settings.keys)
+    cancels.start()  # cancelled ids loaded before the first call is checked
     handler = CallHandler(
         settings=settings,
         profiles=profiles,
@@ -126,5 +134,8 @@ def build_worker(
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
         sealer=sealer,
+        flow=Flow(client, settings.keys),
+        cancels=cancels,
+        cache=ResultCache(client, settings.keys),
     )
-    return WorkerParts(handler, runtime, warm, client, slots)
+    return WorkerParts(handler, runtime, warm, client, slots, cancels)

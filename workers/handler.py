@@ -1,7 +1,8 @@
 """Turn one delivered call into either a final envelope or a retry, in small steps:
 
-    decode + validate → guard redelivery → admit (breaker) → run (runtime)
-    → record (breaker) → decide (retry policy) → finish (envelope, dead letter, log)
+    decode + validate → cancelled? → guard redelivery → cache → gate (rate token,
+    slot) → admit (breaker) → run (runtime) → record (breaker) → decide (retry
+    policy) → finish (envelope, dead letter, log)
 
 Every collaborator is passed in — the runtime, breakers, dead letters, delivery
 counter, metrics and clock — so each decision can be tested against fakes in
@@ -16,19 +17,30 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
-from toolq.errors import CircuitOpen, InvalidInput, ToolCrashed, ToolFailure, ToolTimeout
+from toolq.errors import (
+    Cancelled,
+    CircuitOpen,
+    InvalidInput,
+    RateLimited,
+    ToolCrashed,
+    ToolFailure,
+    ToolTimeout,
+)
 from toolq.protocol import CallRequest, validate
 from toolq.sealing import Sealer, env_fields
 from toolq.workers.backoff import RetryPolicy, next_delay
 from toolq.workers.breaker import Admission, Verdict, verdict_of
+from toolq.workers.cache import Cached, cache_digest
+from toolq.workers.flow import LEASE_MARGIN_S, SlotGrant, Token, slot_poll_s
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles, ToolProfile
-from toolq.workers.runtime.base import Outcome, Runtime, failed
+from toolq.workers.runtime.base import CancelToken, Outcome, Runtime, failed
 from toolq.workers.runtime.secrets import redact_outcome
 
 log = logging.getLogger("toolq.worker")
@@ -41,6 +53,9 @@ MAX_DELIVERIES = 3
 """A call redelivered this many times (its worker died running it) ends as ``crashed``."""
 DEFER_SLACK_S = 0.05
 """A deferred call arrives just after its breaker half-opens, not just before."""
+NOT_DEAD_LETTERED = frozenset({"cancelled", "rate_limited"})
+"""Ends someone chose (a cancel, a rate refusal): no failure to look into or replay, and a
+flood of them would push real failures out of the bounded dead-letter list."""
 
 
 class BreakerGate(Protocol):
@@ -53,6 +68,41 @@ class BreakerGate(Protocol):
 
 class DeadLetterSink(Protocol):
     def add(self, entry: dict[str, Any]) -> object: ...
+
+
+class FlowGate(Protocol):
+    """Cluster-wide slots and rate tokens (:class:`toolq.workers.flow.Flow`)."""
+
+    def acquire(
+        self,
+        tool_id: str,
+        key: str | None,
+        holder: str,
+        *,
+        limit: int,
+        lease_s: float,
+        arrival: float,
+    ) -> SlotGrant: ...
+
+    def release(self, tool_id: str, key: str | None, holder: str) -> int: ...
+
+    def token(self, tool_id: str, holder: str, *, interval_s: float, reserve: bool) -> Token: ...
+
+
+class CancelRegistry(Protocol):
+    """Cancelled call ids (:class:`toolq.workers.cancel.CancelWatch`)."""
+
+    def is_cancelled(self, call_id: str) -> bool: ...
+
+    def running(self, call_id: str) -> AbstractContextManager[CancelToken]: ...
+
+
+class CacheStore(Protocol):
+    """Stored successful results (:class:`toolq.workers.cache.ResultCache`)."""
+
+    def get(self, digest: str) -> Cached | None: ...
+
+    def put(self, digest: str, entry: Cached, ttl_s: float) -> None: ...
 
 
 class DeliveryCounter(Protocol):
@@ -91,6 +141,14 @@ Decision = Final | Retry
 
 
 @dataclass(frozen=True)
+class _Slot:
+    """The cluster slot a running call holds (``held`` False: its tool has no cap)."""
+
+    key: str | None = None
+    held: bool = False
+
+
+@dataclass(frozen=True)
 class _Attempt:
     """What every step knows about the attempt in hand."""
 
@@ -115,6 +173,9 @@ class CallHandler:
     clock: Callable[[], float] = time.time
     sealer: Sealer | None = None
     """With a secret key: env arrives sealed (plain env is refused) and is dead-lettered sealed."""
+    flow: FlowGate | None = None
+    cancels: CancelRegistry | None = None
+    cache: CacheStore | None = None
 
     def handle(self, message: Any, delivery: Delivery) -> Decision:
         started_at = self.clock()
@@ -129,6 +190,11 @@ class CallHandler:
         )
         deadline = (request.enqueued_at or started_at) + policy.max_elapsed_s
 
+        if self.cancels is not None and self.cancels.is_cancelled(delivery.call_id):
+            self._leave_waiting(request, profile, delivery.call_id)
+            stopped = Cancelled("the call was cancelled before it ran", "Cancelled")
+            return self._finish(attempt, failed(stopped))
+
         if delivery.redelivered and self._redelivered_too_often(delivery, request):
             lost = ToolCrashed(
                 f"this call was redelivered {MAX_DELIVERIES} times (its worker died or was "
@@ -137,17 +203,33 @@ class CallHandler:
             )
             return self._finish(_with_stop(attempt, "max_deliveries"), failed(lost))
 
-        if request.attempt == 1 and not request.history and request.enqueued_at:
-            wait = max(0.0, started_at - request.enqueued_at)
-            self.metrics.queue_wait_seconds.labels(request.tool_id).observe(wait)
+        digest = self._digest(request, profile)
+        if digest is not None:
+            hit = self._cache_get(digest, request.tool_id)
+            if hit is not None:
+                self.metrics.cache_hits.labels(request.tool_id).inc()
+                return self._finish(attempt, Outcome(hit.result, None, 0, 0), cached=hit)
 
-        admission = self._admit(profile)
-        if not admission.allowed:
-            return self._refuse_open(attempt, request, admission, policy, deadline)
+        slot = self._gate(attempt, request, profile)
+        if not isinstance(slot, _Slot):
+            return slot
+        try:
+            if request.attempt == 1 and not request.history and request.enqueued_at:
+                wait = max(0.0, started_at - request.enqueued_at)
+                self.metrics.queue_wait_seconds.labels(request.tool_id).observe(wait)
 
-        outcome = self._run(request, delivery, profile)
+            admission = self._admit(profile)
+            if not admission.allowed:
+                return self._refuse_open(attempt, request, admission, policy, deadline)
+
+            outcome = self._run(request, delivery, profile)
+        finally:
+            if slot.held:
+                self._release(request.tool_id, slot.key, delivery.call_id)
         counted = self._record(request, profile, outcome, admission)
         if outcome.error is None:
+            if digest is not None:
+                self._cache_put(digest, profile, Cached(outcome.result, delivery.call_id))
             return self._finish(attempt, outcome)
         delay, stop = next_delay(
             attempt=request.attempt,
@@ -177,6 +259,120 @@ class CallHandler:
         return self._finish(attempt, failed(stopped))
 
     # -- steps ---------------------------------------------------------------------------
+
+    def _digest(self, request: CallRequest, profile: ToolProfile) -> str | None:
+        """The cache key of a call whose tool caches (and that did not opt out)."""
+        if profile.flow.cache_ttl_s is None or self.cache is None or not request.cache:
+            return None
+        return cache_digest(request.tool_id, request.input, profile.config_for(request))
+
+    def _cache_get(self, digest: str, tool_id: str) -> Cached | None:
+        assert self.cache is not None
+        try:
+            return self.cache.get(digest)
+        except Exception:  # a cache that cannot answer is a miss
+            log.warning("result cache unavailable for %s; running the tool", tool_id)
+            return None
+
+    def _cache_put(self, digest: str, profile: ToolProfile, entry: Cached) -> None:
+        assert self.cache is not None and profile.flow.cache_ttl_s is not None
+        try:
+            self.cache.put(digest, entry, profile.flow.cache_ttl_s)
+        except Exception:
+            log.warning("cannot cache %s's result", profile.tool_id)
+
+    def _gate(
+        self, attempt: _Attempt, request: CallRequest, profile: ToolProfile
+    ) -> _Slot | Decision:
+        """A rate token, then a cluster slot; or a re-publication to wait for them
+        (holding no worker slot), or the end in ``reject`` mode. A tool with neither
+        configured passes without a round trip; without Redis, calls pass (logged)."""
+        if not profile.flow.gated or self.flow is None:
+            return _Slot()
+        try:
+            token_at = self._take_token(attempt, request, profile)
+            if not isinstance(token_at, float | None):
+                return token_at
+            return self._take_slot(attempt, request, profile, token_at)
+        except Exception:
+            log.warning(
+                "flow control for %s unavailable; letting the call through", request.tool_id
+            )
+            return _Slot()
+
+    def _take_token(
+        self, attempt: _Attempt, request: CallRequest, profile: ToolProfile
+    ) -> Decision | float | None:
+        """The time of the call's rate token (None: the tool has no rate limit), or the
+        decision to wait for the reserved one or to refuse the call."""
+        interval_s, tool_id = profile.flow.rate_interval_s, request.tool_id
+        if interval_s is None or request.rate_token_at is not None:
+            return request.rate_token_at
+        token = self.flow_gate.token(
+            tool_id,
+            attempt.delivery.call_id,
+            interval_s=interval_s,
+            reserve=not profile.flow.reject_over_rate,
+        )
+        self.metrics.waiting_calls.labels(tool_id, "rate").set(token.waiting)
+        if not token.granted:
+            self.metrics.rate_limited.labels(tool_id, "rejected").inc()
+            refused = RateLimited(
+                f"tool {tool_id} is over its rate limit; the next call is allowed in "
+                f"{token.wait_s:.3f}s",
+                "RateLimited",
+            )
+            return self._finish(attempt, failed(refused))
+        if token.wait_s > 0:
+            self.metrics.rate_limited.labels(tool_id, "queued").inc()
+            token_at = self.clock() + token.wait_s
+            return Retry(
+                replace(request, rate_token_at=token_at, waits=request.waits + 1), token.wait_s
+            )
+        return self.clock()
+
+    def _take_slot(
+        self, attempt: _Attempt, request: CallRequest, profile: ToolProfile, token_at: float | None
+    ) -> _Slot | Decision:
+        """A cluster slot, leased for the call's hard limit + margin; or wait for one,
+        keeping the rate token the call already holds."""
+        limit, tool_id = profile.flow.max_concurrency, request.tool_id
+        if limit is None:
+            return _Slot()
+        key = profile.flow.slot_key(request.input)
+        hard_s = profile.time_limits.for_call(request.timeout_s).hard_timeout_s
+        grant = self.flow_gate.acquire(
+            tool_id,
+            key,
+            attempt.delivery.call_id,
+            limit=limit,
+            lease_s=hard_s + LEASE_MARGIN_S,
+            arrival=request.enqueued_at or attempt.started_at,
+        )
+        self.metrics.slots_in_use.labels(tool_id).set(grant.in_use)
+        self.metrics.waiting_calls.labels(tool_id, "slot").set(grant.waiting)
+        if grant.granted:
+            return _Slot(key, held=True)
+        waiting = replace(request, rate_token_at=token_at, waits=request.waits + 1)
+        return Retry(waiting, slot_poll_s(grant.rank, limit))
+
+    @property
+    def flow_gate(self) -> FlowGate:
+        assert self.flow is not None
+        return self.flow
+
+    def _release(self, tool_id: str, key: str | None, call_id: str) -> None:
+        try:
+            in_use = self.flow_gate.release(tool_id, key, call_id)
+        except Exception:  # the lease runs out by itself
+            log.warning("cannot release %s's slot for call %s", tool_id, call_id)
+            return
+        self.metrics.slots_in_use.labels(tool_id).set(in_use)
+
+    def _leave_waiting(self, request: CallRequest, profile: ToolProfile, call_id: str) -> None:
+        """A cancelled call leaves its place in the slot's waiting list at once."""
+        if profile.flow.max_concurrency is not None and self.flow is not None:
+            self._release(request.tool_id, profile.flow.slot_key(request.input), call_id)
 
     def _redelivered_too_often(self, delivery: Delivery, request: CallRequest) -> bool:
         """A call that kills its worker must not loop through every worker forever."""
@@ -237,7 +433,14 @@ class CallHandler:
             call = profile.call(request, delivery.call_id)  # config and env of its definition
         except InvalidInput as refused:
             return failed(refused)
-        with self.metrics.running():
+        running = (
+            self.cancels.running(delivery.call_id)
+            if self.cancels is not None
+            else nullcontext(None)
+        )
+        with running as token, self.metrics.running():
+            if token is not None:
+                call = replace(call, cancel=token)
             # Env values (the call's and its definition's) never leave in an error, a stack
             # or stderr (stored, logged, retried).
             outcome = redact_outcome(profile.check_output(self.runtime.run(call)), call.env)
@@ -274,8 +477,9 @@ class CallHandler:
             log.warning("circuit breaker for %s is open", profile.tool_id)
         return verdict != "neutral"
 
-    def _finish(self, attempt: _Attempt, outcome: Outcome) -> Final:
-        """The envelope of a call that is over; a failed one is dead-lettered."""
+    def _finish(self, attempt: _Attempt, outcome: Outcome, cached: Cached | None = None) -> Final:
+        """The envelope of a call that is over; a failed one is dead-lettered (unless it
+        ended by choice: :data:`NOT_DEAD_LETTERED`)."""
         request, delivery = attempt.request, attempt.delivery
         tool_id = request.tool_id if request is not None else _raw(attempt.message, "tool_id")
         metadata: dict[str, Any] = {
@@ -292,11 +496,18 @@ class CallHandler:
         }
         if attempt.stop is not None:
             metadata["retry_stopped"] = attempt.stop
+        if request is not None and request.waits:
+            metadata["flow_waits"] = request.waits
+        if request is not None and request.priority is not None:
+            metadata["priority"] = request.priority
+        if cached is not None:
+            metadata["cached"] = True
+            metadata["cached_from"] = cached.call_id
         if request is not None and request.enqueued_at:
             metadata["enqueued_at"] = request.enqueued_at
             metadata["queue_wait"] = max(0, int((attempt.started_at - request.enqueued_at) * 1000))
         result = ToolResult(delivery.call_id, tool_id, outcome.result, outcome.error, metadata)
-        if outcome.error is not None:
+        if outcome.error is not None and outcome.error.kind not in NOT_DEAD_LETTERED:
             self.metrics.dead_letters.labels(tool_id).inc()
             self._dead_letter(attempt, result)
         self._log(result, outcome)

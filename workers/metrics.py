@@ -116,6 +116,33 @@ class Metrics:
             registry=registry,
         )
 
+        self.slots_in_use = Gauge(
+            "toolq_slots_in_use",
+            "Cluster-wide slots of a capped tool in use, as this worker last saw them.",
+            ["tool_id"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.waiting_calls = Gauge(
+            "toolq_waiting_calls",
+            "Calls waiting for a slot or a rate token, as this worker last saw them.",
+            ["tool_id", "reason"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "toolq_rate_limited_total",
+            "Calls over their tool's rate limit: queued (re-published) or rejected.",
+            ["tool_id", "action"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "toolq_cache_hits_total",
+            "Calls answered from the tool's result cache, without running Bun.",
+            ["tool_id"],
+            registry=registry,
+        )
+
     @contextmanager
     def running(self) -> Iterator[None]:
         self.tools_running.inc()

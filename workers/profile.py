@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from toolq.config.settings import (
@@ -29,6 +29,7 @@ from toolq.errors import InvalidOutput
 from toolq.protocol import CallRequest
 from toolq.validation import validate_env
 from toolq.workers.backoff import RetryPolicy
+from toolq.workers.flow import FlowLimits
 from toolq.workers.runtime.base import Call, Mode, Outcome
 from toolq.workers.runtime.limits import ResourceLimits
 from toolq.workers.runtime.sandbox import Permissions
@@ -47,6 +48,12 @@ class ToolProfile:
     mode: Mode
     """warm only where the worker runs warm processes and the tool shares their sandbox."""
     definition: ToolDefinition | None = None
+    flow: FlowLimits = field(default_factory=FlowLimits)
+
+    def config_for(self, request: CallRequest) -> dict[str, Any]:
+        """The call's config: the definition's, overridden key by key by the call's."""
+        config = dict(self.definition.config) if self.definition is not None else {}
+        return {**config, **(request.config or {})}
 
     def call(
         self, request: CallRequest, tool_exec_id: str, environ: Mapping[str, str] | None = None
@@ -54,10 +61,8 @@ class ToolProfile:
         """The run of a validated request: config = definition's under the call's; env =
         definition's (templates from ``environ``, the worker's) under the call's.
         :class:`~toolq.errors.InvalidInput` if a template names a variable not set."""
-        config: dict[str, Any] = {}
         env: dict[str, str] = {}
         if self.definition is not None:
-            config.update(self.definition.config)
             env = validate_env(
                 self.definition.resolve_env(os.environ if environ is None else environ)
             )
@@ -66,7 +71,7 @@ class ToolProfile:
             tool_exec_id=tool_exec_id,
             input=request.input,
             env={**env, **request.env},
-            config={**config, **(request.config or {})},
+            config=self.config_for(request),
             time_limits=self.time_limits.for_call(request.timeout_s),
             permissions=self.permissions,
             resources=self.resources,
@@ -127,6 +132,13 @@ class Profiles:
             breaker=settings.breaker_settings(tool_id),
             mode=mode,
             definition=settings.definition(tool_id),
+            flow=FlowLimits(
+                max_concurrency=tool.max_concurrency,
+                key_path=tuple(tool.concurrency_key.split(".")[1:]) if tool.concurrency_key else (),
+                rate_interval_s=tool.rate_interval_s,
+                reject_over_rate=tool.rate_limit_mode == "reject",
+                cache_ttl_s=tool.cache.ttl_s if tool.cache is not None else None,
+            ),
         )
 
 

@@ -7,7 +7,9 @@ Flower shows each call under ``toolq:<tool id>`` (Celery's shadow name).
 
 A retry is a new message for the same call id, published with a countdown
 (Celery's ``Task.retry``): the slot is free while the call waits, any worker may
-take the next attempt, and the caller's ``result()`` simply keeps waiting.
+take the next attempt, and the caller's ``result()`` simply keeps waiting. A call
+waiting for a cluster slot or a rate token is re-published the same way, so Flower
+shows it as RETRY (with its countdown), never as running.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from celery import Celery, Task, states
 from celery.exceptions import SoftTimeLimitExceeded
 
-from toolq.config.celery_app import NOOP_TASK, RUN_TOOL_TASK
+from toolq.config.celery_app import NOOP_TASK, RUN_TOOL_TASK, broker_priority
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S
 from toolq.errors import ToolCallFailed
 from toolq.workers.handler import CallHandler, Delivery, Final
@@ -67,6 +69,7 @@ def register_tasks(app: Celery, handler: CallHandler) -> Task:
             args=[decision.request.to_message(handler.sealer)],
             kwargs={},
             countdown=decision.delay_s,
+            priority=broker_priority(decision.request.priority),
             argsrepr=decision.request.describe(),
             kwargsrepr="{}",
         )

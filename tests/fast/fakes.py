@@ -6,7 +6,8 @@ decisions (retry, breaker, deadline, poison guard, dead letters) run in millisec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +16,12 @@ from prometheus_client import CollectorRegistry
 from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo
 from toolq.workers.breaker import Admission, Verdict
+from toolq.workers.cache import Cached
+from toolq.workers.flow import SlotGrant, Token
 from toolq.workers.handler import CallHandler
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles
-from toolq.workers.runtime.base import Call, Outcome
+from toolq.workers.runtime.base import Call, CancelToken, Outcome
 
 
 def ok(result: dict[str, Any] | None = None) -> Outcome:
@@ -83,6 +86,95 @@ class FakeDeliveries:
         return self.counts[key]
 
 
+@dataclass
+class FakeFlow:
+    """Slots and rate tokens in memory, with the same rules as the Lua scripts (arrival
+    order, reservation); ``calls`` counts every round trip a real one would make."""
+
+    held: dict[tuple[str, str | None], set[str]] = field(default_factory=dict)
+    waiting: dict[tuple[str, str | None], dict[str, float]] = field(default_factory=dict)
+    token_wait: list[float] = field(default_factory=list)
+    """Scripted waits for the next tokens (0 when empty)."""
+    calls: list[str] = field(default_factory=list)
+    broken: bool = False
+    leases: list[float] = field(default_factory=list)
+
+    def acquire(
+        self,
+        tool_id: str,
+        key: str | None,
+        holder: str,
+        *,
+        limit: int,
+        lease_s: float,
+        arrival: float,
+    ) -> SlotGrant:
+        self.calls.append("acquire")
+        if self.broken:
+            raise ConnectionError("redis is down")
+        self.leases.append(lease_s)
+        held = self.held.setdefault((tool_id, key), set())
+        waiting = self.waiting.setdefault((tool_id, key), {})
+        if holder in held:
+            return SlotGrant(True, 0, len(held), len(waiting))
+        waiting.setdefault(holder, arrival)
+        rank = sorted(waiting, key=lambda h: (waiting[h], h)).index(holder)
+        if rank < limit - len(held):
+            del waiting[holder]
+            held.add(holder)
+            return SlotGrant(True, 0, len(held), len(waiting))
+        return SlotGrant(False, rank, len(held), len(waiting))
+
+    def release(self, tool_id: str, key: str | None, holder: str) -> int:
+        self.calls.append("release")
+        held = self.held.setdefault((tool_id, key), set())
+        held.discard(holder)
+        self.waiting.setdefault((tool_id, key), {}).pop(holder, None)
+        return len(held)
+
+    def token(self, tool_id: str, holder: str, *, interval_s: float, reserve: bool) -> Token:
+        self.calls.append("token")
+        if self.broken:
+            raise ConnectionError("redis is down")
+        wait = self.token_wait.pop(0) if self.token_wait else 0.0
+        if wait > 0 and not reserve:
+            return Token(False, wait, 0)
+        return Token(True, wait, 1 if wait > 0 else 0)
+
+
+@dataclass
+class FakeCancels:
+    cancelled: set[str] = field(default_factory=set)
+    tokens: dict[str, CancelToken] = field(default_factory=dict)
+
+    def is_cancelled(self, call_id: str) -> bool:
+        return call_id in self.cancelled
+
+    @contextmanager
+    def running(self, call_id: str) -> Iterator[CancelToken]:
+        token = CancelToken()
+        self.tokens[call_id] = token
+        if call_id in self.cancelled:
+            token.cancel()
+        try:
+            yield token
+        finally:
+            token.close()
+
+
+@dataclass
+class FakeCache:
+    entries: dict[str, Cached] = field(default_factory=dict)
+    ttls: list[float] = field(default_factory=list)
+
+    def get(self, digest: str) -> Cached | None:
+        return self.entries.get(digest)
+
+    def put(self, digest: str, entry: Cached, ttl_s: float) -> None:
+        self.entries[digest] = entry
+        self.ttls.append(ttl_s)
+
+
 class Clock:
     def __init__(self, now: float = 1_000_000.0) -> None:
         self.now = now
@@ -101,17 +193,23 @@ class Rig:
     dead_letters: FakeDeadLetters
     deliveries: FakeDeliveries
     clock: Clock
+    flow: FakeFlow
+    cancels: FakeCancels
+    cache: FakeCache
 
 
 def rig(
     outcomes: Iterable[Outcome] | Callable[[Call], Outcome] = (),
     settings: dict[str, Any] | None = None,
     breakers: FakeBreakers | None = None,
+    flow: FakeFlow | None = None,
 ) -> Rig:
     config = Settings.model_validate({"backoff_jitter": False, **(settings or {})})
     runtime = FakeRuntime(outcomes or [ok()])
     breakers = breakers or FakeBreakers()
     dead_letters, deliveries, clock = FakeDeadLetters(), FakeDeliveries(), Clock()
+    flow = flow or FakeFlow()
+    cancels, cache = FakeCancels(), FakeCache()
     handler = CallHandler(
         settings=config,
         profiles=Profiles(config),
@@ -121,5 +219,8 @@ def rig(
         deliveries=deliveries,
         metrics=Metrics(CollectorRegistry()),
         clock=clock,
+        flow=flow,
+        cancels=cancels,
+        cache=cache,
     )
-    return Rig(handler, runtime, breakers, dead_letters, deliveries, clock)
+    return Rig(handler, runtime, breakers, dead_letters, deliveries, clock, flow, cancels, cache)

@@ -526,6 +526,32 @@ export default {
     await Bun.sleep(10);
     return { fired };
   },
+  // flow control (tests/test_flow.py): the same stamping tool under several settings
+  stamp,
+  capped: stamp,
+  capped_one: stamp,
+  capped_per_key: stamp,
+  capped_lease: stamp,
+  rated: stamp,
+  rated_reject: stamp,
+  cached: async (input: { log: string; fail?: boolean }) => {
+    stamp({ log: input.log });
+    if (input.fail) throw new Error("no answer to cache");
+    return { answer: crypto.randomUUID() };
+  },
+  slow_retry: async (input: { counter: string }) => {
+    throw new Error(`failure #${record(input.counter)}`);
+  },
 };
 
 export const named_only_is_ignored_when_default_exists = async () => ({ ok: true });
+
+// Appends "start <tag> <ms>" and, after input.ms, "end <tag> <ms>" to input.log: overlaps
+// and rates are counted from the tool's own stamps, not from the test's clock.
+async function stamp(input: { log: string; ms?: number; tag?: string }) {
+  const tag = input.tag ?? "-";
+  appendFileSync(input.log, `start ${tag} ${Date.now()}\n`);
+  if (input.ms) await sleep(input.ms);
+  appendFileSync(input.log, `end ${tag} ${Date.now()}\n`);
+  return { tag };
+}

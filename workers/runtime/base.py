@@ -8,6 +8,8 @@ tests implement it with a fake, so retry and breaker decisions run without Bun.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,32 @@ DEFAULT_RESOURCES = ResourceLimits(
 )
 
 
+class CancelToken:
+    """Set once to ask the runtime to stop a running call (``toolq cancel``).
+
+    Selectable (an eventfd), so the pump wakes the moment it is set and a call that is
+    never cancelled costs no polling."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        if not self._event.is_set():
+            self._event.set()
+            os.eventfd_write(self._fd, 1)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 @dataclass(frozen=True)
 class Call:
     """One tool run, validated, with its effective limits and permissions."""
@@ -39,6 +67,8 @@ class Call:
     permissions: Permissions = field(default_factory=Permissions)
     resources: ResourceLimits = DEFAULT_RESOURCES
     mode: Mode = "spawn"
+    cancel: CancelToken | None = field(default=None, compare=False)
+    """Set while the call runs to stop it: SIGTERM, SIGKILL after the grace period."""
 
 
 @dataclass(frozen=True)

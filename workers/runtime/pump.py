@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 from toolq.config.durations import format_duration
 from toolq.config.settings import TimeLimits
-from toolq.errors import MemoryExceeded, OutputTooLarge, ToolFailure, ToolTimeout
+from toolq.errors import Cancelled, MemoryExceeded, OutputTooLarge, ToolFailure, ToolTimeout
+from toolq.workers.runtime.base import CancelToken
 from toolq.workers.runtime.launch import Launched
 from toolq.workers.runtime.limits import ResourceLimits, cpu_seconds, rss_mb
 from toolq.workers.runtime.secrets import redact_secrets
@@ -155,12 +156,15 @@ def collect(
     *,
     warm: bool = False,
     watch: Callable[[], ToolFailure | None] | None = None,
+    cancel: CancelToken | None = None,
 ) -> ToolFailure | None:
     """Pump pipes until the envelope, an exit, a limit or a cap; return a failure if any.
 
     ``warm``: the process serves more calls, so stdin stays open and nothing waits
     for it to exit after the envelope. ``watch`` is called every 100 ms and may end
-    the call with a failure (CPU time, memory).
+    the call with a failure (CPU time, memory). ``cancel`` (selectable) stops the call
+    as ``cancelled``: SIGTERM to Bun at once, then the hard limit's grace before the
+    runtime kills the group.
     """
     proc, selector, pidfd = pipes.proc, pipes.selector, pipes.pidfd
     stdin_fd, stdout_fd, stderr_fd = pipes.stdin_fd, pipes.stdout_fd, pipes.stderr_fd
@@ -171,9 +175,24 @@ def collect(
     hard_at = started + limits.hard_timeout_s
     terminated = False
     next_watch = started + WATCH_INTERVAL_S
+    cancel_fd = cancel.fileno() if cancel is not None else None
+    if cancel_fd is not None:
+        selector.register(cancel_fd, selectors.EVENT_READ)
+    stopped: Cancelled | None = None
     try:
         while True:
             now = time.monotonic()
+            if stopped is None and cancel is not None and cancel.cancelled:
+                stopped = Cancelled("the call was cancelled while it ran", "Cancelled")
+                if cancel_fd is not None:
+                    selector.unregister(cancel_fd)
+                cancel_fd = None
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pipes.tool_pid(), signal.SIGTERM)
+                terminated = True
+                hard_at = min(hard_at, now + limits.hard_timeout_s - limits.timeout_s)
+            if stopped is not None and now >= hard_at:
+                return stopped
             if not terminated and now >= soft_at:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pipes.tool_pid(), signal.SIGTERM)
@@ -192,6 +211,8 @@ def collect(
             exited = False
             for key, _ in events:
                 fd = key.fd
+                if fd == cancel_fd:
+                    continue  # seen at the top of the loop
                 if fd == stdin_fd:
                     try:
                         pending = pending[os.write(fd, pending) :]
@@ -209,7 +230,7 @@ def collect(
                 elif fd in (stdout_fd, stderr_fd, envelope_fd):
                     failure = _read_into(fd, stdout_fd, stderr_fd, streams, nonce, selector)
                     if failure is None and streams.frame is not None and terminated:
-                        return _timeout(limits, terminated_gracefully=True)
+                        return stopped or _timeout(limits, terminated_gracefully=True)
                     if failure is None and streams.frame is not None and not warm:
                         select.select([pidfd], [], [], _EXIT_GRACE_S)
                     if failure is not None or streams.frame is not None:
@@ -223,15 +244,17 @@ def collect(
                         except BlockingIOError:
                             break
                         if terminated and failure is None and streams.frame is not None:
-                            return _timeout(limits, terminated_gracefully=True)
+                            return stopped or _timeout(limits, terminated_gracefully=True)
                         if failure is not None or streams.frame is not None:
-                            return failure
+                            return stopped or failure
                 if terminated:
-                    return _timeout(limits, terminated_gracefully=True)
+                    return stopped or _timeout(limits, terminated_gracefully=True)
                 return None
     finally:
         if stdin_fd in selector.get_map():
             selector.unregister(stdin_fd)
+        if cancel_fd is not None and cancel_fd in selector.get_map():
+            selector.unregister(cancel_fd)
 
 
 def _read_into(

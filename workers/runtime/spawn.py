@@ -53,6 +53,7 @@ class SpawnRuntime:
                 streams,
                 started,
                 watch=Watch.over(launched, call.resources),
+                cancel=call.cancel,
             )
         finally:
             pipes.close()

@@ -99,6 +99,7 @@ class WarmProcess:
                 started,
                 warm=True,
                 watch=Watch.over(self.launched, self.resources),
+                cancel=call.cancel,
             )
             alive = self.alive()  # reaps a dead process, so its exit status is known
             outcome = finish(self.launched, streams, failure, call, started)
