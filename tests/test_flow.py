@@ -248,6 +248,7 @@ def test_a_running_call_is_stopped_sigterm_then_sigkill(
     queue, pidfile = shared_queue(), tmp_path / "signals"
     start_worker(queues=[queue], concurrency=1, pool=pool)  # prefork: the child subscribes
     pidfile.touch()
+    pidfile.chmod(0o666)  # the tool runs as the sandbox's unprivileged uid
     # ignores SIGTERM; soft limit 6s for this call, the tool's grace (1s) before SIGKILL
     call = client.enqueue("ignore_sigterm", {"pidfile": str(pidfile)}, timeout=6, queue=queue)
     time.sleep(1.5)  # it is running

@@ -26,6 +26,7 @@ import redis
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
 from toolq import BrokerUnavailable, ResultTimeout, ToolClient
+from toolq.config.celery_app import queue_lists
 from toolq.config.loader import load_settings
 from toolq.devredis import RedisServer
 from toolq.workers.deadletter import DeadLetters
@@ -41,13 +42,22 @@ def queue_of(worker: WorkerProcess) -> str:
     return next(arg.split("=", 1)[1] for arg in worker.argv if arg.startswith("--queues="))
 
 
+def pop_waiting(connection: redis.Redis, queue: str) -> Any:
+    """The oldest waiting message of a queue, whichever priority list holds it."""
+    for name in queue_lists(queue):
+        raw = connection.rpop(name)
+        if raw is not None:
+            return raw
+    return None
+
+
 def template_message(client: ToolClient, redis_url: str) -> dict[str, Any]:
     """A real run_tool message as kombu stores it, taken from a queue nobody consumes."""
     parking = f"parking-{uuid.uuid4().hex[:8]}"
     client.enqueue("echo", {"template": True}, queue=parking)
     with redis.Redis.from_url(redis_url) as connection:
-        raw = connection.rpop(parking)
-        connection.delete(parking, f"_kombu.binding.{parking}")
+        raw = pop_waiting(connection, parking)
+        connection.delete(*queue_lists(parking), f"_kombu.binding.{parking}")
     assert raw is not None
     message: dict[str, Any] = json.loads(raw)
     return message
@@ -514,7 +524,7 @@ def test_an_entry_over_a_tenth_of_the_budget_keeps_a_preview_and_replay_refuses_
     assert replayed.returncode == 0, replayed
     assert replayed.stdout.startswith("small -> ")
     with redis.Redis.from_url(scratch_redis.url) as connection:
-        raw = connection.rpop("toolq")
+        raw = pop_waiting(connection, "toolq")
         assert raw is not None
         body = json.loads(base64.b64decode(json.loads(raw)["body"]))
         assert body[0][0]["input"] == {"pad": "x" * 1000}  # replayed whole
