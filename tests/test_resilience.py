@@ -283,6 +283,46 @@ def test_failure_rate_trips_once_the_window_has_its_minimum(
     toolq(redis_url, "breakers", "reset", "health_rate")
 
 
+def script_calls(connection: redis.Redis) -> int:
+    """Lua script runs on this Redis so far (breakers, flow control, dead letters)."""
+    stats = connection.info("commandstats")
+    return sum(
+        int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+
+
+def test_a_call_to_a_healthy_tool_costs_no_breaker_round_trip() -> None:
+    """Admission and success are local while the breaker is closed and clean; a failure
+    anywhere makes every worker ask Redis again, and the locally counted successes still
+    land in the failure-rate window."""
+    server = RedisServer().start()  # a Redis of its own: the command counts are this test's
+    try:
+        settings = load_settings(TOOLS_CONFIG, environ={}, overrides={"redis_url": server.url})
+        with (
+            ToolClient(settings) as client,
+            WorkerProcess(config=TOOLS_CONFIG, redis_url=server.url) as worker,
+            redis.Redis.from_url(server.url) as connection,
+        ):
+            worker.start(client.app)
+            for _ in range(2):  # the worker learns the breaker is clean
+                assert client.run("health_rate", {}, wait=30).ok
+            before = script_calls(connection)
+            for _ in range(20):
+                assert client.run("health_rate", {}, wait=30).ok
+            assert script_calls(connection) == before  # no breaker script per call
+            assert client.run("health_rate", {"fail": True}, wait=30).error is not None
+            assert wait_until(lambda: script_calls(connection) > before, 5)
+            for _ in range(3):  # no longer clean: every verdict goes to Redis
+                assert client.run("health_rate", {}, wait=30).ok
+            listed = json.loads(toolq(server.url, "breakers", "--json").stdout)
+            status = next(s for s in listed if s["tool_id"] == "health_rate")
+            # the 22 successes counted locally came first: a full window of 10, one failure
+            assert (status["window_calls"], status["window_failures"]) == (10, 1)
+            assert status["state"] == "closed"
+    finally:
+        server.close()
+
+
 def test_no_breaker_is_made_for_a_tool_that_does_not_exist(
     client: ToolClient, start_worker: StartWorker, redis_url: str
 ) -> None:

@@ -56,6 +56,12 @@ class Keys:
         """Counter: bytes of all entries together."""
         return f"{self.prefix}dlq:bytes"
 
+    @property
+    def breaker_events(self) -> str:
+        """Pub/sub channel: ``tool state failures window_failures`` after every recorded
+        verdict or reset, so workers keep their view of healthy breakers current."""
+        return f"{self.prefix}breaker-events"
+
     def breaker(self, tool_id: str) -> str:
         """Hash: state, failures, successes, opened_at, probe, probe_until, trips."""
         return f"{self.prefix}breaker:{tool_id}"

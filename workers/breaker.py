@@ -20,6 +20,11 @@ Redis' own clock (``TIME``) is used, so hosts with skewed clocks agree.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +36,8 @@ import redis
 from toolq import keys
 from toolq.config.settings import BreakerSettings
 from toolq.envelope import ToolErrorInfo
+
+log = logging.getLogger("toolq.worker")
 
 COUNTED_KINDS = frozenset({"timeout", "crashed", "tool_error"})
 """Failures that may say the tool is unwell; toolq's refusals (invalid_input...) do not."""
@@ -45,7 +52,10 @@ its lease, which can be long, only bounds a prober that died)."""
 _ADMIT = """
 local h = KEYS[1]
 local state = redis.call('HGET', h, 'state')
-if not state or state == 'closed' then return {'closed', '0', ''} end
+if not state or state == 'closed' then
+  local _, failed = string.gsub(redis.call('HGET', h, 'window') or '', '1', '')
+  return {'closed', '0', '', redis.call('HGET', h, 'failures') or '0', tostring(failed)}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if state == 'open' then
@@ -68,6 +78,7 @@ local h = KEYS[1]
 local outcome, token = ARGV[1], ARGV[2]
 local fail_max, successes_needed = tonumber(ARGV[3]), tonumber(ARGV[4])
 local rate, window, minimum = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local skipped = tonumber(ARGV[9])
 local state = redis.call('HGET', h, 'state') or 'closed'
 local probe = token ~= '' and redis.call('HGET', h, 'probe') == token
 if probe then redis.call('HDEL', h, 'probe', 'probe_until') end
@@ -75,37 +86,143 @@ if outcome == 'neutral' then return state end
 redis.call('SADD', KEYS[2], ARGV[8])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function tell(new_state)
+  local calls = redis.call('HGET', h, 'window') or ''
+  local _, failed = string.gsub(calls, '1', '')
+  local failures = redis.call('HGET', h, 'failures') or '0'
+  redis.call('PUBLISH', KEYS[3], ARGV[8] .. ' ' .. new_state .. ' ' .. failures .. ' ' .. failed)
+  return new_state
+end
 local function trip()
   redis.call('HSET', h, 'state', 'open', 'opened_at', tostring(now), 'successes', 0,
              'window', '')
   redis.call('HINCRBY', h, 'trips', 1)
-  return 'open'
+  return tell('open')
 end
 if state == 'closed' then
-  local calls = (redis.call('HGET', h, 'window') or '') .. (outcome == 'failure' and '1' or '0')
+  -- successes a worker counted locally while the breaker was clean come first
+  local calls = (redis.call('HGET', h, 'window') or '')
+    .. string.rep('0', math.min(skipped, window)) .. (outcome == 'failure' and '1' or '0')
   if #calls > window then calls = string.sub(calls, -window) end
   redis.call('HSET', h, 'window', calls)
   if outcome == 'success' then
     redis.call('HSET', h, 'failures', 0)
-    return 'closed'
+    return tell('closed')
   end
   local failures = redis.call('HINCRBY', h, 'failures', 1)
   local _, failed = string.gsub(calls, '1', '')
   if failures >= fail_max or (rate > 0 and #calls >= minimum and failed / #calls >= rate) then
     return trip()
   end
-  return 'closed'
+  return tell('closed')
 end
 if state == 'half-open' and probe then
   if outcome == 'failure' then return trip() end
   if redis.call('HINCRBY', h, 'successes', 1) >= successes_needed then
     redis.call('HSET', h, 'state', 'closed', 'failures', 0, 'successes', 0, 'window', '')
     redis.call('HDEL', h, 'opened_at')
-    return 'closed'
+    return tell('closed')
   end
 end
 return state
 """
+
+
+class Health:
+    """This worker's view of which tools' breakers are closed and *clean* (no failure in a
+    row, none in the window), kept current by the events every recorded verdict publishes.
+
+    A call to a clean tool costs no Redis round trip: it is admitted here, and its success
+    is counted here and sent with the tool's next recorded verdict (the window stays
+    exact; a success cannot change a clean breaker). While the subscription is down —
+    Redis restarting, a fresh process — nothing is clean and every call asks Redis.
+    A verdict recorded on another worker reaches this one within a pub/sub delivery: in
+    that moment a call may still be admitted here, as it would have been a moment
+    earlier.
+    """
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self._client = client
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._clean: set[str] = set()
+        self._versions: dict[str, int] = {}
+        self._skipped: dict[str, int] = {}
+        self._live = False
+        self._pid: int | None = None
+
+    def clean(self, tool_id: str) -> bool:
+        self._ensure_listening()
+        return self._live and tool_id in self._clean
+
+    def version(self, tool_id: str) -> int:
+        return self._versions.get(tool_id, 0)
+
+    def learned(self, tool_id: str, clean: bool, version: int) -> None:
+        """What a script returned; ignored if an event about this tool came meanwhile."""
+        with self._lock:
+            if self._versions.get(tool_id, 0) != version:
+                return
+            if clean:
+                self._clean.add(tool_id)
+            else:
+                self._clean.discard(tool_id)
+
+    def skip(self, tool_id: str) -> None:
+        with self._lock:
+            self._skipped[tool_id] = self._skipped.get(tool_id, 0) + 1
+
+    def take_skipped(self, tool_id: str) -> int:
+        with self._lock:
+            return self._skipped.pop(tool_id, 0)
+
+    def _event(self, data: bytes) -> None:
+        try:
+            tool_id, state, failures, failed = data.decode().split(" ")
+        except ValueError:
+            return
+        with self._lock:
+            self._versions[tool_id] = self._versions.get(tool_id, 0) + 1
+            if state == "closed" and failures == "0" and failed == "0":
+                self._clean.add(tool_id)
+            else:
+                self._clean.discard(tool_id)
+
+    def _ensure_listening(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            self._pid = pid  # a forked pool process: its own subscription, its own view
+            self._live = False
+            self._clean.clear()
+            self._skipped.clear()
+        threading.Thread(target=self._listen, name="toolq-breaker-events", daemon=True).start()
+
+    def _listen(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self._channel)
+                pubsub.get_message(timeout=1.0)  # the subscription is confirmed
+                with self._lock:
+                    self._live = True
+                while self._pid == pid:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._event(message["data"])
+            except Exception:  # Redis gone: ask it for every call until it is back
+                log.debug("breaker events unavailable", exc_info=True)
+            finally:
+                with self._lock:
+                    self._live = False
+                    self._clean.clear()
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+            time.sleep(1.0)
 
 
 @dataclass(frozen=True)
@@ -154,24 +271,29 @@ class ToolBreaker(pybreaker.CircuitBreaker):
         self._admit = client.register_script(_ADMIT)
         self._record = client.register_script(_RECORD)
 
-    def admit(self, probe_lease_s: float) -> Admission:
+    def admit(self, probe_lease_s: float) -> tuple[Admission, bool]:
+        """The admission, and whether the breaker is closed and clean."""
         token = uuid.uuid4().hex
-        state, wait, probe = self._admit(
+        reply = self._admit(
             keys=[self._keys.breaker(self.tool_id)],
             args=[self.reset_timeout, token, probe_lease_s],
         )
-        state = state.decode()
-        if state in ("closed", "probe"):
-            return Admission(True, "half-open" if state == "probe" else state, 0.0, probe.decode())
+        state, wait, probe = (part.decode() for part in reply[:3])
+        if state == "closed":
+            clean = [part.decode() for part in reply[3:5]] == ["0", "0"]
+            return Admission(True, state), clean
+        if state == "probe":
+            return Admission(True, "half-open", 0.0, probe), False
         if state == "half-open":
-            return Admission(False, state, min(float(wait), HALF_OPEN_RECHECK_S))
-        return Admission(False, state, float(wait))
+            return Admission(False, state, min(float(wait), HALF_OPEN_RECHECK_S)), False
+        return Admission(False, state, float(wait)), False
 
-    def record(self, verdict: Verdict, probe: str = "") -> str:
-        """Report a call's verdict; returns the breaker's state afterwards."""
+    def record(self, verdict: Verdict, probe: str = "", skipped: int = 0) -> str:
+        """Report a call's verdict (after ``skipped`` successes counted locally); returns
+        the breaker's state afterwards."""
         rate = self.config.failure_rate or 0
         state: bytes = self._record(
-            keys=[self._keys.breaker(self.tool_id), self._keys.breakers],
+            keys=[self._keys.breaker(self.tool_id), self._keys.breakers, self._keys.breaker_events],
             args=[
                 verdict,
                 probe,
@@ -181,6 +303,7 @@ class ToolBreaker(pybreaker.CircuitBreaker):
                 self.config.window_calls,
                 self.config.minimum_calls,
                 self.tool_id,
+                skipped,
             ],
         )
         return state.decode()
@@ -199,6 +322,7 @@ class Breakers:
         self._keys = namespace
         self._config_for = config_for
         self._breakers: dict[str, ToolBreaker] = {}
+        self.health = Health(client, namespace.breaker_events)
 
     def get(self, tool_id: str) -> ToolBreaker:
         breaker = self._breakers.get(tool_id)
@@ -208,10 +332,21 @@ class Breakers:
         return breaker
 
     def admit(self, tool_id: str, probe_lease_s: float) -> Admission:
-        return self.get(tool_id).admit(probe_lease_s)
+        """A tool whose breaker this worker knows to be clean is admitted without Redis."""
+        if self.health.clean(tool_id):
+            return Admission(True, "closed")
+        version = self.health.version(tool_id)
+        admission, clean = self.get(tool_id).admit(probe_lease_s)
+        self.health.learned(tool_id, clean, version)
+        return admission
 
     def record(self, tool_id: str, verdict: Verdict, probe: str = "") -> str:
-        return self.get(tool_id).record(verdict, probe)
+        """A success on a clean breaker changes nothing there: it is counted here."""
+        if verdict == "success" and not probe and self.health.clean(tool_id):
+            self.health.skip(tool_id)
+            return "closed"
+        skipped = self.health.take_skipped(tool_id) if verdict != "neutral" else 0
+        return self.get(tool_id).record(verdict, probe, skipped)
 
     def statuses(self) -> list[BreakerStatus]:
         seconds, micros = self._redis.time()
@@ -252,6 +387,7 @@ class Breakers:
                 mapping={"state": "closed", "failures": 0, "successes": 0, "window": ""},
             )
             self._redis.hdel(self._keys.breaker(tool_id), "opened_at", "probe", "probe_until")
+            self._redis.publish(self._keys.breaker_events, f"{tool_id} closed 0 0")
         return existed
 
 
