@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveInt,
     PrivateAttr,
     field_validator,
@@ -158,6 +159,8 @@ class RuntimeSettings(_Strict):
     """warm: long-lived Bun processes, entrypoint loaded once; spawn: a fresh Bun per call."""
     max_calls_per_process: PositiveInt = 1000
     max_process_rss_mb: float = Field(256.0, gt=0)
+    spawn_ahead: NonNegativeInt = 2
+    """spawn: processes started ahead of demand per permission/limit set (0: cold starts)."""
     sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
     """bubblewrap sandbox: required refuses to start without it; auto warns and runs without."""
     max_memory_mb: PositiveInt = 2048

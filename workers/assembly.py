@@ -27,7 +27,7 @@ from toolq.workers.runtime.launch import Launcher
 from toolq.workers.runtime.limits import Cgroups
 from toolq.workers.runtime.routing import ByMode
 from toolq.workers.runtime.sandbox import make_sandbox
-from toolq.workers.runtime.spawn import SpawnRuntime
+from toolq.workers.runtime.spawn import Key, SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
 log = logging.getLogger("toolq.worker")
@@ -40,11 +40,20 @@ class WorkerParts:
     handler: CallHandler
     runtime: ByMode
     warm: WarmRuntime | None
+    spawn: SpawnRuntime
+    spawn_keys: list[Key]
+    """The permission/limit sets of tools configured to spawn: started ahead at start-up."""
     redis: redis.Redis
     max_concurrent: int
 
+    def start(self) -> None:
+        """Start Bun processes ahead of the first calls (threads pool: in this process)."""
+        if self.warm is not None:
+            self.warm.start()
+        self.spawn.start(self.spawn_keys)
+
     def close(self) -> None:
-        """Stop the warm Bun processes and the Redis connection."""
+        """Stop the Bun processes (warm and started ahead) and the Redis connection."""
         self.runtime.close()
         self.redis.close()
 
@@ -90,7 +99,8 @@ def build_worker(
     slots = max_concurrent or settings.performance.max_concurrent_tools
     launcher = build_launcher(settings)
     profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
-    runtimes: dict[Mode, Runtime] = {"spawn": SpawnRuntime(launcher)}
+    spawn = SpawnRuntime(launcher, ahead=settings.runtime.spawn_ahead)
+    runtimes: dict[Mode, Runtime] = {"spawn": spawn}
     warm = None
     if settings.uses_warm_mode:
         warm = WarmRuntime(
@@ -114,4 +124,20 @@ def build_worker(
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
     )
-    return WorkerParts(handler, runtime, warm, client, slots)
+    return WorkerParts(
+        handler, runtime, warm, spawn, _spawn_keys(settings, profiles), client, slots
+    )
+
+
+def _spawn_keys(settings: Settings, profiles: Profiles) -> list[Key]:
+    """What the tools known to spawn are started with (the runtime's own if spawn is its
+    mode); a tool met only later gets processes ahead of demand after its first call."""
+    keys: list[Key] = []
+    if settings.runtime.mode == "spawn":
+        keys.append((profiles.default_permissions(), profiles.default_resources()))
+    for tool_id in settings.tools:
+        profile = profiles[tool_id]
+        key = (profile.permissions, profile.resources)
+        if profile.mode == "spawn" and key not in keys:
+            keys.append(key)
+    return keys

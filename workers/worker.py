@@ -53,8 +53,8 @@ def run_worker(
         warm_processes=1 if pool == "prefork" else None,
         metrics=metrics,
     )
-    if parts.warm is not None and pool == "threads":
-        parts.warm.start()
+    if pool == "threads":
+        parts.start()
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
     app = make_celery(settings)
     register_tasks(app, parts.handler)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolq.workers.runtime.bun import WRAPPER
-from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits, main_process, preexec
+from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits, joining, main_process
 from toolq.workers.runtime.reaper import reaper
 from toolq.workers.runtime.sandbox import SANDBOX_TMP, Permissions, Sandbox
 
@@ -135,6 +135,8 @@ class Launcher:
         if self.sandbox is not None:
             argv = self.sandbox.command(permissions, tmpdir, argv)
         cgroup = self.cgroups.create(limits) if self.cgroups is not None else None
+        if cgroup is not None:
+            argv = joining(cgroup, limits, argv)
         try:
             proc = subprocess.Popen(
                 argv,
@@ -145,9 +147,6 @@ class Launcher:
                 cwd=self.project_dir,
                 env={**env, "TMPDIR": self.tmp_path(tmpdir)},
                 start_new_session=True,
-                # Joining the cgroup must happen in the child, before bwrap or Bun can fork;
-                # without one, no preexec_fn keeps the fast vfork path of subprocess.
-                preexec_fn=preexec(cgroup, limits) if cgroup is not None else None,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             os.close(envelope_r)

@@ -152,7 +152,8 @@ async function handle(line: string): Promise<void> {
       message: `Tool ${toolId} not found in entrypoint exports. Available tools: ${available.join(", ")}`,
     });
   }
-  if (warm) applyEnv(request.env);
+  // Spawn mode too: a process started ahead of its call learns the call's env here.
+  applyEnv(request.env);
   active.started = performance.now();
   try {
     const result = await tool(request.input, request.config ?? {});
@@ -169,6 +170,10 @@ if (warm) {
     if (line) await handle(line);
   }
 } else {
+  // Loaded and with the envelope's write path warm before the request comes (a process
+  // started ahead of demand waits here); the reader skips what precedes the nonce.
+  await loaded;
+  await Bun.write(envelope, "ready\n");
   await handle(await Bun.stdin.text());
   process.exit(0);
 }
