@@ -1,0 +1,251 @@
+"""Where one trivial call's time goes, from a profile, not a guess (``toolq bench``).
+
+For a warm trivial tool and for the plain Celery no-op (:mod:`toolq.bench_baseline`),
+each on its worker:
+
+- **worker**: py-spy samples the worker process (on-CPU samples only, without pausing
+  it) while it drains a pre-filled queue; each sample goes to the layer of the innermost
+  frame that decides it (stdlib frames count for their caller: ``socket`` under redis-py
+  is redis-py, ``selectors`` under toolq's pump is toolq's runtime); the layers' shares
+  split the worker's own CPU per call, read from ``/proc``;
+- **Bun**: the CPU of everything the worker started (its cpuacct cgroup, else its /proc
+  tree) minus the worker's own, per call;
+- **producer**: CPU per call of a closed loop (enqueue N, then collect every result),
+  split by the layers of a cProfile of a second closed loop (a function's own time goes
+  to its dominant caller chain's layer);
+- **Redis**: the server's ``used_cpu_*`` per call during the unprofiled closed loop
+  (includes any other client's load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import os
+import pstats
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+import toolq
+import toolq.config
+import toolq.producers
+import toolq.workers
+import toolq.workers.runtime
+
+LAYERS = (
+    "Celery/kombu",
+    "redis-py",
+    "JSON",
+    "toolq handler",
+    "toolq runtime (Bun pipes)",
+    "other Python",
+)
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_RUNTIME = str(Path(toolq.workers.runtime.__file__).parent)
+_TOOLQ = tuple(
+    str(Path(module.__file__ or "").parent)
+    for module in (toolq, toolq.config, toolq.producers, toolq.workers)
+)
+_CELERY = ("/celery/", "/kombu/", "/billiard/", "/vine/", "/amqp/", "/click/")
+
+
+def layer_of_file(path: str) -> str | None:
+    """The layer a frame in ``path`` decides, or None for a frame that counts for its
+    caller (the stdlib, builtins)."""
+    if "/json/" in path or path.endswith("kombu/utils/json.py"):
+        return "JSON"
+    if "/redis/" in path:
+        return "redis-py"
+    if any(part in path for part in _CELERY):
+        return "Celery/kombu"
+    if path.startswith(_RUNTIME):
+        return "toolq runtime (Bun pipes)"
+    if path.startswith(_TOOLQ) or "/prometheus_client/" in path or "/pydantic" in path:
+        return "toolq handler"
+    if path.startswith(_STDLIB) or path.startswith("<") or path == "~":
+        return None
+    return "other Python"
+
+
+def layer_of_stack(frames: list[str]) -> str:
+    """A py-spy stack (root first, ``func (path:line)`` each): its innermost deciding layer."""
+    for frame in reversed(frames):
+        path = frame.rpartition(" (")[2].rsplit(":", 1)[0]
+        layer = layer_of_file(path)
+        if layer is not None:
+            return layer
+    return "other Python"
+
+
+def layers_of_samples(raw: str) -> Counter[str]:
+    """Sample counts per layer from py-spy's ``--format raw`` output."""
+    counts: Counter[str] = Counter()
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            counts[layer_of_stack(stack.split(";"))] += int(count)
+    return counts
+
+
+def layers_of_profile(stats: pstats.Stats) -> Counter[str]:
+    """cProfile own time per layer; a stdlib or builtin function's time goes to the layer
+    of its dominant caller chain."""
+    table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+
+    def decide(func: Any, depth: int = 0) -> str:
+        layer = layer_of_file(func[0])
+        if layer is not None:
+            return layer
+        callers = table.get(func, (0, 0, 0, 0, {}))[4]
+        if not callers or depth > 12:
+            return "other Python"
+        dominant = max(callers.items(), key=lambda item: item[1][3])[0]
+        return decide(dominant, depth + 1)
+
+    seconds: Counter[str] = Counter()
+    for func, (_, _, own, _, _) in table.items():
+        seconds[decide(func)] += own
+    return seconds
+
+
+@dataclass
+class Breakdown:
+    """CPU ms per call by place and layer, for one subject."""
+
+    producer: dict[str, float] = field(default_factory=dict)
+    worker: dict[str, float] = field(default_factory=dict)
+    bun_ms: float = 0.0
+    redis_ms: float = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.producer.values()) + sum(self.worker.values()) + self.bun_ms + self.redis_ms
+
+
+def py_spy() -> str | None:
+    """The py-spy binary (the ``dev`` extra installs it beside Python), if any."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
+@contextlib.contextmanager
+def sampling(pid: int, rate: int = 200) -> Iterator[Callable[[], str]]:
+    """py-spy records ``pid`` while the block runs; the callable returns its raw output."""
+    binary = py_spy()
+    if binary is None:
+        raise RuntimeError("py-spy is not installed (pip install py-spy, or the dev extra)")
+    out = Path(tempfile.mkdtemp(prefix="toolq-pyspy-")) / "raw.txt"
+    proc = subprocess.Popen(
+        [
+            *(binary, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"),
+            *("--nonblocking", "--full-filenames", "--output", str(out)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.5)  # attached
+    try:
+        yield lambda: out.read_text() if out.exists() else ""
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        if not out.exists():
+            raise RuntimeError(f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
+
+
+def own_cpu_s(pid: int) -> float:
+    """CPU seconds of one process itself (all its threads; not its children)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_s(connection: redis.Redis) -> float:
+    info = connection.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def profile_subject(
+    *,
+    worker_pid: int,
+    drain: Callable[[], Any],
+    closed_loop: Callable[[], Any],
+    calls: int,
+    redis_url: str,
+    tree_cpu_s: Callable[[], float],
+) -> Breakdown:
+    """One subject's breakdown: ``drain()`` and ``closed_loop()`` each run ``calls`` calls."""
+    breakdown = Breakdown()
+    with redis.Redis.from_url(redis_url) as connection:
+        tree_before, own_before = tree_cpu_s(), own_cpu_s(worker_pid)
+        with sampling(worker_pid) as samples:
+            drain()
+        own_ms = (own_cpu_s(worker_pid) - own_before) * 1000 / calls
+        breakdown.bun_ms = max(0.0, (tree_cpu_s() - tree_before) * 1000 / calls - own_ms)
+        counts = layers_of_samples(samples())
+        total = sum(counts.values()) or 1
+        breakdown.worker = {layer: own_ms * counts[layer] / total for layer in LAYERS}
+
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        redis_before = redis_cpu_s(connection)
+        closed_loop()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        breakdown.redis_ms = (redis_cpu_s(connection) - redis_before) * 1000 / calls
+    producer_ms = (after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime) * 1000 / calls
+    profiler = cProfile.Profile()
+    profiler.runcall(closed_loop)
+    seconds = layers_of_profile(pstats.Stats(profiler))
+    total_s = sum(seconds.values()) or 1.0
+    breakdown.producer = {layer: producer_ms * seconds[layer] / total_s for layer in LAYERS}
+    return breakdown
+
+
+def report(breakdowns: dict[str, Breakdown], calls: int, command: str) -> list[str]:
+    """The breakdown table for ``bench/RESULTS.md``."""
+    names = list(breakdowns)
+    lines = [
+        "## Where a call's time goes (profile)",
+        "",
+        f"CPU ms per call, {calls} calls per subject, measured by `{command}` after the "
+        "rounds above (the profile's own overhead is kept out of the totals: the layers "
+        "only split CPU measured without it, except py-spy's non-blocking sampling). "
+        "Worker layers: py-spy samples of the worker process during a drain; producer "
+        "layers: cProfile of `enqueue` and `result` in a closed loop; Bun (and bwrap): the "
+        "CPU of all the worker started minus the worker's own; Redis: the server's CPU.",
+        "",
+        "| place | layer | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for place, attr in (("producer", "producer"), ("worker", "worker")):
+        for layer in LAYERS:
+            values = [getattr(breakdowns[name], attr).get(layer, 0.0) for name in names]
+            lines.append(f"| {place} | {layer} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    lines.append(
+        "| Bun | wrapper and tool | "
+        + " | ".join(f"{breakdowns[name].bun_ms:.2f}" for name in names)
+        + " |"
+    )
+    lines.append(
+        "| Redis | server | "
+        + " | ".join(f"{breakdowns[name].redis_ms:.2f}" for name in names)
+        + " |"
+    )
+    lines.append(
+        "| **total** | | "
+        + " | ".join(f"**{breakdowns[name].total_ms:.2f}**" for name in names)
+        + " |"
+    )
+    return lines
