@@ -141,7 +141,7 @@ class SpawnRuntime:
         """Kill the processes waiting for a call; those being started die when ready."""
         with self._lock:
             self._closed = True
-            waiting = [fresh for queue in self._ready.values() for fresh in queue]
+            waiting = [fresh for line in self._ready.values() for fresh in line]
             self._ready.clear()
         for fresh in waiting:
             fresh.kill()
@@ -175,9 +175,9 @@ class SpawnRuntime:
         dead = []
         taken = None
         with self._lock:
-            queue = self._ready.setdefault(key, deque())
-            while queue and taken is None:
-                fresh = queue.popleft()
+            line = self._ready.setdefault(key, deque())
+            while line and taken is None:
+                fresh = line.popleft()
                 if fresh.alive():
                     taken = fresh
                 else:
