@@ -89,17 +89,21 @@ def build_worker(
     *,
     max_concurrent: int | None = None,
     warm_processes: int | None = None,
+    spawn_ahead: int | None = None,
     metrics: Metrics | None = None,
 ) -> WorkerParts:
     """Everything one worker process needs to run calls.
 
     ``warm_processes``: how many warm Bun processes to keep (default: one per slot;
     prefork pool processes keep one each, started lazily after the fork).
+    ``spawn_ahead``: spawn-mode processes started ahead per key (default
+    ``runtime.spawn_ahead``; a prefork pool process, one call at a time, needs one).
     """
     slots = max_concurrent or settings.performance.max_concurrent_tools
     launcher = build_launcher(settings)
     profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
-    spawn = SpawnRuntime(launcher, ahead=settings.runtime.spawn_ahead)
+    ahead = settings.runtime.spawn_ahead if spawn_ahead is None else spawn_ahead
+    spawn = SpawnRuntime(launcher, ahead=ahead)
     runtimes: dict[Mode, Runtime] = {"spawn": spawn}
     warm = None
     if settings.uses_warm_mode:

@@ -51,6 +51,7 @@ def run_worker(
         settings,
         max_concurrent=concurrency,
         warm_processes=1 if pool == "prefork" else None,
+        spawn_ahead=min(settings.runtime.spawn_ahead, 1) if pool == "prefork" else None,
         metrics=metrics,
     )
     if pool == "threads":
