@@ -53,7 +53,7 @@ from toolq.config.loader import load_settings
 from toolq.devredis import drop_queue, ensure_redis
 from toolq.loadtest import percentile
 from toolq.producers.client import ToolClient
-from toolq.profile_call import Breakdown, profile_subject, py_spy
+from toolq.profile_call import Breakdown, profile_subject, py_spy, wall_breakdown
 from toolq.profile_call import report as profile_report
 from toolq.workers.process import WorkerProcess
 from toolq.workers.runtime.bun import WRAPPER, find_bun
@@ -252,6 +252,11 @@ def _bench_mode(
                 redis_url=redis_url,
                 tree_cpu_s=side.cpu.seconds,
             )
+            if name == "tool":
+                figures.profiles[name].wall = wall_breakdown(
+                    lambda: client.enqueue("noop", {}, queue=queue).result(timeout=60),
+                    sequential,
+                )
         figures.cpu_source = toolq_side.cpu.source
     toolq_side.cpu.close()  # the worker has exited
     return figures

@@ -26,6 +26,7 @@ import pstats
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -121,6 +122,35 @@ def layers_of_profile(stats: pstats.Stats) -> Counter[str]:
     return seconds
 
 
+WALL = (
+    "enqueue to handler start (producer, Redis, Celery delivery)",
+    "handler, outside the runtime (toolq, Celery task)",
+    "runtime: Bun's pipes, process and tool",
+    "handler end to result in the producer (result store, Redis, decoding)",
+)
+
+
+def wall_breakdown(call: Callable[[], Any], count: int) -> dict[str, float]:
+    """Median wall ms of each stretch of one sequential call, from the envelope's own
+    timestamps (``enqueued_at``, ``started_at``, ``finished_at``, ``total_time``)."""
+    stretches: dict[str, list[float]] = {name: [] for name in WALL}
+    for _ in range(count):
+        result = call()
+        received = time.time()
+        meta = result.metadata
+        handler_ms = (meta["finished_at"] - meta["started_at"]) * 1000
+        runtime_ms = float(meta["total_time"])
+        values = (
+            (meta["started_at"] - meta["enqueued_at"]) * 1000,
+            max(0.0, handler_ms - runtime_ms),
+            runtime_ms,
+            (received - meta["finished_at"]) * 1000,
+        )
+        for name, value in zip(WALL, values, strict=True):
+            stretches[name].append(value)
+    return {name: statistics.median(values) for name, values in stretches.items()}
+
+
 @dataclass
 class Breakdown:
     """CPU ms per call by place and layer, for one subject."""
@@ -129,6 +159,8 @@ class Breakdown:
     worker: dict[str, float] = field(default_factory=dict)
     bun_ms: float = 0.0
     redis_ms: float = 0.0
+    wall: dict[str, float] = field(default_factory=dict)
+    """Median wall ms of one sequential call's stretches (tool calls only)."""
 
     @property
     def total_ms(self) -> float:
@@ -248,4 +280,18 @@ def report(breakdowns: dict[str, Breakdown], calls: int, command: str) -> list[s
         + " | ".join(f"**{breakdowns[name].total_ms:.2f}**" for name in names)
         + " |"
     )
+    timed = [name for name in names if breakdowns[name].wall]
+    if timed:
+        lines += [
+            "",
+            "Wall time of one call, sequential calls, median ms per stretch (from the "
+            "envelope's `enqueued_at`, `started_at`, `finished_at` and the runtime's "
+            "`total_time`, whole milliseconds):",
+            "",
+            "| stretch | " + " | ".join(timed) + " |",
+            "|---|" + "---|" * len(timed),
+        ]
+        for stretch in WALL:
+            values = [breakdowns[name].wall[stretch] for name in timed]
+            lines.append(f"| {stretch} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
     return lines
