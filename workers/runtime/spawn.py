@@ -38,7 +38,7 @@ from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import Call, Outcome, failed
 from toolq.workers.runtime.launch import Launched, Launcher, base_environment
 from toolq.workers.runtime.limits import ResourceLimits
-from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
+from toolq.workers.runtime.pump import EXIT_GRACE_S, Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
 from toolq.workers.runtime.wire import encode_request, finish
 
@@ -123,13 +123,17 @@ class SpawnRuntime:
                 streams,
                 started,
                 watch=Watch.over(launched, call.resources),
+                # Started ahead, a process is killed once it has answered, off the call's
+                # time, without waiting for it to exit: its exit is not the call's (as a
+                # warm process's is not). A cold start keeps Compozy's exit status.
+                exit_grace_s=0.0 if self.ahead else EXIT_GRACE_S,
             )
         except BaseException:
             fresh.kill()
             raise
         if failure is None and streams.frame is not None:
-            # The answer is in: Bun has usually exited already (collect gave it a grace
-            # period); tearing down its sandbox and cgroup need not delay the result.
+            # The answer is in: tearing down the process, its sandbox and cgroup need not
+            # delay the result.
             launched.proc.poll()
             outcome = finish(launched, streams, failure, call, started)
             self._dispose(fresh)
