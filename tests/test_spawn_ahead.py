@@ -135,3 +135,22 @@ def test_a_spawn_worker_starts_processes_ahead_and_they_die_with_it(
     else:
         worker.kill()  # the reaper kills what the worker can no longer
     assert wait_until(lambda: not any(process_alive(pid) for pid in waiting), 15)
+
+
+def test_a_prefork_pool_process_keeps_one_process_ahead_and_uses_each_once(
+    start_worker: StartWorker, client: ToolClient
+) -> None:
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(
+        config=TOOLS_CONFIG,
+        queues=[queue],
+        pool="prefork",
+        concurrency=1,
+        env={"TOOLQ_RUNTIME__MODE": "spawn"},
+    )
+    served = [client.run("module_counter", {}, queue=queue, wait=30) for _ in range(3)]
+    assert all(result.ok for result in served)
+    assert [r.result["calls"] for r in served] == [1, 1, 1]  # type: ignore[index]
+    assert len({r.result["pid"] for r in served}) == 3  # type: ignore[index]
+    # After the first call the pool process keeps one started ahead (bwrap + Bun).
+    assert wait_until(lambda: len(_bun_processes_below(worker.pid)) >= 1, 20)
