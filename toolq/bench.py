@@ -639,7 +639,8 @@ def _report(
         "# toolq benchmarks",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
-        f"`toolq bench --rounds {rounds}` (`make bench`); every figure is the median of the "
+        f"`{_command(results, rounds, calls, sandbox)}` (`make bench`); every figure is the "
+        "median of the "
         "rounds, measured in interleaved rounds (the order rotates). Baselines are measured "
         "in the same run: a **plain Celery app's** no-op task (`toolq/bench_baseline.py`: "
         "no toolq settings, late acks, prefetch 1, its own worker process), `toolq.noop` on "
@@ -735,9 +736,15 @@ def _report(
         for name, breakdown in f.profiles.items()
     }
     if breakdowns:
-        command = f"toolq bench --rounds {rounds} --calls {calls} --profile"
+        command = _command(results, rounds, calls, sandbox)
         lines += [*profile_report(breakdowns, calls, command), ""]
     return "\n".join(lines)
+
+
+def _command(results: dict[str, Figures], rounds: int, calls: int, sandbox: str) -> str:
+    """The command line that produced a report."""
+    line = f"toolq bench --modes {','.join(results)} --rounds {rounds} --calls {calls}"
+    return line + ("" if sandbox == "auto" else f" --sandbox {sandbox}")
 
 
 def _pooled(rounds: list[list[float]]) -> list[float]:
