@@ -729,7 +729,7 @@ def _report(
                 f"{percentile(tool, 95):.2f} | {percentile(base, 50):.2f} | "
                 f"{percentile(tool, 50) / percentile(base, 50):.2f}x |"
             )
-    lines += ["", f"![latency by input size]({plot_name})", ""]
+    lines += ["", f"![closed-loop throughput; latency by input size]({plot_name})", ""]
     breakdowns = {
         (LABELS[name] if name != "tool" else f"tool ({mode})"): breakdown
         for mode, f in results.items()
@@ -759,7 +759,18 @@ def _plot(results: dict[str, Figures], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (bars, ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    med = statistics.median
+    width = 0.8 / len(SUBJECTS)
+    for index, name in enumerate(SUBJECTS):
+        positions = [mode_no + (index - 1) * width for mode_no in range(len(results))]
+        values = [med(f.subjects[name].closed) for f in results.values()]
+        bars.bar(positions, values, width, label=LABELS[name])
+    bars.set_xticks(range(len(results)), [f"{mode} worker" for mode in results])
+    bars.set_ylabel("calls/s, closed loop (producer included)")
+    bars.set_title("trivial call against a plain Celery no-op")
+    bars.legend()
+    bars.grid(True, axis="y", alpha=0.3)
     xs = [size / 1024 for size in SIZES]
     for mode, f in results.items():
         for pct, style in ((50, "-o"), (95, "--o")):
