@@ -135,9 +135,10 @@ def joining(cgroup: Cgroup, limits: ResourceLimits, argv: list[str]) -> list[str
     """``argv`` behind a shell that first joins ``cgroup`` and sets the open-file rlimit.
 
     The child must join before bwrap or Bun can fork. A ``preexec_fn`` would do it in
-    Python, but then subprocess forks the whole worker instead of using vfork: ~4 ms
-    more CPU and wall time per process for a 150 MB worker, against ~1 ms for the shell
-    (``bench/spawn_cost.py``). A failed join ends the shell with 126, before Bun runs.
+    Python, but then subprocess forks the whole worker instead of using vfork: from a
+    150 MB process ~25 ms and ~12 ms of CPU per process, against ~3 ms and ~3 ms for the
+    shell (``bench/spawn_cost.py``). A failed join ends the shell with 126, before Bun
+    runs.
     """
     joins = "".join(f"echo 0 > {shlex.quote(path)} || exit 126; " for path in cgroup.procs_files())
     script = f'{joins}ulimit -n {int(limits.max_open_files)} || exit 126; exec "$@"'
