@@ -77,6 +77,9 @@ class Subject:
     closed: list[float] = field(default_factory=list)
     p50_ms: list[float] = field(default_factory=list)
     p95_ms: list[float] = field(default_factory=list)
+    batch_p50_ms: list[float] = field(default_factory=list)
+    """Closed loop: enqueue to result in hand, every call of the batch in flight at once."""
+    batch_p95_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
     """CPU per call of the serving worker's process tree during the drain."""
 
@@ -221,7 +224,10 @@ def _bench_mode(
                 cpu_before = side.cpu.seconds()
                 subject.drain.append(_drain_throughput(side, redis_url, calls, send))
                 subject.cpu_ms.append((side.cpu.seconds() - cpu_before) * 1000 / calls)
-                subject.closed.append(_closed_loop(functools.partial(send, home[name]), calls))
+                rate, batch = _closed_loop(functools.partial(send, home[name]), calls)
+                subject.closed.append(rate)
+                subject.batch_p50_ms.append(percentile(sorted(batch), 50))
+                subject.batch_p95_ms.append(percentile(sorted(batch), 95))
                 latencies = _latencies(functools.partial(send, home[name]), sequential)
                 subject.p50_ms.append(percentile(sorted(latencies), 50))
                 subject.p95_ms.append(percentile(sorted(latencies), 95))
@@ -392,13 +398,18 @@ def _drain_throughput(side: _Side, redis_url: str, calls: int, send: Callable[[s
     return calls / (finished - started)
 
 
-def _closed_loop(send: Callable[[], Any], calls: int) -> float:
-    """Enqueue ``calls``, then collect every result: calls per second, producer included."""
+def _closed_loop(send: Callable[[], Any], calls: int) -> tuple[float, list[float]]:
+    """Enqueue ``calls``, then collect every result (in order): calls per second, producer
+    included, and each call's ms from its enqueue to its result in hand."""
     started = time.perf_counter()
-    handles = [send() for _ in range(calls)]
-    for handle in handles:
+    sent = []
+    for _ in range(calls):
+        sent.append((time.perf_counter(), send()))
+    latencies = []
+    for enqueued, handle in sent:
         _check(handle.result(timeout=300))
-    return calls / (time.perf_counter() - started)
+        latencies.append((time.perf_counter() - enqueued) * 1000)
+    return calls / (time.perf_counter() - started), latencies
 
 
 def _check_envelope(result: Any) -> None:
@@ -681,6 +692,23 @@ def _report(
     if "spawn" in results and "warm" in results:
         ratio = med(results["warm"].tool.drain) / med(results["spawn"].tool.drain)
         lines += ["", f"Warm over spawn drain throughput: **{ratio:.1f}x**."]
+    lines += [
+        "",
+        f"Latency inside the closed loop ({calls} calls in flight at once, enqueue to result "
+        "in hand, collected in order):",
+        "",
+        "| mode | subject | batch p50 ms | batch p95 ms | p50 vs plain |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, f in results.items():
+        plain = f.subjects["celery"]
+        for name in SUBJECTS:
+            one = f.subjects[name]
+            lines.append(
+                f"| {mode} | {LABELS[name]} | {med(one.batch_p50_ms):.1f} | "
+                f"{med(one.batch_p95_ms):.1f} | "
+                f"{med(one.batch_p50_ms) / med(plain.batch_p50_ms):.2f}x |"
+            )
     lines += [
         "",
         "## Targets (issue 15)",
