@@ -48,7 +48,8 @@ import toolq.workers.runtime
 
 LAYERS = (
     "Celery/kombu",
-    "redis-py",
+    "redis-py, for Celery",
+    "redis-py, for toolq",
     "JSON",
     "toolq handler",
     "toolq runtime (Bun pipes)",
@@ -81,11 +82,24 @@ def layer_of_file(path: str) -> str | None:
     return "other Python"
 
 
+def _owner(layers: Iterator[str | None]) -> str:
+    """Whose Redis call it is: the first caller above redis-py that is Celery's or toolq's."""
+    for layer in layers:
+        if layer is not None and layer.startswith("toolq"):
+            return "redis-py, for toolq"
+        if layer == "Celery/kombu":
+            break
+    return "redis-py, for Celery"
+
+
 def layer_of_stack(frames: list[str]) -> str:
-    """A py-spy stack (root first, ``func (path:line)`` each): its innermost deciding layer."""
-    for frame in reversed(frames):
-        path = frame.rpartition(" (")[2].rsplit(":", 1)[0]
-        layer = layer_of_file(path)
+    """A py-spy stack (root first, ``func (path:line)`` each): its innermost deciding layer
+    (redis-py split by whose call it is)."""
+    layers = [layer_of_file(frame.rpartition(" (")[2].rsplit(":", 1)[0]) for frame in frames]
+    for depth in range(len(layers) - 1, -1, -1):
+        layer = layers[depth]
+        if layer == "redis-py":
+            return _owner(iter(reversed(layers[:depth])))
         if layer is not None:
             return layer
     return "other Python"
@@ -106,15 +120,23 @@ def layers_of_profile(stats: pstats.Stats) -> Counter[str]:
     of its dominant caller chain."""
     table: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
 
-    def decide(func: Any, depth: int = 0) -> str:
-        layer = layer_of_file(func[0])
-        if layer is not None:
-            return layer
-        callers = table.get(func, (0, 0, 0, 0, {}))[4]
-        if not callers or depth > 12:
-            return "other Python"
-        dominant = max(callers.items(), key=lambda item: item[1][3])[0]
-        return decide(dominant, depth + 1)
+    def chain(func: Any) -> Iterator[str | None]:
+        """The layers of ``func`` and of its dominant callers, innermost first."""
+        for _ in range(16):
+            yield layer_of_file(func[0])
+            callers = table.get(func, (0, 0, 0, 0, {}))[4]
+            if not callers:
+                return
+            func = max(callers.items(), key=lambda item: item[1][3])[0]
+
+    def decide(func: Any) -> str:
+        layers = chain(func)
+        for layer in layers:
+            if layer == "redis-py":
+                return _owner(layers)
+            if layer is not None:
+                return layer
+        return "other Python"
 
     seconds: Counter[str] = Counter()
     for func, (_, _, own, _, _) in table.items():
