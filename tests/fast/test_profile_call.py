@@ -27,7 +27,9 @@ def test_a_stdlib_leaf_counts_for_its_caller() -> None:
         frame("execute_command", f"{SITE}/redis/client.py"),
         frame("sendall", f"{STDLIB}/socket.py"),
     ]
-    assert layer_of_stack(under_redis) == "redis-py"
+    assert layer_of_stack(under_redis) == "redis-py, for Celery"
+    toolq_redis = [frame("admit", HANDLER), *under_redis[1:]]
+    assert layer_of_stack(toolq_redis) == "redis-py, for toolq"
     under_pump = [
         frame("handle", HANDLER),
         frame("collect", PUMP),
@@ -58,7 +60,7 @@ def test_py_spy_raw_lines_are_counted_by_layer() -> None:
         ]
     )
     counts = layers_of_samples(raw)
-    assert counts == {"redis-py": 3, "toolq handler": 2}
+    assert counts == {"redis-py, for Celery": 3, "toolq handler": 2}
     assert set(counts) <= set(LAYERS)
 
 
