@@ -43,7 +43,7 @@ test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/fast
 
 bench: setup
-	$(BIN)/toolq bench --modes spawn,warm --rounds 3
+	$(BIN)/toolq bench --modes spawn,warm,spawn-cold --rounds 3
 
 # Chaos soak (not part of `make test`): calls through worker SIGKILLs and Redis restarts.
 soak: setup

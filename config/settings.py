@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveInt,
     PrivateAttr,
     SecretStr,
@@ -238,6 +239,8 @@ class RuntimeSettings(_Strict):
     """strict: a process never serves two calls (runs in spawn mode); see README, Runtime modes."""
     max_calls_per_process: PositiveInt = 1000
     max_process_rss_mb: float = Field(256.0, gt=0)
+    spawn_ahead: NonNegativeInt = 2
+    """spawn: processes started ahead of demand per permission/limit set (0: cold starts)."""
     sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
     """bubblewrap sandbox: required refuses to start without it; auto warns and runs without."""
     max_memory_mb: PositiveInt = 2048

@@ -93,6 +93,7 @@ def test_wheel_installs_only_the_toolq_package(wheel: Path) -> None:
         "toolq/config/production.yaml",
         "toolq/workers/runtime/wrapper.ts",
         "toolq/producers/client.py",
+        "toolq/bench_baseline.py",
         "toolq/projects/weather/compozy.yaml",
         "toolq/projects/weather/entrypoint.ts",
         "toolq/py.typed",

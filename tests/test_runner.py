@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import TOOLS, processes_running, unique_seconds, wait_until
 from toolq.config.settings import TimeLimits
-from toolq.workers.runtime.base import Call, CancelToken, Outcome
+from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, CancelToken, Outcome
 from toolq.workers.runtime.bun import WRAPPER
 from toolq.workers.runtime.launch import Launcher
 from toolq.workers.runtime.limits import Cgroups
@@ -44,22 +44,25 @@ def make_launcher(bun: Path, sandboxed: bool = True) -> Launcher:
 def make_runner(
     mode: str, bun: Path, size: int = 4, sandboxed: bool = True, **options: Any
 ) -> Runner:
+    """``spawn``: processes started ahead of demand (the default); ``spawn-cold``: none."""
     launcher = make_launcher(bun, sandboxed)
-    if mode == "spawn":
-        return SpawnRuntime(launcher)
+    if mode in ("spawn", "spawn-cold"):
+        spawn = SpawnRuntime(launcher, ahead=2 if mode == "spawn" else 0)
+        spawn.start([(TOOL_PERMISSIONS, DEFAULT_RESOURCES)])
+        return spawn
     options = {"max_calls_per_process": 1000, "max_rss_mb": 512, **options}
     pool = WarmRuntime(launcher, size, permissions=TOOL_PERMISSIONS, **options)
     pool.start()
     return pool
 
 
-@pytest.fixture(scope="module", params=["spawn", "warm"])
+@pytest.fixture(scope="module", params=["spawn", "spawn-cold", "warm"])
 def runner(request: pytest.FixtureRequest, bun: Path) -> Iterator[Runner]:
-    """Every protocol and fault test runs against both runtime modes."""
+    """Every protocol and fault test runs against both runtime modes (spawn with and
+    without processes started ahead of demand)."""
     built = make_runner(request.param, bun)
     yield built
-    if isinstance(built, WarmRuntime):
-        built.close()
+    built.close()
 
 
 def run(
@@ -74,6 +77,12 @@ def run(
     return runner.run(
         Call(tool_id, "exec-1", payload, env or {}, limits, permissions=TOOL_PERMISSIONS)
     )
+
+
+def _mode_of(runner: Runner) -> str:
+    if isinstance(runner, WarmRuntime):
+        return "warm"
+    return "spawn" if runner.ahead else "spawn-cold"
 
 
 def kind(outcome: Outcome) -> str | None:
@@ -124,7 +133,7 @@ def test_env_is_minimal_plus_the_call_env(
     runner: Runner, bun: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WORKER_SECRET", "must-not-leak")
-    leaky = make_runner("warm" if isinstance(runner, WarmRuntime) else "spawn", bun, 1)
+    leaky = make_runner(_mode_of(runner), bun, 1)
     outcome = run(leaky, "env_keys", env={"API_TOKEN": "abc123"})
     keys = set(outcome.result["keys"])  # type: ignore[index]
     assert "WORKER_SECRET" not in keys
@@ -134,10 +143,9 @@ def test_env_is_minimal_plus_the_call_env(
     values = run(leaky, "env", {"keys": ["API_TOKEN", "TMPDIR"]}, env={"API_TOKEN": "abc123"})
     env = values.result["env"]  # type: ignore[index]
     assert env["API_TOKEN"] == "abc123" and env["TMPDIR"]
-    if isinstance(leaky, WarmRuntime):
-        after = run(leaky, "env", {"keys": ["API_TOKEN"]})  # the same warm process
-        assert after.result == {"env": {"API_TOKEN": None}}  # the call's env was restored
-        leaky.close()
+    after = run(leaky, "env", {"keys": ["API_TOKEN"]})  # the same warm process, or a new one
+    assert after.result == {"env": {"API_TOKEN": None}}  # the call's env did not stay
+    leaky.close()
 
 
 def test_each_call_starts_with_an_empty_private_tmpdir(runner: Runner) -> None:
@@ -293,7 +301,7 @@ def test_large_input_reaches_the_tool_whole(runner: Runner) -> None:
     assert big.result == {"length": 2 * 1024 * 1024}
 
 
-@pytest.mark.parametrize("mode", ["spawn", "warm"])
+@pytest.mark.parametrize("mode", ["spawn", "spawn-cold", "warm"])
 def test_concurrent_calls_are_capped(bun: Path, mode: str) -> None:
     # The worker's cap lives in front of the runtimes (ByMode): warm and spawn calls
     # together never exceed it; here a warm pool larger than the cap proves it is not
@@ -358,11 +366,20 @@ def test_cancel_sends_sigterm_then_sigkill_after_the_grace(runner: Runner, tmp_p
     assert 0.5 + 1.5 - 0.1 <= elapsed < 6.0  # killed after the grace, before the soft limit
 
 
-def test_cancel_ends_a_tool_that_obeys_sigterm_at_once(runner: Runner, tmp_path: Path) -> None:
-    marker = tmp_path / "marker"
-    started = time.monotonic()
-    outcome = run_cancelled(runner, "graceful_sigterm", {"marker": str(marker)}, 0.3)
-    assert kind(outcome) == "cancelled"
-    assert marker.read_text() == "cleaned up"
-    assert time.monotonic() - started < 0.3 + 1.4  # did not wait for the grace
-    assert run(runner, "echo", {"after": "cancel"}).result == {"echo": {"after": "cancel"}}
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_cancel_ends_a_tool_that_obeys_sigterm_at_once(
+    bun: Path, tmp_path: Path, mode: str
+) -> None:
+    # A runtime of its own: a SIGTERM listener an earlier call registered in a shared warm
+    # process would survive (module state) and exit first.
+    runner = make_runner(mode, bun, 1)
+    try:
+        marker = tmp_path / "marker"
+        started = time.monotonic()
+        outcome = run_cancelled(runner, "graceful_sigterm", {"marker": str(marker)}, 0.3)
+        assert kind(outcome) == "cancelled"
+        assert marker.read_text() == "cleaned up"
+        assert time.monotonic() - started < 0.3 + 1.4  # did not wait for the grace
+        assert run(runner, "echo", {"after": "cancel"}).result == {"echo": {"after": "cancel"}}
+    finally:
+        runner.close()

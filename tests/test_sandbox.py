@@ -43,18 +43,26 @@ def call(
     env: dict[str, str] | None = None,
     timeout_s: float = 10,
 ) -> Outcome:
-    runner = SpawnRuntime(launcher)
-    return runner.run(
-        Call(
-            tool_id,
-            "sandbox-test",
-            payload,
-            env or {},
-            TimeLimits(timeout_s, timeout_s + 2),
-            permissions=Permissions.parse(flags),
-            resources=resources,
+    """One call in spawn mode, on a process started ahead of it (in its sandbox and
+    cgroup before the call was known), as a worker runs it."""
+    permissions = Permissions.parse(flags)
+    runner = SpawnRuntime(launcher, ahead=1)
+    runner.start([(permissions, resources)])
+    try:
+        assert wait_until(lambda: bool(runner.ready((permissions, resources))), 20)
+        return runner.run(
+            Call(
+                tool_id,
+                "sandbox-test",
+                payload,
+                env or {},
+                TimeLimits(timeout_s, timeout_s + 2),
+                permissions=permissions,
+                resources=resources,
+            )
         )
-    )
+    finally:
+        runner.close()
 
 
 def probe(launcher: Launcher, flags: list[str], **payload: Any) -> dict[str, Any]:

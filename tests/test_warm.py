@@ -40,6 +40,7 @@ def test_module_state_survives_between_calls_of_one_process(pool: WarmRuntime, b
     assert counts == [1, 2, 3]
     spawn = make_runner("spawn", bun, 1)
     assert [run(spawn, "module_counter").result["calls"] for _ in range(2)] == [1, 1]  # type: ignore[index]
+    spawn.close()
 
 
 @pytest.mark.parametrize("pool", [{"max_calls_per_process": 3}], indirect=True)

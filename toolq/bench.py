@@ -1,17 +1,29 @@
-"""`toolq bench` / `make bench`: toolq measured against its baselines in the same run.
+"""`toolq bench` / `make bench`: toolq measured against what a user would pick instead,
+in the same run.
 
-- Throughput and latency of a trivial tool against a Celery no-op task
-  (``toolq.noop``) through the same Redis, on the same worker with the same settings.
-  Throughput is measured by draining a pre-filled queue, so the producer (on the same
-  cores) does not set the pace.
-- The seed guide's input sizes (1 KB to 1 MB) against a no-op task carrying the same
-  payload.
-- Memory: the whole worker tree (worker, reaper, Bun processes) with
-  ``max_concurrent_tools`` calls running at once, against the seed guide's 512 MiB.
-- CPU per call in spawn mode against starting the wrapper with Bun directly.
+Three subjects, one trivial call each, through the same Redis:
 
-Every figure is the median of several rounds, reported with the ratio to its baseline.
-Results go to ``bench/RESULTS.md`` and a PNG of latency percentiles by input size.
+- **plain Celery**: a no-op task of a minimal Celery app with none of toolq's settings
+  (:mod:`toolq.bench_baseline`: late acks, prefetch 1), on its own worker process with the
+  same pool (threads) and slot count — what users compare toolq with;
+- **toolq.noop**: a no-op task on toolq's own worker (toolq's Celery settings, no tool);
+- **tool**: a trivial tool called through toolq (per runtime mode), with the circuit
+  breaker off as the bench project has it (the runtime alone); in warm mode also the
+  same tool with toolq's default breaker on (its Redis round trips in the figures).
+
+Each is measured two ways, in interleaved rounds (the order rotates per round):
+
+- **drain**: a queue pre-filled with N calls, drained by the worker (worker-side
+  throughput: the producer only polls, and the end is the last result's ``date_done``);
+- **closed loop**: enqueue N, then collect every result, producer included (calls/s),
+  and one caller's sequential calls, enqueue to result (p50/p95 latency).
+
+Also: the seed guide's input sizes (1 KB to 1 MB) against toolq.noop carrying the same
+payload; memory of the whole worker tree with ``max_concurrent_tools`` calls running
+against the seed guide's 512 MiB; CPU per call against starting the wrapper with Bun
+directly. Every figure is the median of the rounds, reported as a ratio to its baseline.
+Results go to ``bench/RESULTS.md`` and a PNG of latency by input size; with py-spy
+installed, where one call's CPU goes (:mod:`toolq.profile_call`) too.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -34,12 +47,16 @@ from typing import Any
 
 import celery
 import redis
+from celery import Celery
 
+from toolq import bench_baseline
 from toolq.config.celery_app import NOOP_TASK
 from toolq.config.loader import load_settings
 from toolq.devredis import drop_queue, ensure_redis
 from toolq.loadtest import percentile
 from toolq.producers.client import ToolClient
+from toolq.profile_call import Breakdown, profile_subject, py_spy, wall_breakdown
+from toolq.profile_call import report as profile_report
 from toolq.workers.process import WorkerProcess
 from toolq.workers.runtime.bun import WRAPPER, find_bun
 
@@ -49,20 +66,70 @@ SIZES = (1024, 10 * 1024, 100 * 1024, 1024 * 1024)
 CONCURRENCY = 10
 MEMORY_BUDGET_MIB = 512
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+SUBJECTS = ("celery", "toolq.noop", "tool", "guarded")
+"""The plain Celery no-op (the baseline), toolq's own no-op task, a trivial tool."""
+LABELS = {
+    "celery": "plain Celery no-op",
+    "toolq.noop": "toolq.noop task",
+    "tool": "tool",
+    "guarded": "tool, breaker on",
+}
+"""``guarded``: the trivial tool with toolq's default circuit breaker (warm mode only); the
+bench project turns the breaker off for the others, so they measure the runtime alone."""
+
+
+@dataclass
+class Subject:
+    """One subject's measurements, one entry per round."""
+
+    drain: list[float] = field(default_factory=list)
+    closed: list[float] = field(default_factory=list)
+    p50_ms: list[float] = field(default_factory=list)
+    p95_ms: list[float] = field(default_factory=list)
+    batch_p50_ms: list[float] = field(default_factory=list)
+    """Closed loop: enqueue to result in hand, every call of the batch in flight at once."""
+    batch_p95_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+    """CPU per call of the serving worker's process tree during the drain."""
 
 
 @dataclass
 class Figures:
     """One runtime mode's measurements, one entry per round."""
 
-    throughput: list[float] = field(default_factory=list)
-    baseline_throughput: list[float] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)
-    baseline_latency_ms: list[float] = field(default_factory=list)
+    subjects: dict[str, Subject] = field(
+        default_factory=lambda: {name: Subject() for name in SUBJECTS}
+    )
     sizes: dict[int, list[list[float]]] = field(default_factory=dict)
     baseline_sizes: dict[int, list[list[float]]] = field(default_factory=dict)
     peak_rss_mib: list[float] = field(default_factory=list)
-    cpu_per_call_ms: list[float] = field(default_factory=list)
+    profiles: dict[str, Breakdown] = field(default_factory=dict)
+    cpu_source: str = "/proc tree"
+    """Where a call's CPU goes, per subject (``--profile``)."""
+
+    @property
+    def tool(self) -> Subject:
+        return self.subjects["tool"]
+
+
+@dataclass
+class Target:
+    """One of the issue's targets, measured."""
+
+    name: str
+    value: str
+    goal: str
+    met: bool
+
+
+@dataclass
+class _Side:
+    """How to reach one worker: its app (control, result keys), hostname and process."""
+
+    app: Celery
+    hostname: str
+    pid: int
+    cpu: CpuMeter
 
 
 def run_bench(
@@ -74,25 +141,34 @@ def run_bench(
     per_size: int = 15,
     out: Path = Path("bench") / "RESULTS.md",
     sandbox: str = "auto",
+    profile: bool | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Figures]:
+    """Measure, then write the report; ``profile`` (default: if py-spy is installed) adds
+    where a call's CPU goes."""
+    if profile is None:
+        profile = py_spy() is not None
     results: dict[str, Figures] = {}
     with ensure_redis(quiet=True) as redis_url:
-        for mode in modes:
-            say(f"mode {mode}: starting a worker")
-            results[mode] = _bench_mode(
-                mode,
-                redis_url,
-                rounds=rounds,
-                calls=calls,
-                sequential=sequential,
-                per_size=per_size,
-                sandbox=sandbox,
-                say=say,
-            )
+        with baseline_worker(redis_url, concurrency=CONCURRENCY) as baseline:
+            for mode in modes:
+                say(f"mode {mode}: starting a worker")
+                results[mode] = _bench_mode(
+                    mode,
+                    redis_url,
+                    baseline,
+                    rounds=rounds,
+                    calls=calls,
+                    sequential=sequential,
+                    per_size=per_size,
+                    sandbox=sandbox,
+                    profile=profile,
+                    say=say,
+                )
         server = redis.Redis.from_url(redis_url).info("server").get("redis_version", "?")
     say("bare wrapper starts (spawn's CPU baseline)")
     bare_cpu_ms = [wrapper_cpu_ms() for _ in range(rounds)]
+    load = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         _report(
@@ -105,6 +181,7 @@ def run_bench(
             str(server),
             sandbox,
             out.with_suffix(".png").name,
+            load,
         )
     )
     plot = out.with_suffix(".png")  # beside the report, named after it
@@ -116,39 +193,55 @@ def run_bench(
 def _bench_mode(
     mode: str,
     redis_url: str,
+    baseline: tuple[Celery, BaselineWorker],
     *,
     rounds: int,
     calls: int,
     sequential: int,
     per_size: int,
     sandbox: str,
+    profile: bool,
     say: Callable[[str], None],
 ) -> Figures:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     env = {"TOOLQ_RUNTIME__MODE": mode, "TOOLQ_RUNTIME__SANDBOX": sandbox}
+    if mode == "spawn-cold":  # spawn without processes started ahead of demand
+        env.update(TOOLQ_RUNTIME__MODE="spawn", TOOLQ_RUNTIME__SPAWN_AHEAD="0")
     figures = Figures()
+    plain_app, plain_worker = baseline
+    plain_queue = plain_worker.queue
     with bench_worker(PROJECT / "compozy.yaml", redis_url, queue, env, concurrency=CONCURRENCY) as (
         client,
         worker,
     ):
-        drain = functools.partial(_drain_throughput, client, worker.hostname, redis_url, calls)
-        _warm_up(client, queue)
+        toolq_side = _Side(client.app, worker.hostname, worker.pid, CpuMeter(worker.pid))
+        plain_side = _Side(plain_app, plain_worker.hostname, plain_worker.pid, plain_worker.cpu)
+        senders: dict[str, tuple[_Side, Callable[[str], Any]]] = {
+            "celery": (plain_side, functools.partial(_send, plain_app, bench_baseline.NOOP)),
+            "toolq.noop": (toolq_side, functools.partial(_send, client.app, NOOP_TASK)),
+            "tool": (toolq_side, lambda q: client.enqueue("noop", {}, queue=q)),
+            "guarded": (toolq_side, lambda q: client.enqueue("noop_guarded", {}, queue=q)),
+        }
+        home = {"celery": plain_queue, "toolq.noop": queue, "tool": queue, "guarded": queue}
+        names = SUBJECTS if mode == "warm" else SUBJECTS[:3]
+        for name in names:
+            _warm_up(functools.partial(senders[name][1], home[name]))
         for round_no in range(1, rounds + 1):
             say(f"mode {mode}: round {round_no}/{rounds}")
-            figures.baseline_throughput.append(drain(lambda q: _noop(client, q)))
-            cpu_before = process_tree_cpu_s(worker.pid)
-            figures.throughput.append(drain(lambda q: client.enqueue("noop", {}, queue=q)))
-            figures.cpu_per_call_ms.append(
-                (process_tree_cpu_s(worker.pid) - cpu_before) * 1000 / calls
-            )
-            figures.baseline_latency_ms.append(
-                statistics.median(_latencies(lambda: _noop(client, queue), sequential))
-            )
-            figures.latency_ms.append(
-                statistics.median(
-                    _latencies(lambda: client.enqueue("noop", {}, queue=queue), sequential)
-                )
-            )
+            shift = (round_no - 1) % len(names)
+            for name in names[shift:] + names[:shift]:
+                side, send = senders[name]
+                subject = figures.subjects[name]
+                cpu_before = side.cpu.seconds()
+                subject.drain.append(_drain_throughput(side, redis_url, calls, send))
+                subject.cpu_ms.append((side.cpu.seconds() - cpu_before) * 1000 / calls)
+                rate, batch = _closed_loop(functools.partial(send, home[name]), calls)
+                subject.closed.append(rate)
+                subject.batch_p50_ms.append(percentile(sorted(batch), 50))
+                subject.batch_p95_ms.append(percentile(sorted(batch), 95))
+                latencies = _latencies(functools.partial(send, home[name]), sequential)
+                subject.p50_ms.append(percentile(sorted(latencies), 50))
+                subject.p95_ms.append(percentile(sorted(latencies), 95))
             for size in SIZES:
                 payload = {"data": "x" * size}
                 figures.baseline_sizes.setdefault(size, []).append(
@@ -161,7 +254,76 @@ def _bench_mode(
                     )
                 )
             figures.peak_rss_mib.append(peak_rss_while_busy(client, queue, worker.pid))
+        # After the rounds: sampling slows what it samples.
+        profiled = names if mode == "warm" else ("tool",) if mode == "spawn" else ()
+        for name in profiled if profile else ():
+            say(f"mode {mode}: profiling {LABELS[name]}")
+            side, send = senders[name]
+            figures.profiles[name] = profile_subject(
+                worker_pid=side.pid,
+                drain=functools.partial(_drain_throughput, side, redis_url, calls, send),
+                closed_loop=functools.partial(
+                    _closed_loop, functools.partial(send, home[name]), calls
+                ),
+                calls=calls,
+                redis_url=redis_url,
+                tree_cpu_s=side.cpu.seconds,
+            )
+            if name in ("tool", "guarded"):
+                tool_id = "noop" if name == "tool" else "noop_guarded"
+                figures.profiles[name].wall = wall_breakdown(
+                    functools.partial(_run, client, tool_id, queue),
+                    sequential,
+                )
+        figures.cpu_source = toolq_side.cpu.source
+    toolq_side.cpu.close()  # the worker has exited
     return figures
+
+
+@contextlib.contextmanager
+def baseline_worker(redis_url: str, *, concurrency: int) -> Iterator[tuple[Celery, BaselineWorker]]:
+    """The plain Celery app's worker (its own process) and a producer for it."""
+    app = bench_baseline.producer(redis_url)
+    queue = f"baseline-{uuid.uuid4().hex[:8]}"
+    try:
+        worker = BaselineWorker(redis_url, queue, concurrency)
+        with worker:
+            worker.start(app)
+            worker.cpu = CpuMeter(worker.pid)
+            yield app, worker
+        worker.cpu.close()
+    finally:
+        app.close()
+        drop_queue(redis_url, queue)
+
+
+class BaselineWorker(WorkerProcess):
+    """``python -m celery -A toolq.bench_baseline worker``, as a user would start it
+    (threads pool, the same slots as toolq's; no mingle or gossip, as toolq's worker)."""
+
+    def __init__(self, redis_url: str, queue: str, concurrency: int) -> None:
+        super().__init__(redis_url=redis_url, hostname=f"baseline-{uuid.uuid4().hex[:8]}@localhost")
+        self.queue = queue
+        self.cpu: CpuMeter
+        self.argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            bench_baseline.__name__,
+            "-b",
+            redis_url,
+            "--result-backend",
+            redis_url,
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency}",
+            f"--queues={queue}",
+            f"--hostname={self.hostname}",
+            "--loglevel=WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ]
 
 
 @contextlib.contextmanager
@@ -197,14 +359,21 @@ class _Handle:
         return self._async.get(timeout=timeout)
 
 
+def _send(app: Celery, task: str, queue: str, payload: Any = None) -> _Handle:
+    return _Handle(app.send_task(task, args=[payload], queue=queue))
+
+
 def _noop(client: ToolClient, queue: str, payload: Any = None) -> _Handle:
-    return _Handle(client.app.send_task(NOOP_TASK, args=[payload], queue=queue))
+    return _send(client.app, NOOP_TASK, queue, payload)
 
 
-def _warm_up(client: ToolClient, queue: str) -> None:
+def _warm_up(send: Callable[[], Any]) -> None:
     for _ in range(10):
-        _noop(client, queue).result(timeout=60)
-        assert client.enqueue("noop", {}, queue=queue).result(timeout=60).ok
+        _check(send().result(timeout=60))
+
+
+def _run(client: ToolClient, tool_id: str, queue: str) -> Any:
+    return client.enqueue(tool_id, {}, queue=queue).result(timeout=60)
 
 
 def _check(outcome: Any) -> None:
@@ -212,9 +381,7 @@ def _check(outcome: Any) -> None:
         raise RuntimeError(f"benchmark call failed: {outcome.error}")
 
 
-def _drain_throughput(
-    client: ToolClient, hostname: str, redis_url: str, calls: int, send: Callable[[str], Any]
-) -> float:
+def _drain_throughput(side: _Side, redis_url: str, calls: int, send: Callable[[str], Any]) -> float:
     """Fill a fresh queue, then let the worker drain it: calls per second, worker-side.
 
     While the worker drains, the producer only polls Redis every 50 ms (no result
@@ -222,10 +389,10 @@ def _drain_throughput(
     the figure is the worker's, not the producer's (they share the machine's cores).
     """
     queue = f"drain-{uuid.uuid4().hex[:8]}"
-    result_keys = [client.app.backend.get_key_for_task(send(queue).id) for _ in range(calls)]
+    result_keys = [side.app.backend.get_key_for_task(send(queue).id) for _ in range(calls)]
     with redis.Redis.from_url(redis_url) as connection:
         started = time.time()
-        client.app.control.add_consumer(queue, destination=[hostname], reply=True, timeout=5)
+        side.app.control.add_consumer(queue, destination=[side.hostname], reply=True, timeout=5)
         deadline = time.monotonic() + 300
         while True:
             stored = connection.mget(result_keys)
@@ -236,7 +403,8 @@ def _drain_throughput(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not drain {calls} calls in 300 s")
             time.sleep(0.05)
-    client.app.control.cancel_consumer(queue, destination=[hostname], reply=True, timeout=5)
+        side.app.control.cancel_consumer(queue, destination=[side.hostname], reply=True, timeout=5)
+        connection.delete(*result_keys)
     drop_queue(redis_url, queue)
     if any(meta["status"] != "SUCCESS" for meta in metas):
         raise RuntimeError("benchmark calls did not all succeed")
@@ -244,6 +412,20 @@ def _drain_throughput(
         _check_envelope(meta["result"])
     finished = max(datetime.fromisoformat(meta["date_done"]).timestamp() for meta in metas)
     return calls / (finished - started)
+
+
+def _closed_loop(send: Callable[[], Any], calls: int) -> tuple[float, list[float]]:
+    """Enqueue ``calls``, then collect every result (in order): calls per second, producer
+    included, and each call's ms from its enqueue to its result in hand."""
+    started = time.perf_counter()
+    sent = []
+    for _ in range(calls):
+        sent.append((time.perf_counter(), send()))
+    latencies = []
+    for enqueued, handle in sent:
+        _check(handle.result(timeout=300))
+        latencies.append((time.perf_counter() - enqueued) * 1000)
+    return calls / (time.perf_counter() - started), latencies
 
 
 def _check_envelope(result: Any) -> None:
@@ -332,6 +514,49 @@ def process_tree_cpu_s(root_pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+class CpuMeter:
+    """CPU seconds used by a worker and everything it ever started.
+
+    The /proc tree misses a descendant killed before its parent reaped it (a sandboxed
+    Bun's time reaches the worker only through bwrap's waits), so where this machine
+    allows it, the worker's tree is put in a cpuacct cgroup of its own (cgroup v1; new
+    processes inherit it), whose counter sees every process. Else the /proc tree.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.group: Path | None = None
+        root = Path("/sys/fs/cgroup/cpuacct")
+        with contextlib.suppress(OSError):
+            group = root / f"toolq-bench-{uuid.uuid4().hex[:8]}"
+            group.mkdir()
+            self.group = group
+            children, _ = _process_table()
+            for member in _tree(pid, children):
+                with contextlib.suppress(OSError):
+                    (group / "cgroup.procs").write_text(str(member))
+
+    @property
+    def source(self) -> str:
+        return "cpuacct cgroup" if self.group is not None else "/proc tree"
+
+    def seconds(self) -> float:
+        if self.group is not None:
+            return int((self.group / "cpuacct.usage").read_text()) / 1e9
+        return process_tree_cpu_s(self.pid)
+
+    def close(self) -> None:
+        """Once the worker has exited (an empty cgroup can be removed)."""
+        if self.group is not None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    self.group.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
 def wrapper_cpu_ms(runs: int = 100) -> float:
     """CPU per run of the wrapper started with Bun directly, one trivial call each."""
     bun = find_bun(None, PROJECT)
@@ -378,6 +603,62 @@ def wrapper_cpu_ms(runs: int = 100) -> float:
 # -- the report ----------------------------------------------------------------------------
 
 
+def targets(results: dict[str, Figures], bare_cpu_ms: float) -> list[Target]:
+    """Issue 15's targets, as far as the measured modes allow."""
+    med = statistics.median
+    found = []
+    warm = results.get("warm")
+    if warm is not None:
+        plain = warm.subjects["celery"]
+        for name, label in (("tool", "breaker off"), ("guarded", "breaker on")):
+            one = warm.subjects[name]
+            if not one.closed:
+                continue
+            ratio = med(one.closed) / med(plain.closed)
+            found.append(
+                Target(
+                    f"warm tool ({label}), closed-loop throughput",
+                    f"{ratio:.2f}x plain",
+                    ">= 0.70x",
+                    ratio >= 0.7,
+                )
+            )
+            diff = med(one.p50_ms) - med(plain.p50_ms)
+            found.append(
+                Target(
+                    f"warm tool ({label}), p50 latency",
+                    f"{diff:+.2f} ms vs plain",
+                    "<= +0.75 ms",
+                    diff <= 0.75,
+                )
+            )
+    spawn = results.get("spawn")
+    if spawn is not None and warm is not None:
+        ratio = med(spawn.tool.p50_ms) / med(warm.tool.p50_ms)
+        found.append(Target("spawn tool, p50 latency", f"{ratio:.2f}x warm", "<= 3x", ratio <= 3))
+    if spawn is not None:
+        ratio = med(spawn.tool.cpu_ms) / bare_cpu_ms
+        found.append(
+            Target(
+                "spawn tool, CPU per call",
+                f"{ratio:.2f}x a bare wrapper start",
+                "<= 1.5x",
+                ratio <= 1.5,
+            )
+        )
+    for mode, f in results.items():
+        peak = med(f.peak_rss_mib)
+        found.append(
+            Target(
+                f"{mode}: {CONCURRENCY} slots at once, peak RSS",
+                f"{peak:.0f} MiB",
+                f"< {MEMORY_BUDGET_MIB} MiB",
+                peak < MEMORY_BUDGET_MIB,
+            )
+        )
+    return found
+
+
 def _report(
     results: dict[str, Figures],
     bare_cpu_ms: list[float],
@@ -388,48 +669,96 @@ def _report(
     redis_version: str,
     sandbox: str,
     plot_name: str,
+    load: tuple[float, float, float],
 ) -> str:
     med = statistics.median
     lines = [
         "# toolq benchmarks",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
-        f"`toolq bench --rounds {rounds}` (`make bench`); every figure is the median of the "
-        "rounds. Baselines are measured in the same run: a Celery no-op task (`toolq.noop`) "
-        "through the same Redis on the same worker, and Bun starting the wrapper directly.",
+        f"`{_command(results, rounds, calls, sandbox)}` (`make bench`); every figure is the "
+        "median of the "
+        "rounds, measured in interleaved rounds (the order rotates). Baselines are measured "
+        "in the same run: a **plain Celery app's** no-op task (`toolq/bench_baseline.py`: "
+        "no toolq settings, late acks, prefetch 1, its own worker process), `toolq.noop` on "
+        "toolq's own worker, and Bun starting the wrapper directly.",
         "",
-        f"- machine: {_cpu()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB",
+        f"- machine: {_cpu()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB; load average "
+        f"when the run ended {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)",
         f"- Python {platform.python_version()}, Celery {celery.__version__}, "
         f"Bun {_bun_version()}, Redis {redis_version}",
-        f"- worker: threads pool, {CONCURRENCY} slots, prefetch 1 per slot, late acks, "
-        f"`runtime.sandbox: {sandbox}`; producer, worker and Redis share the machine",
+        f"- workers: threads pool, {CONCURRENCY} slots, prefetch 1 per slot, late acks, "
+        f"`runtime.sandbox: {sandbox}`; producer, workers and Redis share the machine",
         "",
-        "## Trivial tool: throughput and latency",
+        "## Trivial call: toolq against plain Celery",
         "",
-        f"Throughput: a queue pre-filled with {calls} calls, drained by the worker (calls/s). "
-        f"Latency: {sequential} sequential calls, one caller, enqueue to result (median).",
+        f"Drain: a queue pre-filled with {calls} calls, drained by the worker (calls/s, "
+        f"worker-side). Closed loop: enqueue {calls} calls, then collect every result "
+        f"(calls/s, producer included). Latency: {sequential} sequential calls, one caller, "
+        "enqueue to result. Worker CPU: all the serving worker ran (Celery, toolq, Bun; "
+        f"read from a {next(iter(results.values())).cpu_source}) during the drain, per "
+        "call. Ratios are against the plain Celery no-op.",
         "",
-        "| mode | tool calls/s | no-op tasks/s | ratio | tool p50 ms | no-op p50 ms | diff ms |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | subject | drain /s | vs plain | closed loop /s | vs plain | p50 ms | "
+        "p95 ms | p50 vs plain | worker CPU ms/call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, f in results.items():
-        lines.append(
-            f"| {mode} | {med(f.throughput):.0f} | {med(f.baseline_throughput):.0f} | "
-            f"{med(f.throughput) / med(f.baseline_throughput):.2f}x | "
-            f"{med(f.latency_ms):.2f} | {med(f.baseline_latency_ms):.2f} | "
-            f"{med(f.latency_ms) - med(f.baseline_latency_ms):+.2f} |"
-        )
+        plain = f.subjects["celery"]
+        for name in SUBJECTS:
+            one = f.subjects[name]
+            if not one.drain:
+                continue
+            label = LABELS[name] if name != "tool" else f"**tool ({mode})**"
+            lines.append(
+                f"| {mode} | {label} | {med(one.drain):.0f} | "
+                f"{med(one.drain) / med(plain.drain):.2f}x | {med(one.closed):.0f} | "
+                f"{med(one.closed) / med(plain.closed):.2f}x | {med(one.p50_ms):.2f} | "
+                f"{med(one.p95_ms):.2f} | {med(one.p50_ms) - med(plain.p50_ms):+.2f} ms | "
+                f"{med(one.cpu_ms):.2f} |"
+            )
     if "spawn" in results and "warm" in results:
-        ratio = med(results["warm"].throughput) / med(results["spawn"].throughput)
-        lines += ["", f"Warm over spawn throughput: **{ratio:.1f}x**."]
+        ratio = med(results["warm"].tool.drain) / med(results["spawn"].tool.drain)
+        lines += ["", f"Warm over spawn drain throughput: **{ratio:.1f}x**."]
+    lines += [
+        "",
+        f"Latency inside the closed loop ({calls} calls in flight at once, enqueue to result "
+        "in hand, collected in order):",
+        "",
+        "| mode | subject | batch p50 ms | batch p95 ms | p50 vs plain |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, f in results.items():
+        plain = f.subjects["celery"]
+        for name in SUBJECTS:
+            one = f.subjects[name]
+            if not one.batch_p50_ms:
+                continue
+            lines.append(
+                f"| {mode} | {LABELS[name]} | {med(one.batch_p50_ms):.1f} | "
+                f"{med(one.batch_p95_ms):.1f} | "
+                f"{med(one.batch_p50_ms) / med(plain.batch_p50_ms):.2f}x |"
+            )
+    lines += [
+        "",
+        "## Targets (issue 15)",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for target in targets(results, med(bare_cpu_ms)):
+        lines.append(
+            f"| {target.name} | {target.value} | {target.goal} | "
+            f"{'yes' if target.met else '**no**'} |"
+        )
     lines += [
         "",
         "## Memory and CPU",
         "",
         f"Peak RSS of the whole worker tree with {CONCURRENCY} calls running at once "
-        f"(budget {MEMORY_BUDGET_MIB} MiB). CPU per call: the worker tree's CPU during the "
-        "throughput runs (Celery, toolq, Bun) divided by the calls, against starting the "
-        f"wrapper with Bun directly ({med(bare_cpu_ms):.2f} ms per start).",
+        f"(budget {MEMORY_BUDGET_MIB} MiB). CPU per call: the worker tree's CPU while it "
+        "drains trivial tool calls (Celery, toolq, Bun), against starting the wrapper with "
+        f"Bun directly ({med(bare_cpu_ms):.2f} ms per start).",
         "",
         "| mode | peak RSS MiB | of budget | CPU per call ms | vs bare wrapper start |",
         "|---|---|---|---|---|",
@@ -437,15 +766,15 @@ def _report(
     for mode, f in results.items():
         lines.append(
             f"| {mode} | {med(f.peak_rss_mib):.0f} | "
-            f"{med(f.peak_rss_mib) / MEMORY_BUDGET_MIB:.0%} | {med(f.cpu_per_call_ms):.2f} | "
-            f"{med(f.cpu_per_call_ms) / med(bare_cpu_ms):.2f}x |"
+            f"{med(f.peak_rss_mib) / MEMORY_BUDGET_MIB:.0%} | {med(f.tool.cpu_ms):.2f} | "
+            f"{med(f.tool.cpu_ms) / med(bare_cpu_ms):.2f}x |"
         )
     lines += [
         "",
         "## Input sizes (the seed guide's 1 KB to 1 MB)",
         "",
         f"{per_size} sequential calls per size and round: a tool that returns the input's "
-        "length, against a no-op task carrying the same payload.",
+        "length, against toolq's no-op task carrying the same payload.",
         "",
         "| mode | input | tool p50 ms | tool p95 ms | no-op p50 ms | ratio p50 |",
         "|---|---|---|---|---|---|",
@@ -458,8 +787,24 @@ def _report(
                 f"{percentile(tool, 95):.2f} | {percentile(base, 50):.2f} | "
                 f"{percentile(tool, 50) / percentile(base, 50):.2f}x |"
             )
-    lines += ["", f"![latency by input size]({plot_name})", ""]
+    lines += ["", f"![closed-loop throughput; latency by input size]({plot_name})", ""]
+    breakdowns = {
+        (LABELS[name] if name in ("celery", "toolq.noop") else f"{LABELS[name]} ({mode})"): (
+            breakdown
+        )
+        for mode, f in results.items()
+        for name, breakdown in f.profiles.items()
+    }
+    if breakdowns:
+        command = _command(results, rounds, calls, sandbox)
+        lines += [*profile_report(breakdowns, calls, command), ""]
     return "\n".join(lines)
+
+
+def _command(results: dict[str, Figures], rounds: int, calls: int, sandbox: str) -> str:
+    """The command line that produced a report."""
+    line = f"toolq bench --modes {','.join(results)} --rounds {rounds} --calls {calls}"
+    return line + ("" if sandbox == "auto" else f" --sandbox {sandbox}")
 
 
 def _pooled(rounds: list[list[float]]) -> list[float]:
@@ -474,7 +819,18 @@ def _plot(results: dict[str, Figures], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (bars, ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    med = statistics.median
+    width = 0.8 / len(SUBJECTS)
+    for index, name in enumerate(SUBJECTS):
+        positions = [mode_no + (index - 1) * width for mode_no in range(len(results))]
+        values = [med(f.subjects[name].closed or [0.0]) for f in results.values()]
+        bars.bar(positions, values, width, label=LABELS[name])
+    bars.set_xticks(range(len(results)), [f"{mode} worker" for mode in results])
+    bars.set_ylabel("calls/s, closed loop (producer included)")
+    bars.set_title("trivial call against a plain Celery no-op")
+    bars.legend()
+    bars.grid(True, axis="y", alpha=0.3)
     xs = [size / 1024 for size in SIZES]
     for mode, f in results.items():
         for pct, style in ((50, "-o"), (95, "--o")):
@@ -489,7 +845,7 @@ def _plot(results: dict[str, Figures], path: Path) -> None:
         xs,
         [percentile(_pooled(base.baseline_sizes[s]), 50) for s in SIZES],
         ":k",
-        label="Celery no-op p50",
+        label="toolq.noop p50",
     )
     ax.set_xscale("log")
     ax.set_xlabel("input size (KiB)")

@@ -557,7 +557,11 @@ def loadtest(
 @app.command()
 def bench(
     modes: Annotated[
-        str, typer.Option(help="Runtime modes to measure, comma-separated.")
+        str,
+        typer.Option(
+            help="Runtime modes to measure, comma-separated: spawn, warm, spawn-cold "
+            "(spawn without processes started ahead)."
+        ),
     ] = "spawn,warm",
     rounds: Annotated[int, typer.Option(min=1, help="Rounds; figures are medians.")] = 3,
     calls: Annotated[int, typer.Option(min=10, help="Calls per throughput round.")] = 500,
@@ -567,8 +571,15 @@ def bench(
     sandbox: Annotated[
         str, typer.Option(help="runtime.sandbox for the measured worker: auto or off.")
     ] = "auto",
+    profile: Annotated[
+        bool | None,
+        typer.Option(
+            "--profile/--no-profile",
+            help="Profile where a call's CPU goes (py-spy; default: if it is installed).",
+        ),
+    ] = None,
 ) -> None:
-    """Benchmark tool calls against a Celery no-op task through the same Redis (ratios)."""
+    """Benchmark tool calls against a plain Celery app's no-op task (ratios)."""
     from toolq.bench import run_bench
 
     chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
@@ -579,6 +590,7 @@ def bench(
             calls=calls,
             out=out,
             sandbox=sandbox,
+            profile=profile,
             say=lambda line: typer.echo(line, err=True),
         )
     )

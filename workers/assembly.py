@@ -33,7 +33,7 @@ from toolq.workers.runtime.launch import Launcher
 from toolq.workers.runtime.limits import Cgroups
 from toolq.workers.runtime.routing import ByMode
 from toolq.workers.runtime.sandbox import make_sandbox
-from toolq.workers.runtime.spawn import SpawnRuntime
+from toolq.workers.runtime.spawn import Key, SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 from toolq.workers.startup import check_entrypoint, report_definitions
 
@@ -47,12 +47,22 @@ class WorkerParts:
     handler: CallHandler
     runtime: ByMode
     warm: WarmRuntime | None
+    spawn: SpawnRuntime
+    spawn_keys: list[Key]
+    """The permission/limit sets of tools configured to spawn: started ahead at start-up."""
     redis: redis.Redis
     max_concurrent: int
     cancels: CancelWatch | None = None
 
+    def start(self) -> None:
+        """Start Bun processes ahead of the first calls (threads pool: in this process)."""
+        if self.warm is not None:
+            self.warm.start()
+        self.spawn.start(self.spawn_keys)
+
     def close(self) -> None:
-        """Stop the warm Bun processes, the cancel watch and the Redis connection."""
+        """Stop the Bun processes (warm and started ahead), the cancel watch and the Redis
+        connection."""
         self.runtime.close()
         if self.cancels is not None:
             self.cancels.close()
@@ -90,12 +100,15 @@ def build_worker(
     *,
     max_concurrent: int | None = None,
     warm_processes: int | None = None,
+    spawn_ahead: int | None = None,
     metrics: Metrics | None = None,
 ) -> WorkerParts:
     """Everything one worker process needs to run calls.
 
     ``warm_processes``: how many warm Bun processes to keep (default: one per slot;
     prefork pool processes keep one each, started lazily after the fork).
+    ``spawn_ahead``: spawn-mode processes started ahead per key (default
+    ``runtime.spawn_ahead``; a prefork pool process, one call at a time, needs one).
     """
     slots = max_concurrent or settings.performance.max_concurrent_tools
     sealer = load_sealer(settings)  # a bad key stops the worker before anything starts
@@ -108,7 +121,9 @@ def build_worker(
         settings, launcher, profiles.default_permissions(), profiles.default_resources()
     )
     report_definitions(settings, exported)
-    runtimes: dict[Mode, Runtime] = {"spawn": SpawnRuntime(launcher)}
+    ahead = settings.runtime.spawn_ahead if spawn_ahead is None else spawn_ahead
+    spawn = SpawnRuntime(launcher, ahead=ahead)
+    runtimes: dict[Mode, Runtime] = {"spawn": spawn}
     warm = None
     if settings.uses_warm_mode:
         warm = WarmRuntime(
@@ -138,4 +153,20 @@ def build_worker(
         cancels=cancels,
         cache=ResultCache(client, settings.keys),
     )
-    return WorkerParts(handler, runtime, warm, client, slots, cancels)
+    return WorkerParts(
+        handler, runtime, warm, spawn, _spawn_keys(settings, profiles), client, slots, cancels
+    )
+
+
+def _spawn_keys(settings: Settings, profiles: Profiles) -> list[Key]:
+    """What the tools known to spawn are started with (the runtime's own if spawn is its
+    mode); a tool met only later gets processes ahead of demand after its first call."""
+    keys: list[Key] = []
+    if settings.runtime.mode == "spawn":
+        keys.append((profiles.default_permissions(), profiles.default_resources()))
+    for tool_id in settings.tools:
+        profile = profiles[tool_id]
+        key = (profile.permissions, profile.resources)
+        if profile.mode == "spawn" and key not in keys:
+            keys.append(key)
+    return keys

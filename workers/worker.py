@@ -52,10 +52,11 @@ def run_worker(
         settings,
         max_concurrent=concurrency,
         warm_processes=1 if pool == "prefork" else None,
+        spawn_ahead=min(settings.runtime.spawn_ahead, 1) if pool == "prefork" else None,
         metrics=metrics,
     )
-    if parts.warm is not None and pool == "threads":
-        parts.warm.start()
+    if pool == "threads":
+        parts.start()
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
     app = make_celery(settings, worker=True)
     register_tasks(app, parts.handler)

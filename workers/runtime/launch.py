@@ -27,7 +27,15 @@ from toolq.permissions import Grant
 from toolq.workers.runtime.bun import WRAPPER
 from toolq.workers.runtime.compat import compozy_environment
 from toolq.workers.runtime.egress import EgressProxy
-from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits, main_process, preexec
+from toolq.workers.runtime.limits import (
+    SETPRIV,
+    Cgroup,
+    Cgroups,
+    ResourceLimits,
+    joining,
+    main_process,
+    preexec,
+)
 from toolq.workers.runtime.reaper import reaper
 from toolq.workers.runtime.sandbox import SANDBOX_TMP, Permissions, Sandbox
 
@@ -221,6 +229,11 @@ class Launcher:
             for fd in (envelope_r, *fds):
                 os.close(fd)
             raise
+        preexec_fn = None
+        if cgroup is not None and (uid is None or SETPRIV is not None):
+            argv = joining(cgroup, limits, argv, uid)  # a shell joins: subprocess keeps vfork
+        elif cgroup is not None:
+            preexec_fn = preexec(cgroup, limits, uid)  # no setpriv here: Python does it
         try:
             proc = subprocess.Popen(
                 argv,
@@ -235,10 +248,9 @@ class Launcher:
                     **compozy_environment(self.project_dir),
                 },
                 start_new_session=True,
-                # Joining the cgroup must happen in the child, before bwrap or Bun can fork,
-                # and before it drops to the tool's uid; without a cgroup, no preexec_fn
-                # keeps subprocess's faster path.
-                preexec_fn=preexec(cgroup, limits, uid) if cgroup is not None else None,
+                # Joining the cgroup happens in the child, before bwrap or Bun can fork, and
+                # before it drops to the tools' uid (the joining shell, or preexec_fn).
+                preexec_fn=preexec_fn,
                 user=uid if cgroup is None else None,
                 group=uid if cgroup is None else None,
                 extra_groups=[] if cgroup is None and uid is not None else None,

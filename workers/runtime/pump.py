@@ -45,7 +45,9 @@ WATCH_INTERVAL_S = 0.1
 """How often a running call's CPU time (and, without a cgroup, its memory) is checked."""
 _ENVELOPE_SLACK = 64 * 1024  # nonce, metadata, framing around a 10 MiB result
 _READ = 1 << 16
-_EXIT_GRACE_S = 0.1  # after the envelope, let Bun exit by itself (a true exit status)
+EXIT_GRACE_S = 0.1
+"""After the envelope, how long a process that serves one call may take to exit by itself
+(so its exit status is true)."""
 
 
 @dataclass
@@ -157,11 +159,13 @@ def collect(
     warm: bool = False,
     watch: Callable[[], ToolFailure | None] | None = None,
     cancel: CancelToken | None = None,
+    exit_grace_s: float = EXIT_GRACE_S,
 ) -> ToolFailure | None:
     """Pump pipes until the envelope, an exit, a limit or a cap; return a failure if any.
 
     ``warm``: the process serves more calls, so stdin stays open and nothing waits
-    for it to exit after the envelope. ``watch`` is called every 100 ms and may end
+    for it to exit after the envelope; otherwise it gets ``exit_grace_s`` to exit (its
+    status, if it did, is the outcome's). ``watch`` is called every 100 ms and may end
     the call with a failure (CPU time, memory). ``cancel`` (selectable) stops the call
     as ``cancelled``: SIGTERM to Bun at once, then the hard limit's grace before the
     runtime kills the group.
@@ -232,7 +236,7 @@ def collect(
                     if failure is None and streams.frame is not None and terminated:
                         return stopped or _timeout(limits, terminated_gracefully=True)
                     if failure is None and streams.frame is not None and not warm:
-                        select.select([pidfd], [], [], _EXIT_GRACE_S)
+                        select.select([pidfd], [], [], exit_grace_s)
                     if failure is not None or streams.frame is not None:
                         return failure
             if exited:

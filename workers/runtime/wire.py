@@ -53,7 +53,7 @@ def finish(
     launched: Launched, streams: Streams, failure: ToolFailure | None, call: Call, started: float
 ) -> Outcome:
     """The outcome of a call; a process the kernel killed for memory is memory_exceeded."""
-    if launched.memory_exceeded() and streams.frame is None:
+    if streams.frame is None and launched.memory_exceeded():  # no cgroup read after an answer
         failure = MemoryExceeded(
             f"tool used more than its memory limit of {launched.limits.max_memory_mb} MB "
             "and was killed",
