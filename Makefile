@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUN := node_modules/.bin/bun
 
-.PHONY: setup sandbox demo test test-fast lint typecheck format bench soak clean
+.PHONY: setup sandbox sandbox-access demo test test-fast lint typecheck format bench soak clean
 
-setup: $(VENV)/.installed $(BUN) sandbox
+setup: $(VENV)/.installed $(BUN) sandbox sandbox-access
 
 # Tools run in a bubblewrap sandbox (runtime.sandbox); install it where we can (root on
 # Debian/Ubuntu). Elsewhere `auto` runs unsandboxed with a warning and the sandbox tests fail.
@@ -16,6 +16,15 @@ sandbox:
 	  && (apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
 	      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null)) ; } \
 	  || echo "bubblewrap not installed: install it (package bubblewrap) to sandbox tools"
+
+# Tools run as uid 65534 in the sandbox (README, "Sandbox"), and the test and demo tools
+# and Bun live in this checkout: as root, make each directory above it traversable for
+# that uid (o+x: enter, not list) where it is not, and say which.
+sandbox-access:
+	@if [ "$$(id -u)" = 0 ]; then d="$(CURDIR)"; while [ "$$d" != "/" ]; do \
+	  case "$$(stat -c %A "$$d")" in ?????????[xt]) ;; *) chmod o+x "$$d" && \
+	    echo "sandbox: made $$d traversable for the tools' uid 65534 (chmod o+x)";; esac; \
+	  d="$$(dirname "$$d")"; done; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
