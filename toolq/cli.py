@@ -408,7 +408,8 @@ def flower(
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Start Flower on the toolq app: workers, calls (tool id in args) and queue lengths."""
+    """Start Flower on the toolq app: workers, calls (toolq:<tool id>; FAILURE when the tool
+    failed) and queue lengths."""
     from toolq.config.celery_app import make_celery
 
     if address not in ("127.0.0.1", "localhost", "::1") and not basic_auth:
