@@ -160,6 +160,8 @@ def main() -> None:
                 with_cpu=False,
                 pause_s=0.15,
             )
+            for runtime in (cold, ahead, warm):
+                runtime.close()  # inside the clock's cgroup: it is removed empty
     finally:
         for runtime in (cold, ahead, warm):
             runtime.close()

@@ -546,15 +546,19 @@ class CpuMeter:
         return process_tree_cpu_s(self.pid)
 
     def close(self) -> None:
-        """Once the worker has exited (an empty cgroup can be removed)."""
-        if self.group is not None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    self.group.rmdir()
-                    return
-                except OSError:
-                    time.sleep(0.1)
+        """Once the worker has exited: what is left (a lingering child) goes back to the
+        parent group, so the cgroup can be removed."""
+        if self.group is None:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                for member in (self.group / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        (self.group.parent / "cgroup.procs").write_text(member)
+                self.group.rmdir()
+                return
+            time.sleep(0.1)
 
 
 def wrapper_cpu_ms(runs: int = 100) -> float:

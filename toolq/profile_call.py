@@ -1,6 +1,7 @@
 """Where one trivial call's time goes, from a profile, not a guess (``toolq bench``).
 
-For a warm trivial tool and for the plain Celery no-op (:mod:`toolq.bench_baseline`),
+For each subject of the bench — the trivial tool (warm, with and without toolq's circuit
+breaker; spawn), ``toolq.noop`` and the plain Celery no-op (:mod:`toolq.bench_baseline`) —
 each on its worker:
 
 - **worker**: py-spy samples the worker process (on-CPU samples only, without pausing
@@ -211,12 +212,16 @@ def sampling(pid: int, rate: int = 200) -> Iterator[Callable[[], str]]:
         stderr=subprocess.PIPE,
     )
     time.sleep(0.5)  # attached
+    raw: list[str] = []
     try:
-        yield lambda: out.read_text() if out.exists() else ""
+        yield lambda: raw[0] if raw else ""
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        if not out.exists():
+        if out.exists():
+            raw.append(out.read_text())
+        shutil.rmtree(out.parent, ignore_errors=True)
+        if not raw:
             raise RuntimeError(f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}")
 
 
