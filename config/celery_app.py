@@ -11,9 +11,12 @@ from typing import Any
 from celery import Celery
 
 from toolq.config.settings import Settings
+from toolq.protocol import ChunkEntry, chunk_to_message
 
 RUN_TOOL_TASK = "toolq.run_tool"
 """The one task: run a tool invocation with Bun and return its envelope."""
+RUN_BATCH_TASK = "toolq.run_batch"
+"""A chunk of calls in one message (``ToolClient.map``): each keeps its own id and result."""
 NOOP_TASK = "toolq.noop"
 """A task that does nothing, on every worker: the baseline for benchmarks."""
 PRIORITY_STEPS = list(range(10))
@@ -110,6 +113,26 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         "result_extended": False,  # args would carry the call's env into Redis twice
         "enable_utc": True,
     }
+
+
+def send_chunk(app: Celery, entries: list[ChunkEntry], queue: str | None) -> str:
+    """Send calls as one chunk message (``toolq.run_batch``); return the chunk's own id.
+
+    Flower shows it as ``toolq:<tool id>`` (its first call's), its arguments as the
+    number of calls and the first and last ids; the calls' inputs stay out of events."""
+    first = entries[0].message if isinstance(entries[0].message, dict) else {}
+    tool_id, priority = first.get("tool_id"), first.get("priority")
+    result = app.send_task(
+        RUN_BATCH_TASK,
+        args=[chunk_to_message(entries)],
+        queue=queue,
+        priority=broker_priority(priority if isinstance(priority, int) else None),
+        argsrepr=f"({len(entries)} calls: {entries[0].call_id} … {entries[-1].call_id})",
+        kwargsrepr="{}",
+        shadow=f"toolq:{tool_id}" if isinstance(tool_id, str) else None,
+        retry=False,
+    )
+    return str(result.id)
 
 
 def make_celery(settings: Settings, name: str = "toolq", *, worker: bool = False) -> Celery:

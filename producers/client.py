@@ -6,7 +6,7 @@
     call = client.enqueue("weather", {"city": "Lisbon"})
     print(call.result(timeout=30).result)
     client.run("weather", {"city": "Oslo"})    # enqueue and wait
-    client.map("weather", [{"city": c} for c in cities])
+    client.map("weather", [{"city": c} for c in cities])   # in chunks: see enqueue_many
 
 Bad calls (an invalid tool id or env, input that is not JSON or is too big) raise
 :class:`~toolq.errors.InvalidInput` here, before anything is enqueued.
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -30,7 +31,13 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from toolq.config.celery_app import RUN_TOOL_TASK, broker_priority, make_celery, queue_lists
+from toolq.config.celery_app import (
+    RUN_TOOL_TASK,
+    broker_priority,
+    make_celery,
+    queue_lists,
+    send_chunk,
+)
 from toolq.config.connections import redis_client
 from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
@@ -46,12 +53,21 @@ from toolq.errors import (
     ToolTimeout,
 )
 from toolq.producers.cancel import CancelOutcome, cancel_call
-from toolq.protocol import CallRequest, new_request, validate
+from toolq.producers.collect import collect
+from toolq.protocol import MAX_CHUNK_CALLS, CallRequest, ChunkEntry, new_request, validate
 from toolq.sealing import load_sealer
 
 log = logging.getLogger("toolq.producer")
 QUEUE_FULL_POLL_S = 0.05
 """How often ``enqueue(block=...)`` looks again at a full queue."""
+
+MAX_AUTO_CHUNK = 100
+"""The most calls a chunk holds unless ``chunk_size`` says otherwise."""
+MIN_CHUNKS = 16
+"""A short list is cut into at least this many chunks (of one call, at the least), so
+that its calls spread over several workers' slots."""
+CHUNK_MAX_BYTES = 1024 * 1024
+"""A chunk message holds at most this much of calls (a bigger call goes alone)."""
 
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
@@ -149,17 +165,7 @@ class ToolCall:
             raise ResultTimeout(self.id, wait_s or 0.0) from None
         except BrokerUnavailable as lost:
             value = self._through_outage(lost, deadline, wait_s or 0.0)
-        if isinstance(value, dict) and "status" in value:
-            return ToolResult.from_dict(value)
-        if isinstance(value, ToolCallFailed):  # a failed call: Celery state FAILURE
-            return ToolResult.from_dict(value.envelope)
-        # The task itself failed (it never should): report it as an envelope anyway.
-        failure = (
-            ToolTimeout(f"worker time limit: {value}", "TimeoutError")
-            if isinstance(value, TimeLimitExceeded)
-            else ToolCrashed(f"worker error: {value!r}", type(value).__name__)
-        )
-        return ToolResult.failed(self.id, self.tool_id, failure)
+        return _to_result(value, self.id, self.tool_id)
 
     def _through_outage(
         self, lost: BrokerUnavailable, deadline: float | None, wait_s: float
@@ -269,16 +275,7 @@ class ToolClient:
         if sealed_env is not None:
             request = dataclasses.replace(request, env_sealed=sealed_env)
         call_id = str(uuid.uuid4())
-        queue = queue or self.settings.queue_for(tool_id)
-        if queue not in self.settings.all_queues and queue not in self._warned_queues:
-            self._warned_queues.add(queue)
-            log.warning(
-                "queue %r is not in this configuration (%s): the call waits until a worker "
-                "started with --queues %s takes it",
-                queue,
-                ", ".join(self.settings.all_queues),
-                queue,
-            )
+        queue = self._queue(tool_id, queue)
         self._make_room(queue, block)
         if idempotency_key is not None:
             first = self._claim(idempotency_key, call_id)
@@ -292,6 +289,20 @@ class ToolClient:
                     self._redis.delete(self.settings.keys.idempotency(idempotency_key))
             raise
         return ToolCall(call_id, tool_id, async_result, self.settings.redis_url, self)
+
+    def _queue(self, tool_id: str, queue: str | None) -> str:
+        """The queue a call goes to; a warning (once) if no configured worker reads it."""
+        queue = queue or self.settings.queue_for(tool_id)
+        if queue not in self.settings.all_queues and queue not in self._warned_queues:
+            self._warned_queues.add(queue)
+            log.warning(
+                "queue %r is not in this configuration (%s): the call waits until a worker "
+                "started with --queues %s takes it",
+                queue,
+                ", ".join(self.settings.all_queues),
+                queue,
+            )
+        return queue
 
     def queue_length(self, queue: str) -> int:
         """Calls waiting in ``queue`` (all priorities; not those a worker holds)."""
@@ -377,6 +388,93 @@ class ToolClient:
         )
         return call.result(timeout=wait)
 
+    def enqueue_many(
+        self,
+        tool_id: str,
+        inputs: Iterable[Any],
+        env: Mapping[str, str] | None = None,
+        timeout: Duration | None = None,
+        queue: str | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        max_attempts: int | None = None,
+        retry: bool = True,
+        priority: int | None = None,
+        cache: bool = True,
+        block: Duration | None = None,
+        chunk_size: int | None = None,
+    ) -> list[ToolCall]:
+        """Enqueue one call per input, ``chunk_size`` calls per message; return at once.
+
+        Every call keeps its own id, result, retries, breaker accounting and dead letter;
+        a chunk is one message to Celery (and Flower), run over a worker's free slots.
+        ``chunk_size`` 1 sends each call alone; by default a chunk holds up to
+        :data:`MAX_AUTO_CHUNK` calls, smaller for short lists so that at least
+        :data:`MIN_CHUNKS` messages spread over the workers. Every input is validated
+        before anything is sent (:class:`InvalidInput` names the first bad one). A chunk
+        counts as one message towards ``max_queue_length``.
+        """
+        requests = []
+        for index, item in enumerate(inputs):
+            try:
+                request = new_request(
+                    tool_id,
+                    item,
+                    env,
+                    timeout,
+                    config=config,
+                    max_attempts=max_attempts,
+                    retry=retry,
+                    priority=priority,
+                    cache=cache,
+                )
+                requests.append(validate(request, self.settings))
+            except InvalidInput as exc:
+                raise InvalidInput(f"input {index}: {exc.message}", exc.name) from None
+        if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_CALLS:
+            raise InvalidInput(f"chunk_size must be 1 to {MAX_CHUNK_CALLS}", "ValidationError")
+        size = chunk_size or min(MAX_AUTO_CHUNK, max(1, -(-len(requests) // MIN_CHUNKS)))
+        queue = self._queue(tool_id, queue)
+        entries, by_id = [], {}
+        for request in requests:
+            message = request.to_message(self._sealer)
+            nbytes = len(json.dumps(message, separators=(",", ":"), default=str))
+            entry = ChunkEntry(str(uuid.uuid4()), message)
+            entries.append((entry, nbytes))
+            by_id[entry.call_id] = request
+        for chunk in _chunks(entries, size, CHUNK_MAX_BYTES):
+            self._make_room(queue, block)
+            if len(chunk) == 1:  # a call alone is sent as a single call
+                self._send(by_id[chunk[0].call_id], chunk[0].call_id, queue)
+            else:
+                self._send_chunk(chunk, queue)
+        return [self.call(entry.call_id, tool_id) for entry, _ in entries]
+
+    def _send_chunk(self, chunk: list[ChunkEntry], queue: str) -> None:
+        deadline = time.monotonic() + self.settings.redis_socket_timeout_s
+        while True:
+            try:
+                with _redis_errors(self.settings.redis_url):
+                    send_chunk(self.app, chunk, queue)
+                    return
+            except BrokerUnavailable:
+                if time.monotonic() + _REFUSED_RETRY_S >= deadline:
+                    raise
+                time.sleep(_REFUSED_RETRY_S)
+
+    def gather(self, calls: Sequence[ToolCall], wait: Duration | None = None) -> list[ToolResult]:
+        """Wait for every call (in one subscription, not one per call); results in the
+        calls' order. :class:`ResultTimeout` names the first call not done by ``wait``."""
+        wait_s = None if wait is None else _seconds(wait, "wait")
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        ids = [call.id for call in calls]
+        with _redis_errors(self.settings.redis_url):
+            values = collect(self.app, self._redis, ids, deadline)
+        missing = [call for call in calls if call.id not in values]
+        if missing:
+            raise ResultTimeout(missing[0].id, wait_s or 0.0)
+        return [_to_result(values[call.id], call.id, call.tool_id) for call in calls]
+
     def map(
         self,
         tool_id: str,
@@ -392,30 +490,25 @@ class ToolClient:
         priority: int | None = None,
         cache: bool = True,
         block: Duration | None = None,
+        chunk_size: int | None = None,
     ) -> list[ToolResult]:
-        """Run one call per input, in parallel across workers; results in input order."""
-        calls = [
-            self.enqueue(
-                tool_id,
-                item,
-                env,
-                timeout,
-                queue,
-                config=config,
-                max_attempts=max_attempts,
-                retry=retry,
-                priority=priority,
-                cache=cache,
-                block=block,
-            )
-            for item in inputs
-        ]
-        deadline = None if wait is None else time.monotonic() + _seconds(wait, "wait")
-        results = []
-        for call in calls:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            results.append(call.result(timeout=remaining))
-        return results
+        """Run one call per input, in chunks across workers; results in input order
+        (:meth:`enqueue_many`, then :meth:`gather`)."""
+        calls = self.enqueue_many(
+            tool_id,
+            inputs,
+            env,
+            timeout,
+            queue,
+            config=config,
+            max_attempts=max_attempts,
+            retry=retry,
+            priority=priority,
+            cache=cache,
+            block=block,
+            chunk_size=chunk_size,
+        )
+        return self.gather(calls, wait)
 
     def call(self, call_id: str, tool_id: str = "") -> ToolCall:
         """A handle on a call enqueued earlier (by id)."""
@@ -451,6 +544,38 @@ class ToolClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _to_result(value: Any, call_id: str, tool_id: str) -> ToolResult:
+    """The envelope of a result Celery stored (a failed call's is in its exception)."""
+    if isinstance(value, dict) and "status" in value:
+        return ToolResult.from_dict(value)
+    if isinstance(value, ToolCallFailed):  # a failed call: Celery state FAILURE
+        return ToolResult.from_dict(value.envelope)
+    # The task itself failed (it never should): report it as an envelope anyway.
+    failure = (
+        ToolTimeout(f"worker time limit: {value}", "TimeoutError")
+        if isinstance(value, TimeLimitExceeded)
+        else ToolCrashed(f"worker error: {value!r}", type(value).__name__)
+    )
+    return ToolResult.failed(call_id, tool_id, failure)
+
+
+def _chunks(
+    entries: list[tuple[ChunkEntry, int]], size: int, max_bytes: int
+) -> Iterator[list[ChunkEntry]]:
+    """Calls grouped ``size`` at a time, and never more than ``max_bytes`` of messages
+    in one (a call bigger than that goes alone)."""
+    chunk: list[ChunkEntry] = []
+    used = 0
+    for entry, nbytes in entries:
+        if chunk and (len(chunk) >= size or used + nbytes > max_bytes):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(entry)
+        used += nbytes
+    if chunk:
+        yield chunk
 
 
 def _seconds(value: Duration, name: str) -> float:

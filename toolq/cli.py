@@ -91,6 +91,19 @@ def _parse_input(raw: str | None, option: str = "--input") -> Any:
         _fail(f"{option} nests too deeply")
 
 
+def _read_batch(path: str) -> list[Any]:
+    """The inputs of a JSON-lines file (blank lines skipped)."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        _fail(f"--batch: cannot read {path}: {exc.strerror}")
+    inputs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            inputs.append(_parse_input(line, f"--batch line {number}"))
+    return inputs
+
+
 def _parse_tool_config(raw: str | None) -> dict[str, Any] | None:
     if raw is None:
         return None
@@ -275,10 +288,53 @@ def run(
     wait: Annotated[
         str | None, typer.Option(help="Give up waiting after this long (exit 3).")
     ] = None,
+    batch: Annotated[
+        str | None,
+        typer.Option(
+            help="Run one call per line of this JSON-lines file of inputs ('-' reads stdin), "
+            "sent in chunks; prints one envelope per line, in order.",
+        ),
+    ] = None,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option(min=1, max=1000, help="With --batch: calls per message (default: auto)."),
+    ] = None,
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Enqueue a call, wait for it, print the result envelope as JSON."""
+    """Enqueue a call, wait for it, print the result envelope as JSON.
+
+    Exit 0 if it succeeded, 1 if it failed, 3 if --wait ran out (it may still run)."""
+    if batch is not None:
+        if input is not None or idempotency_key is not None:
+            _fail("--batch takes the inputs from its file: no --input or --idempotency-key")
+        inputs = _read_batch(batch)
+        from toolq.producers import ToolClient
+
+        client = ToolClient(_settings(config, profile))
+        calls = _guard(
+            lambda: client.enqueue_many(
+                tool_id,
+                inputs,
+                _parse_env(env),
+                timeout,
+                queue,
+                config=_parse_tool_config(tool_config),
+                max_attempts=max_attempts,
+                retry=not no_retry,
+                priority=priority,
+                cache=not no_cache,
+                block=block,
+                chunk_size=chunk_size,
+            )
+        )
+        try:
+            results = _guard(lambda: client.gather(calls, wait))
+        except ResultTimeout as exc:
+            _fail(f"{exc} (calls are still queued or running)", EXIT_PENDING)
+        for result in results:
+            typer.echo(json.dumps(result.to_dict(), separators=(",", ":")))
+        raise typer.Exit(EXIT_OK if all(r.ok for r in results) else EXIT_FAILED)
     call = _enqueue(
         _settings(config, profile),
         tool_id,

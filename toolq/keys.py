@@ -70,6 +70,10 @@ class Keys:
         """String: the call id first enqueued under this idempotency key (expires)."""
         return f"{self.prefix}idem:{key}"
 
+    def chunk_handed_off(self, chunk_id: str) -> str:
+        """Set: a chunk's calls handed to other messages (retries, the rest of the chunk)."""
+        return f"{self.prefix}chunk:{chunk_id}"
+
     def deliveries(self, call_id: str, attempt: int) -> str:
         """Counter: how often one attempt of a call was delivered to a worker (expires)."""
         return f"{self.prefix}deliveries:{call_id}:{attempt}"

@@ -18,6 +18,10 @@ again, because a message may come from anywhere. With the tool's Compozy definit
 (from the settings) it merges ``with`` under the input and checks the input schema.
 With a secret key configured (:mod:`toolq.sealing`) the env travels as one Fernet
 token, ``"env_sealed"``, and a worker refuses a plain one.
+
+A **chunk** (``ToolClient.map``) carries many calls in one Celery message, each with the
+id its result is stored under: ``[{"id": CALL_ID, "call": <message above>}, ...]``
+(:func:`chunk_to_message`, :func:`chunk_from_message`).
 """
 
 from __future__ import annotations
@@ -257,6 +261,54 @@ def validate(request: CallRequest, settings: Settings) -> CallRequest:
     if definition is not None:
         definition.check_input(tool_input)
     return replace(request, input=tool_input, env=env, timeout_s=timeout_s)
+
+
+MAX_CHUNK_CALLS = 1000
+"""The most calls one chunk message may carry."""
+MAX_CALL_ID = 200
+"""The longest call id a chunk may name (uuid4 strings are 36)."""
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One call of a chunk: its id and its (still undecoded) message."""
+
+    call_id: str
+    message: Any
+
+
+def chunk_to_message(entries: list[ChunkEntry]) -> list[dict[str, Any]]:
+    return [{"id": entry.call_id, "call": entry.message} for entry in entries]
+
+
+def chunk_from_message(value: Any) -> list[ChunkEntry]:
+    """A chunk's calls; :class:`InvalidInput` if it is not one. Each call's own message is
+    checked later, by :meth:`CallRequest.from_message` and :func:`validate`."""
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_CHUNK_CALLS:
+        raise InvalidInput(
+            f"a chunk must be a list of 1 to {MAX_CHUNK_CALLS} calls", "ValidationError"
+        )
+    entries = []
+    for item in value:
+        call_id = item.get("id") if isinstance(item, Mapping) else None
+        if not isinstance(call_id, str) or not 0 < len(call_id) <= MAX_CALL_ID:
+            raise InvalidInput(
+                f'every call of a chunk must be {{"id": a string of 1 to {MAX_CALL_ID} '
+                'characters, "call": ...}',
+                "ValidationError",
+            )
+        entries.append(ChunkEntry(call_id, item.get("call")))
+    if len({entry.call_id for entry in entries}) != len(entries):
+        raise InvalidInput("a chunk names the same call id twice", "ValidationError")
+    return entries
+
+
+def chunk_ids(value: Any) -> list[str]:
+    """The call ids readable in a chunk that is not valid (to answer each caller)."""
+    if not isinstance(value, list):
+        return []
+    ids = (item.get("id") for item in value[:MAX_CHUNK_CALLS] if isinstance(item, Mapping))
+    return [i for i in ids if isinstance(i, str) and 0 < len(i) <= MAX_CALL_ID]
 
 
 def _check_timeout(timeout: Any, ceiling_s: float) -> float:

@@ -28,7 +28,7 @@ import inspect
 import json
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from celery import Celery, states
@@ -38,10 +38,11 @@ from kombu.exceptions import MessageStateError
 from kombu.transport import redis as _kombu_redis
 from kombu.utils import json as kombu_json
 
-from toolq.config.celery_app import RUN_TOOL_TASK
+from toolq.config.celery_app import RUN_BATCH_TASK, RUN_TOOL_TASK
 from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import InvalidInput
+from toolq.protocol import chunk_from_message, chunk_ids
 from toolq.workers import brokerfix
 
 log = logging.getLogger("toolq.worker")
@@ -63,6 +64,8 @@ class Poison:
     headers: dict[str, Any] = field(default_factory=dict)
     request: dict[str, Any] | None = None
     body: str | None = None
+    chunk_ids: list[str] = field(default_factory=list)
+    """A refused chunk's call ids, as far as they can be read: each caller is answered."""
 
 
 class _Handler:
@@ -104,11 +107,18 @@ class _Handler:
             self._dead_letter(poison, result)
         except Exception:
             log.warning("cannot dead-letter poison message %s", poison.call_id, exc_info=True)
-        if poison.call_id:
+        # A chunk's own id has no caller; its calls' ids do.
+        answered = poison.chunk_ids or ([poison.call_id] if poison.call_id else [])
+        for call_id in answered:
             try:
-                self._answer(poison.call_id, result)
+                self._answer(
+                    call_id,
+                    replace(
+                        result, id=call_id, metadata={**result.metadata, "tool_exec_id": call_id}
+                    ),
+                )
             except Exception:
-                log.warning("cannot store a result for %s", poison.call_id, exc_info=True)
+                log.warning("cannot store a result for %s", call_id, exc_info=True)
 
     def _answer(self, call_id: str, result: ToolResult) -> None:
         backend = self.app.backend
@@ -296,11 +306,17 @@ def check_message(message: Any, app: Celery) -> Poison | None:
         bound = inspect.signature(app.tasks[task].run).bind(*args, **kwargs)
     except TypeError as exc:
         return refused(f"arguments do not fit {task}: {exc}")
+    argument = next(iter(bound.arguments.values()), None)  # each toolq task has one
     if task == RUN_TOOL_TASK:
-        request = next(iter(bound.arguments.values()), None)  # the task's one argument
-        if not isinstance(request, dict):
+        if not isinstance(argument, dict):
             return refused("the request (args[0]) is not a JSON object")
-        poison.request = request
+        poison.request = argument
+    if task == RUN_BATCH_TASK:
+        try:
+            chunk_from_message(argument)
+        except InvalidInput as exc:
+            poison.chunk_ids = chunk_ids(argument)
+            return refused(f"not a chunk of calls: {exc}")
     poison.body = None  # readable: the request (input, env) is kept instead
     return None
 

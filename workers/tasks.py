@@ -10,23 +10,41 @@ A retry is a new message for the same call id, published with a countdown
 take the next attempt, and the caller's ``result()`` simply keeps waiting. A call
 waiting for a cluster slot or a rate token is re-published the same way, so Flower
 shows it as RETRY (with its countdown), never as running.
+
+A chunk of calls (``toolq.run_batch``, from ``ToolClient.map``) is one message whose
+calls :class:`~toolq.workers.batch.ChunkRunner` runs over the worker's free slots, each
+with its own result; Flower shows the chunk as one task (``toolq:<tool id>``, its
+arguments naming the number of calls) and stores no result for it.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task, states
 from celery.exceptions import SoftTimeLimitExceeded
 
-from toolq.config.celery_app import NOOP_TASK, RUN_TOOL_TASK, broker_priority
+from toolq.config.celery_app import (
+    NOOP_TASK,
+    RUN_BATCH_TASK,
+    RUN_TOOL_TASK,
+    broker_priority,
+    send_chunk,
+)
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S
-from toolq.errors import ToolCallFailed
-from toolq.workers.handler import CallHandler, Delivery, Final
+from toolq.errors import InvalidInput, ToolCallFailed
+from toolq.protocol import chunk_from_message
+from toolq.workers.batch import Chunk, ChunkRunner
+from toolq.workers.handler import CallHandler, Delivery, Final, Retry
+
+log = logging.getLogger("toolq.worker")
 
 
-def register_tasks(app: Celery, handler: CallHandler) -> Task:
-    """Register ``toolq.run_tool`` on ``app``, bound to this worker's handler."""
+def register_tasks(app: Celery, handler: CallHandler, chunks: ChunkRunner | None = None) -> Task:
+    """Register ``toolq.run_tool`` (and, with a chunk runner, ``toolq.run_batch``) on
+    ``app``, bound to this worker's handler."""
     backstop = handler.settings.max_hard_timeout_s + BACKSTOP_MARGIN_S
 
     @app.task(  # type: ignore[untyped-decorator]
@@ -74,11 +92,73 @@ def register_tasks(app: Celery, handler: CallHandler) -> Task:
             kwargsrepr="{}",
         )
 
+    if chunks is not None:
+        _register_chunks(app, chunks)
+
     @app.task(name=NOOP_TASK, acks_late=True)  # type: ignore[untyped-decorator]
     def noop(payload: Any = None) -> None:
         """Does nothing: the baseline that benchmarks compare a tool call against."""
 
     return run_tool
+
+
+def _register_chunks(app: Celery, chunks: ChunkRunner) -> None:
+    @app.task(  # type: ignore[untyped-decorator]
+        name=RUN_BATCH_TASK,
+        bind=True,
+        shadow_name=lambda task, args, kwargs, options: chunk_shadow_name(args),
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,  # each call's result is stored under its own id
+    )
+    def run_batch(self: Task, calls: Any) -> None:
+        info = self.request.delivery_info or {}
+        queue = info.get("routing_key")
+        try:
+            entries = chunk_from_message(calls)
+        except InvalidInput as exc:  # the poison check refuses these before they get here
+            log.warning("chunk %s refused: %s", self.request.id, exc)
+            return
+        chunk = Chunk(
+            chunk_id=str(self.request.id),
+            worker=str(self.request.hostname),
+            queue=queue,
+            redelivered=bool(info.get("redelivered")),
+            entries=entries,
+        )
+        left = chunks.run(chunk)
+        if left:  # out of time before the redelivery timeout: the rest goes back
+            send_chunk(app, left, queue)
+            chunks.results.handed_off(chunk.chunk_id, [entry.call_id for entry in left])
+
+
+def retry_publisher(app: Celery, handler: CallHandler) -> Callable[[str, Retry, str | None], None]:
+    """How a chunk's call is tried again: a single message under its own id, as
+    ``Task.retry`` sends it for a single call."""
+
+    def publish(call_id: str, decision: Retry, queue: str | None) -> None:
+        request = decision.request
+        app.send_task(
+            RUN_TOOL_TASK,
+            args=[request.to_message(handler.sealer)],
+            task_id=call_id,
+            queue=queue,
+            countdown=decision.delay_s,
+            priority=broker_priority(request.priority),
+            argsrepr=request.describe(),
+            kwargsrepr="{}",
+            shadow=f"toolq:{request.tool_id}",
+        )
+
+    return publish
+
+
+def chunk_shadow_name(args: Any) -> str | None:
+    """A chunk's calls share a tool (``ToolClient.map``): Flower shows it under that name."""
+    calls = args[0] if isinstance(args, list | tuple) and args else None
+    first = calls[0] if isinstance(calls, list) and calls else None
+    message = first.get("call") if isinstance(first, dict) else None
+    return shadow_name([message])
 
 
 def shadow_name(args: Any) -> str | None:

@@ -12,18 +12,39 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+from celery import Celery
 from celery.signals import worker_shutdown
 
 from toolq.config.celery_app import make_celery
-from toolq.config.settings import Settings
+from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S, Settings
 from toolq.workers import poison
-from toolq.workers.assembly import build_worker
+from toolq.workers.assembly import WorkerParts, build_worker
+from toolq.workers.batch import ChunkRunner, StoredResults
 from toolq.workers.metrics import Metrics, serve, use_multiprocess_dir
-from toolq.workers.tasks import register_tasks
+from toolq.workers.tasks import register_tasks, retry_publisher
 
 Pool = Literal["threads", "prefork"]
+
+
+def chunk_runner(app: Celery, parts: WorkerParts, pool: Pool) -> ChunkRunner:
+    """How this worker runs chunks: over the free slots of its threads pool; a prefork
+    pool process has one slot, so its chunks run one call at a time."""
+    settings = parts.handler.settings
+    extra = parts.max_concurrent - 1 if pool == "threads" else 0
+    return ChunkRunner(
+        handler=parts.handler,
+        slots=parts.runtime,
+        results=StoredResults(app, parts.redis, settings.keys, keep_s=2 * settings.redelivery_s),
+        retry=retry_publisher(app, parts.handler),
+        executor=ThreadPoolExecutor(max(extra, 1), thread_name_prefix="toolq-chunk"),
+        extra_slots=extra,
+        # A call must end before the chunk's message could be redelivered, with the
+        # margins Celery's own limits keep (config/settings.py).
+        budget_s=settings.redelivery_s - BACKSTOP_MARGIN_S - CELERY_HARD_MARGIN_S,
+    )
 
 
 def default_hostname() -> str:
@@ -59,7 +80,7 @@ def run_worker(
         parts.start()
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
     app = make_celery(settings, worker=True)
-    register_tasks(app, parts.handler)
+    register_tasks(app, parts.handler, chunk_runner(app, parts, pool))
     poison.install(app, settings)  # bad messages and broker restarts never stop it
     if metrics is not None:
         serve(settings.performance.metrics_port, metrics)
