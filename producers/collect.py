@@ -10,6 +10,7 @@ connection was away, so an outage shorter than the wait is ridden out.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -91,9 +92,12 @@ def _read_stored(
 def _take(backend: Any, call_id: str | None, raw: Any, done: dict[str, Any]) -> None:
     if call_id is None or call_id in done:
         return
-    meta = backend.decode_result(raw)
-    if meta.get("status") in states.READY_STATES:
+    meta = json.loads(raw)  # the result backend's serializer is JSON (celery_app.py)
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if status == states.SUCCESS:
         done[call_id] = meta.get("result")
+    elif status in states.READY_STATES:  # Celery rebuilds the stored exception
+        done[call_id] = backend.decode_result(raw).get("result")
 
 
 def _parts(items: list[str]) -> Iterator[list[str]]:

@@ -65,6 +65,7 @@ PROJECT = Path(__file__).resolve().parent / "projects" / "bench"
 SIZES = (1024, 10 * 1024, 100 * 1024, 1024 * 1024)
 CONCURRENCY = 10
 MEMORY_BUDGET_MIB = 512
+BULK_CALLS = 2000
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 SUBJECTS = ("celery", "toolq.noop", "tool", "guarded")
 """The plain Celery no-op (the baseline), toolq's own no-op task, a trivial tool."""
@@ -103,6 +104,12 @@ class Figures:
     sizes: dict[int, list[list[float]]] = field(default_factory=dict)
     baseline_sizes: dict[int, list[list[float]]] = field(default_factory=dict)
     peak_rss_mib: list[float] = field(default_factory=list)
+    bulk: list[float] = field(default_factory=list)
+    """``ToolClient.map()`` of :data:`BULK_CALLS` trivial calls, calls/s (warm mode)."""
+    bulk_plain: list[float] = field(default_factory=list)
+    """The plain Celery no-op's closed loop at the same number of calls, calls/s."""
+    bulk_single: list[float] = field(default_factory=list)
+    """``map()`` with ``chunk_size=1`` (one message per call), calls/s."""
     profiles: dict[str, Breakdown] = field(default_factory=dict)
     cpu_source: str = "/proc tree"
     """Where a call's CPU goes, per subject (``--profile``)."""
@@ -254,6 +261,15 @@ def _bench_mode(
                     )
                 )
             figures.peak_rss_mib.append(peak_rss_while_busy(client, queue, worker.pid))
+            if mode == "warm":
+                plain_send = functools.partial(senders["celery"][1], plain_queue)
+                for kind in _rotated(("plain", "map", "single"), round_no):
+                    if kind == "plain":
+                        figures.bulk_plain.append(_closed_loop(plain_send, BULK_CALLS)[0])
+                    else:
+                        alone = kind == "single"
+                        rate = _map_rate(client, queue, BULK_CALLS, 1 if alone else None)
+                        (figures.bulk_single if alone else figures.bulk).append(rate)
         # After the rounds: sampling slows what it samples.
         profiled = names if mode == "warm" else ("tool",) if mode == "spawn" else ()
         for name in profiled if profile else ():
@@ -426,6 +442,21 @@ def _closed_loop(send: Callable[[], Any], calls: int) -> tuple[float, list[float
         _check(handle.result(timeout=300))
         latencies.append((time.perf_counter() - enqueued) * 1000)
     return calls / (time.perf_counter() - started), latencies
+
+
+def _map_rate(client: ToolClient, queue: str, calls: int, chunk_size: int | None) -> float:
+    """``map()`` of ``calls`` trivial calls, enqueue to the last result: calls per second."""
+    started = time.perf_counter()
+    results = client.map("noop", [{}] * calls, queue=queue, chunk_size=chunk_size, wait=300)
+    elapsed = time.perf_counter() - started
+    if not all(result.ok for result in results):
+        raise RuntimeError("benchmark calls did not all succeed")
+    return calls / elapsed
+
+
+def _rotated(items: tuple[str, ...], round_no: int) -> tuple[str, ...]:
+    shift = (round_no - 1) % len(items)
+    return items[shift:] + items[:shift]
 
 
 def _check_envelope(result: Any) -> None:
@@ -636,6 +667,16 @@ def targets(results: dict[str, Figures], bare_cpu_ms: float) -> list[Target]:
                     diff <= 0.75,
                 )
             )
+    if warm is not None and warm.bulk:
+        ratio = med(warm.bulk) / med(warm.bulk_plain)
+        found.append(
+            Target(
+                f"map() of {BULK_CALLS} trivial calls (warm), throughput",
+                f"{ratio:.2f}x plain closed loop",
+                ">= 2x",
+                ratio >= 2,
+            )
+        )
     spawn = results.get("spawn")
     if spawn is not None and warm is not None:
         ratio = med(spawn.tool.p50_ms) / med(warm.tool.p50_ms)
@@ -743,6 +784,26 @@ def _report(
                 f"{med(one.batch_p95_ms):.1f} | "
                 f"{med(one.batch_p50_ms) / med(plain.batch_p50_ms):.2f}x |"
             )
+    warm = results.get("warm")
+    if warm is not None and warm.bulk:
+        plain_rate, chunked = med(warm.bulk_plain), med(warm.bulk)
+        lines += [
+            "",
+            f"## Bulk: `map()` of {BULK_CALLS} calls",
+            "",
+            f'`ToolClient.map("noop", [{{}}] * {BULK_CALLS})` on the warm worker, enqueue to '
+            "the last result in hand (producer included), against the plain Celery no-op's "
+            f"closed loop of {BULK_CALLS} calls (enqueue each, then `get()` each) in the same "
+            "round. `map()` sends chunks of up to 100 calls per message, each call keeping "
+            "its own id and result; `chunk_size=1` sends one message per call.",
+            "",
+            "| subject | calls/s | vs plain |",
+            "|---|---|---|",
+            f"| plain Celery no-op, closed loop | {plain_rate:.0f} | 1.00x |",
+            f"| **toolq `map()`, chunks** | {chunked:.0f} | {chunked / plain_rate:.2f}x |",
+            f"| toolq `map(chunk_size=1)` | {med(warm.bulk_single):.0f} | "
+            f"{med(warm.bulk_single) / plain_rate:.2f}x |",
+        ]
     lines += [
         "",
         "## Targets (issue 15)",

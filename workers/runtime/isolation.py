@@ -123,7 +123,7 @@ class CallBoundary:
         """Every process of this warm process: its cgroup's, else the tree under it."""
         cgroup = self.launched.cgroup
         if cgroup is not None:
-            procs = read_proc(cgroup.procs_files()[0])
+            procs = read_proc(cgroup.first_procs_file)
             return [int(pid) for pid in procs.split()]
         found, pending = [], [self.launched.pid]
         while pending:

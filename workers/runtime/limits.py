@@ -12,6 +12,7 @@ serves many calls, so an rlimit would add them up).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -45,6 +46,12 @@ class Cgroup:
 
     def procs_files(self) -> list[str]:
         return [str(path / "cgroup.procs") for path in self.dirs.values()]
+
+    @functools.cached_property
+    def first_procs_file(self) -> str:
+        """Any hierarchy lists every process of the cgroup (read after every warm call:
+        the path is built once)."""
+        return self.procs_files()[0]
 
     def oom_killed(self) -> bool:
         """Did the kernel kill a process here for passing the memory limit?"""
