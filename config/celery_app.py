@@ -97,12 +97,16 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # No STARTED state: it costs a read and a write per call (Flower still shows
-        # running calls from task events).
+        # running calls, from task events).
         "task_track_started": False,
         # With late acks a running call stays unacknowledged, so a prefetch of one per
         # slot means a busy worker holds no call it is not running: it hoards nothing.
         "worker_prefetch_multiplier": 1,
-        "worker_send_task_events": True,
+        # Task events cost a quarter of a trivial call's throughput (bench/
+        # celery_settings_cost.py), so by default a worker sends them only once a monitor
+        # asks: Flower broadcasts enable_events every 5 s (workers started later too),
+        # `toolq flower` once more at start. Worker events (heartbeats) always flow.
+        "worker_send_task_events": settings.performance.task_events == "always",
         # No task-sent event: it costs the producer a PUBLISH per call, and Flower would
         # rename a call it already knows as toolq:<tool> back to toolq.run_tool whenever
         # that event arrives after the worker's (events travel on different connections).

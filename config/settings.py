@@ -269,6 +269,9 @@ class PerformanceSettings(_Strict):
     """First port tried for a worker's /metrics; the next free one is taken if it is busy."""
     log_slow_queries: bool = False
     slow_query_threshold_s: Seconds = Field(5.0, alias="slow_query_threshold")
+    task_events: Literal["on_demand", "always"] = "on_demand"
+    """Celery's task events (what Flower shows calls from): sent once a monitor asks for
+    them (Flower asks every worker every 5 s; ``toolq flower`` at once), or always."""
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,35 @@ def test_flower_shows_failed_calls_as_failure_under_the_tool_id(
     assert failed.id in named and ok.id not in named
 
 
+def test_task_events_flow_only_once_a_monitor_asks(
+    client: ToolClient, start_worker: StartWorker, redis_url: str
+) -> None:
+    import redis
+
+    worker = start_worker()
+    queue = next(a.split("=", 1)[1] for a in worker.argv if a.startswith("--queues="))
+    pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe("*celeryev/*")
+
+    def channels_during_a_call() -> set[str]:
+        while pubsub.get_message(timeout=0.05) is not None:
+            pass  # what came before
+        assert client.run("echo", {}, queue=queue, wait=30).ok
+        seen, deadline = set(), time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None:
+                seen.add(message["channel"].decode().rsplit("celeryev/", 1)[1])
+        return seen
+
+    try:
+        assert not {c for c in channels_during_a_call() if c.startswith("task.")}
+        client.app.control.enable_events(destination=[worker.hostname])  # what Flower does
+        assert wait_until(lambda: any(c.startswith("task.") for c in channels_during_a_call()), 10)
+    finally:
+        pubsub.close()
+
+
 def test_flower_refuses_a_public_address_without_auth(redis_url: str) -> None:
     proc = toolq(redis_url, "flower", "--address=0.0.0.0")
     assert proc.returncode == 2 and "--basic-auth" in proc.stderr

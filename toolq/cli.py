@@ -480,7 +480,11 @@ def flower(
     ]
     if basic_auth:
         argv.append(f"--basic_auth={basic_auth}")
-    make_celery(settings).start(argv)
+    app = make_celery(settings)
+    # Workers send task events on demand (performance.task_events): ask now, so calls
+    # show from the first second; Flower itself asks again every 5 s.
+    _guard(lambda: app.control.enable_events())
+    app.start(argv)
 
 
 @app.command()
