@@ -24,6 +24,7 @@ from toolq.workers import poison
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.batch import ChunkRunner, StoredResults
 from toolq.workers.metrics import Metrics, serve, use_multiprocess_dir
+from toolq.workers.results import use_worker_backend
 from toolq.workers.tasks import register_tasks, retry_publisher
 
 Pool = Literal["threads", "prefork"]
@@ -80,6 +81,7 @@ def run_worker(
         parts.start()
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
     app = make_celery(settings, worker=True)
+    use_worker_backend(app)
     register_tasks(app, parts.handler, chunk_runner(app, parts, pool))
     poison.install(app, settings)  # bad messages and broker restarts never stop it
     if metrics is not None:
