@@ -158,7 +158,7 @@ def test_a_redelivered_chunk_skips_calls_that_ended(
         markers[0].unlink()
         survivor = start_worker(config=REDELIVERY_CONFIG, queues=["redeliver-chunk"], concurrency=1)
         results = client.gather(calls, wait=90)
-    assert all(r.ok for r in results), results
+    assert all(r.ok for r in results), [(r.error, r.metadata) for r in results if r.error]
     assert results[0] == first and not markers[0].exists()  # not run again
     assert results[1].metadata["worker"] == survivor.hostname
     assert results[2].metadata["worker"] == survivor.hostname

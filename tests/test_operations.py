@@ -149,6 +149,29 @@ def test_flower_shows_failed_calls_as_failure_under_the_tool_id(
     assert failed.id in named and ok.id not in named
 
 
+def test_flower_shows_a_chunk_as_one_task_with_its_tally(
+    client: ToolClient, worker: WorkerProcess, flower: tuple[str, str]
+) -> None:
+    base, auth = flower
+
+    def worker_listed() -> bool:
+        return worker.hostname in json.loads(get(f"{base}/api/workers?refresh=1", auth))
+
+    assert wait_until(worker_listed, 20)
+    calls = client.enqueue_many("echo", [{"n": n} for n in range(5)], chunk_size=5)
+    assert all(r.ok for r in client.gather(calls, wait=30))
+
+    def chunk_task() -> dict[str, Any] | None:
+        tasks = json.loads(get(f"{base}/api/tasks?taskname=toolq:echo", auth))
+        found = [t for t in tasks.values() if calls[0].id in (t.get("args") or "")]
+        return found[0] if found and found[0]["state"] == "SUCCESS" else None
+
+    assert wait_until(lambda: chunk_task() is not None, 20)
+    task = chunk_task()
+    assert task is not None and "5 calls" in task["args"]
+    assert "5 calls: 5 succeeded, 0 failed" in str(task["result"])
+
+
 def test_task_events_flow_only_once_a_monitor_asks(
     client: ToolClient, start_worker: StartWorker, redis_url: str
 ) -> None:

@@ -691,6 +691,18 @@ def targets(results: dict[str, Figures], bare_cpu_ms: float) -> list[Target]:
                 ratio <= 1.5,
             )
         )
+    if spawn is not None and warm is not None:
+        # The line above counts Celery's and toolq's own per-call work too (warm's whole
+        # CPU per call is about half a bare start); this one, what a fresh process adds.
+        ratio = (med(spawn.tool.cpu_ms) - med(warm.tool.cpu_ms)) / bare_cpu_ms
+        found.append(
+            Target(
+                "spawn tool, CPU a fresh process adds (spawn minus warm, per call)",
+                f"{ratio:.2f}x a bare wrapper start",
+                "<= 1.5x",
+                ratio <= 1.5,
+            )
+        )
     for mode, f in results.items():
         peak = med(f.peak_rss_mib)
         found.append(

@@ -84,6 +84,27 @@ class Chunk:
 
 
 @dataclass
+class ChunkReport:
+    """How a chunk's calls went: what Flower shows as the chunk task's result."""
+
+    calls: int
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    """Handed on as single messages, to be tried again (any worker may take them)."""
+    skipped: int = 0
+    """Redelivered chunk: calls that had ended or been handed on before."""
+    left: list[ChunkEntry] = field(default_factory=list)
+    """Out of time before the redelivery timeout: sent back as a new chunk."""
+
+    def summary(self) -> str:
+        parts = [f"{self.succeeded} succeeded", f"{self.failed} failed"]
+        named = (("retried", self.retried), ("skipped", self.skipped), ("put back", len(self.left)))
+        parts += [f"{n} {what}" for what, n in named if n]
+        return f"{self.calls} calls: " + ", ".join(parts)
+
+
+@dataclass
 class ChunkRunner:
     handler: CallHandler
     slots: Slots
@@ -99,9 +120,10 @@ class ChunkRunner:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _hard_limits: dict[str | None, float] = field(default_factory=dict)
 
-    def run(self, chunk: Chunk) -> list[ChunkEntry]:
-        """Run the chunk's calls; return those left for another message."""
+    def run(self, chunk: Chunk) -> ChunkReport:
+        """Run the chunk's calls; the report names those left for another message."""
         entries = chunk.entries
+        report = ChunkReport(calls=len(entries))
         if chunk.redelivered:
             done = self.results.settled(chunk.chunk_id, [e.call_id for e in entries])
             if done:
@@ -109,6 +131,7 @@ class ChunkRunner:
                     "chunk %s redelivered: %d of its calls already ended", chunk.chunk_id, len(done)
                 )
             entries = [e for e in entries if e.call_id not in done]
+            report.skipped = len(chunk.entries) - len(entries)
         todo = deque(entries)
         ends_at = self.clock() + self.budget_s
         started = [False]
@@ -126,7 +149,7 @@ class ChunkRunner:
         def drain(own: bool) -> None:
             with self.slots.holding(wait=own) as held:
                 while held and (entry := next_entry()) is not None:
-                    stored = self._one(entry, chunk)
+                    stored = self._one(entry, chunk, report)
                     if stored is not None:
                         written.append(stored)
                     if not own and self.slots.contended:
@@ -141,7 +164,8 @@ class ChunkRunner:
                 helper.result()
         for stored in written:  # acknowledged only once every result is in Redis
             stored.wait()
-        return list(todo)
+        report.left = list(todo)
+        return report
 
     def _hard_limit_s(self, entry: ChunkEntry) -> float:
         tool_id = entry.message.get("tool_id") if isinstance(entry.message, Mapping) else None
@@ -152,7 +176,7 @@ class ChunkRunner:
             limit = self._hard_limits[known] = settings.limits_for(known).hard_timeout_s
         return limit
 
-    def _one(self, entry: ChunkEntry, chunk: Chunk) -> threading.Event | None:
+    def _one(self, entry: ChunkEntry, chunk: Chunk, report: ChunkReport) -> threading.Event | None:
         delivery = Delivery(entry.call_id, chunk.worker, chunk.queue, chunk.redelivered)
         try:
             decision = self.handler.handle(entry.message, delivery)
@@ -161,9 +185,16 @@ class ChunkRunner:
             crashed = ToolCrashed(f"worker error: {exc!r}", type(exc).__name__)
             decision = Final(ToolResult.failed(entry.call_id, "", crashed).to_dict())
         if isinstance(decision, Final):
+            with self._lock:
+                if decision.envelope.get("error"):
+                    report.failed += 1
+                else:
+                    report.succeeded += 1
             return self.results.store(entry.call_id, decision.envelope)
         self.retry(entry.call_id, decision, chunk.queue)
         self.results.handed_off(chunk.chunk_id, [entry.call_id])
+        with self._lock:
+            report.retried += 1
         return None
 
 

@@ -111,14 +111,14 @@ def _register_chunks(app: Celery, chunks: ChunkRunner) -> None:
         reject_on_worker_lost=True,
         ignore_result=True,  # each call's result is stored under its own id
     )
-    def run_batch(self: Task, calls: Any) -> None:
+    def run_batch(self: Task, calls: Any) -> str | None:
         info = self.request.delivery_info or {}
         queue = info.get("routing_key")
         try:
             entries = chunk_from_message(calls)
         except InvalidInput as exc:  # the poison check refuses these before they get here
             log.warning("chunk %s refused: %s", self.request.id, exc)
-            return
+            return None
         chunk = Chunk(
             chunk_id=str(self.request.id),
             worker=str(self.request.hostname),
@@ -126,10 +126,11 @@ def _register_chunks(app: Celery, chunks: ChunkRunner) -> None:
             redelivered=bool(info.get("redelivered")),
             entries=entries,
         )
-        left = chunks.run(chunk)
-        if left:  # out of time before the redelivery timeout: the rest goes back
-            send_chunk(app, left, queue)
-            chunks.results.handed_off(chunk.chunk_id, [entry.call_id for entry in left])
+        report = chunks.run(chunk)
+        if report.left:  # out of time before the redelivery timeout: the rest goes back
+            send_chunk(app, report.left, queue)
+            chunks.results.handed_off(chunk.chunk_id, [e.call_id for e in report.left])
+        return report.summary()  # Flower's result column, from the task-succeeded event
 
 
 def retry_publisher(app: Celery, handler: CallHandler) -> Callable[[str, Retry, str | None], None]:

@@ -109,8 +109,9 @@ def chunk(items: list[ChunkEntry], redelivered: bool = False) -> Chunk:
 
 def test_every_call_of_a_chunk_ends_under_its_own_id() -> None:
     run, results, retried, _ = runner([ok({"n": 1})])
-    left = run.run(chunk(entries(25)))
-    assert left == [] and retried == []
+    report = run.run(chunk(entries(25)))
+    assert report.left == [] and retried == []
+    assert report.summary() == "25 calls: 25 succeeded, 0 failed"
     assert sorted(results.stored) == sorted(f"call-{i}" for i in range(25))
     assert all(e["id"] == call_id for call_id, e in results.stored.items())
     assert all(e["metadata"]["tool_exec_id"] == call_id for call_id, e in results.stored.items())
@@ -119,7 +120,8 @@ def test_every_call_of_a_chunk_ends_under_its_own_id() -> None:
 def test_a_call_to_retry_is_handed_on_not_stored() -> None:
     settings = {"retryable_errors": ["Error"], "max_attempts": 3}
     run, results, retried, _ = runner([error("tool_error"), ok()], settings=settings)
-    run.run(chunk(entries(2)))
+    report = run.run(chunk(entries(2)))
+    assert report.summary() == "2 calls: 1 succeeded, 0 failed, 1 retried"
     assert [call_id for call_id, _ in retried] == ["call-0"]
     assert retried[0][1].request.attempt == 2
     assert list(results.stored) == ["call-1"]  # the retried call is not over yet
@@ -135,21 +137,23 @@ def test_a_chunk_starts_no_call_it_could_not_finish_before_redelivery() -> None:
 
     # hard limit 35 s (timeout 30 s + 5 s): a budget of 40 s leaves room for one more
     run, results, _, _ = runner(budget_s=40.0, clock=clock)
-    left = run.run(chunk(entries(6)))
+    left = run.run(chunk(entries(6))).left
     assert 1 <= len(results.stored) < 6
     assert [e.call_id for e in left] == [f"call-{i}" for i in range(len(results.stored), 6)]
 
 
 def test_the_first_call_always_runs_so_a_chunk_always_progresses() -> None:
     run, results, _, _ = runner(budget_s=0.0)
-    left = run.run(chunk(entries(3)))
-    assert list(results.stored) == ["call-0"] and len(left) == 2
+    report = run.run(chunk(entries(3)))
+    assert list(results.stored) == ["call-0"] and len(report.left) == 2
+    assert report.summary() == "3 calls: 1 succeeded, 0 failed, 2 put back"
 
 
 def test_a_redelivered_chunk_skips_calls_that_ended_or_were_handed_on() -> None:
     run, results, _, _ = runner(results=FakeResults(settled={"call-0", "call-2"}))
-    run.run(chunk(entries(4), redelivered=True))
+    report = run.run(chunk(entries(4), redelivered=True))
     assert sorted(results.stored) == ["call-1", "call-3"]
+    assert report.skipped == 2
 
 
 def test_a_chunk_spreads_over_free_slots_only() -> None:
@@ -190,7 +194,7 @@ def test_a_handler_error_still_ends_the_call() -> None:
         raise RuntimeError("bug")
 
     run.handler.handle = broken  # type: ignore[method-assign]
-    run.run(chunk(entries(2)))
+    assert run.run(chunk(entries(2))).failed == 2
     assert {e["error"]["kind"] for e in results.stored.values()} == {"crashed"}
 
 
