@@ -412,7 +412,8 @@ class ToolClient:
         :data:`MAX_AUTO_CHUNK` calls, smaller for short lists so that at least
         :data:`MIN_CHUNKS` messages spread over the workers. Every input is validated
         before anything is sent (:class:`InvalidInput` names the first bad one). A chunk
-        counts as one message towards ``max_queue_length``.
+        counts as one message towards ``max_queue_length``. If Redis goes away part-way,
+        :class:`BrokerUnavailable` is raised and the chunks already sent still run.
         """
         requests = []
         for index, item in enumerate(inputs):

@@ -14,6 +14,7 @@ import redis
 from tests.conftest import StartWorker, wait_until
 from tests.test_operations import toolq
 from tests.test_resilience import REDELIVERY_CONFIG
+from tests.test_runner import max_overlap
 from toolq import ToolClient
 from toolq.config.celery_app import RUN_BATCH_TASK, queue_lists
 from toolq.config.loader import load_settings
@@ -23,15 +24,6 @@ from toolq.workers.process import WorkerProcess
 
 def _queue_of(worker: WorkerProcess) -> str:
     return next(arg.split("=", 1)[1] for arg in worker.argv if arg.startswith("--queues="))
-
-
-def max_overlap(windows: list[tuple[float, float]]) -> int:
-    edges = sorted([(s, 1) for s, _ in windows] + [(e, -1) for _, e in windows])
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def _chunk_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:

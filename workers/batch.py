@@ -14,7 +14,8 @@ call is waiting for one, so a chunk never starves the calls around it.
 Bounded: a chunk starts a call only if that call's hard limit ends before the chunk's
 message could be redelivered (the visibility timeout, less Celery's margins); what is
 left then goes back on the queue as a new chunk. A chunk redelivered after its worker
-died skips the calls that finished or were handed on, so none runs twice because of it.
+died skips the calls that ended or were handed on: only the calls running when the
+worker died run again, as a single call would.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ class ChunkRunner:
             entries = [e for e in entries if e.call_id not in done]
             report.skipped = len(chunk.entries) - len(entries)
         todo = deque(entries)
+        if not todo:
+            return report
         ends_at = self.clock() + self.budget_s
         started = [False]
         written: list[threading.Event] = []
@@ -273,7 +276,10 @@ class StoredResults:
                     batch.append(self._pending.get_nowait())
                 except queue.Empty:
                     break
-            self._write(batch)
+            try:
+                self._write(batch)
+            except Exception:  # not Redis being away (that is waited out): never hang
+                log.exception("cannot store %d results", len(batch))
             for write in batch:
                 write.stored.set()
 
