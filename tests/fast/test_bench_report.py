@@ -1,0 +1,51 @@
+"""The benchmark report and its targets, from made-up figures (no Redis, no Bun)."""
+
+from __future__ import annotations
+
+import os
+
+from toolq import bench
+from toolq.bench import Figures, Subject, targets
+
+
+def figures(*, tool_closed: float, pss: float, rss: float, bulk: float) -> Figures:
+    f = Figures()
+    for name in list(f.subjects):
+        rate = tool_closed if name in ("tool", "guarded") else 500.0
+        f.subjects[name] = Subject(
+            drain=[rate], closed=[rate], p50_ms=[2.0], p95_ms=[3.0],
+            batch_p50_ms=[300.0], batch_p95_ms=[400.0], cpu_ms=[3.0],
+        )  # fmt: skip
+    f.peak_rss_mib, f.peak_pss_mib = [rss], [pss]
+    f.bulk, f.bulk_plain, f.bulk_single = [bulk], [500.0], [300.0]
+    f.sizes = {size: [[5.0, 6.0]] for size in bench.SIZES}
+    f.baseline_sizes = {size: [[2.0, 3.0]] for size in bench.SIZES}
+    return f
+
+
+def test_memory_is_judged_by_what_the_tree_holds_not_summed_rss() -> None:
+    found = targets({"warm": figures(tool_closed=400, pss=180, rss=560, bulk=1100)}, 6.0)
+    memory = [t for t in found if "peak memory" in t.name]
+    assert len(memory) == 1 and memory[0].met and "summed RSS 560 MiB" in memory[0].name
+    over = targets({"warm": figures(tool_closed=400, pss=530, rss=560, bulk=1100)}, 6.0)
+    assert not next(t for t in over if "peak memory" in t.name).met
+
+
+def test_bulk_target_compares_map_with_the_plain_closed_loop() -> None:
+    found = {
+        t.name: t for t in targets({"warm": figures(tool_closed=400, pss=1, rss=1, bulk=990)}, 6.0)
+    }
+    bulk = found["map() of 2000 trivial calls (warm), throughput"]
+    assert bulk.value == "1.98x plain closed loop" and not bulk.met
+
+
+def test_the_report_has_the_bulk_section_and_both_memory_figures() -> None:
+    results = {"warm": figures(tool_closed=400, pss=180, rss=560, bulk=1100)}
+    text = bench._report(results, [6.0], 3, 500, 100, 15, "7", "auto", "R.png", (0, 0, 0))
+    assert "## Bulk: `map()` of 2000 calls" in text and "| 2.20x |" in text
+    assert "| warm | 180 | 35% | 560 |" in text
+
+
+def test_pss_of_a_process_tree_is_at_most_its_rss() -> None:
+    pss, rss = bench.tree_pss_mib(os.getpid()), bench.tree_rss_mib(os.getpid())
+    assert 0 < pss <= rss
