@@ -14,7 +14,8 @@ shows it as RETRY (with its countdown), never as running.
 A chunk of calls (``toolq.run_batch``, from ``ToolClient.map``) is one message whose
 calls :class:`~toolq.workers.batch.ChunkRunner` runs over the worker's free slots, each
 with its own result; Flower shows the chunk as one task (``toolq:<tool id>``, its
-arguments naming the number of calls) and stores no result for it.
+arguments naming the number of calls, its result the tally of how they ended); the
+chunk itself stores no result.
 """
 
 from __future__ import annotations
