@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
+from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from toolq.config.loader import load_settings
@@ -482,8 +483,12 @@ def flower(
         argv.append(f"--basic_auth={basic_auth}")
     app = make_celery(settings)
     # Workers send task events on demand (performance.task_events): ask now, so calls
-    # show from the first second; Flower itself asks again every 5 s.
-    _guard(lambda: app.control.enable_events())
+    # show from the first second; Flower itself asks again every 5 s (so a Redis that is
+    # not up yet only delays this).
+    try:
+        app.control.enable_events()
+    except (OperationalError, RedisError, OSError) as exc:
+        typer.echo(f"toolq: cannot ask workers for task events yet ({exc})", err=True)
     app.start(argv)
 
 
