@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from toolq.bench import bench_worker, peak_rss_while_busy, tree_rss_mib
+from toolq.bench import bench_worker, peak_memory_while_busy, tree_rss_mib
 from toolq.devredis import ensure_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def measure(pool: str, mode: str, redis_url: str, config: Path) -> tuple[float, 
     ):
         time.sleep(1.0)  # let a warm pool fill
         idle = tree_rss_mib(worker.pid)
-        peak = peak_rss_while_busy(client, queue, worker.pid, calls_at_once=10, ms=3000)
+        peak = peak_memory_while_busy(client, queue, worker.pid, calls_at_once=10, ms=3000)[0]
     return idle, peak
 
 

@@ -481,17 +481,6 @@ def _latencies(send: Callable[[], Any], count: int) -> list[float]:
     return values
 
 
-def peak_rss_while_busy(
-    client: ToolClient,
-    queue: str,
-    worker_pid: int,
-    calls_at_once: int = CONCURRENCY,
-    ms: int = 2000,
-) -> float:
-    """Peak RSS (MiB) of the worker tree while ``calls_at_once`` slow calls run."""
-    return peak_memory_while_busy(client, queue, worker_pid, calls_at_once, ms)[0]
-
-
 def peak_memory_while_busy(
     client: ToolClient,
     queue: str,
