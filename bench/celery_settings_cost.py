@@ -28,6 +28,7 @@ from typing import Any
 
 from celery import Celery
 
+from toolq.bench import rotated
 from toolq.bench_baseline import SETTINGS as PLAIN
 from toolq.config.celery_app import celery_config
 from toolq.config.loader import load_settings
@@ -36,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 VARIANT_ENV = "TOOLQ_BENCH_CELERY_VARIANT"
 VARIANTS = {
     "plain": "Celery defaults + late acks, prefetch 1 (the baseline)",
-    "toolq": "toolq's Celery settings",
-    "toolq - task events": "worker_send_task_events off",
+    "toolq": "toolq's Celery settings (task events on demand: none asked for)",
+    "toolq + task events": "worker_send_task_events on (performance.task_events: always)",
     "toolq - priority lists": "no priority_steps (one Redis list per queue)",
     "toolq - socket timeouts": "no socket/connect timeouts, no health checks",
     "toolq - backend retries": "result_backend_always_retry off",
@@ -51,8 +52,8 @@ def variant_config(variant: str, redis_url: str, *, worker: bool) -> dict[str, A
     settings = load_settings(None, environ={}, overrides={"redis_url": redis_url})
     config = celery_config(settings, worker=worker)
     transport = dict(config["broker_transport_options"])
-    if variant == "toolq - task events":
-        config["worker_send_task_events"] = False
+    if variant == "toolq + task events":
+        config["worker_send_task_events"] = True
     elif variant == "toolq - priority lists":
         transport.pop("priority_steps")
         transport.pop("sep")
@@ -126,10 +127,8 @@ def main() -> None:
                         raise RuntimeError(f"the {variant} worker did not start")
                 closed_loop(app, queues[variant], 100)  # warm up
             rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-            names = list(VARIANTS)
-            for round_no in range(args.rounds):
-                shift = round_no % len(names)
-                for variant in names[shift:] + names[:shift]:
+            for round_no in range(1, args.rounds + 1):
+                for variant in rotated(tuple(VARIANTS), round_no):
                     rates[variant].append(
                         closed_loop(producers[variant], queues[variant], args.calls)
                     )

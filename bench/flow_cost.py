@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from toolq.bench import count_commands
 from toolq.config.loader import load_settings
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.handler import Delivery, Final
@@ -47,21 +47,6 @@ def claim_database(base_url: str) -> tuple[str, redis.Redis]:
             return url, client
         client.close()
     raise SystemExit(f"no empty database free at {base_url}")
-
-
-def count_commands(parts: WorkerParts) -> list[str]:
-    """Commands this thread sends through the worker's Redis client, from now on."""
-    sent: list[str] = []
-    me = threading.get_ident()
-    execute = parts.redis.execute_command
-
-    def counted(*args: Any, **options: Any) -> Any:
-        if threading.get_ident() == me:
-            sent.append(str(args[0]))
-        return execute(*args, **options)
-
-    parts.redis.execute_command = counted  # type: ignore[method-assign]
-    return sent
 
 
 def main() -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.result import AsyncResult
 
 from toolq.config.settings import Settings
-from toolq.protocol import ChunkEntry, chunk_to_message
+from toolq.protocol import CallRequest, ChunkEntry, chunk_to_message
+from toolq.sealing import Sealer
 
 RUN_TOOL_TASK = "toolq.run_tool"
 """The one task: run a tool invocation with Bun and return its envelope."""
@@ -102,7 +104,7 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         # With late acks a running call stays unacknowledged, so a prefetch of one per
         # slot means a busy worker holds no call it is not running: it hoards nothing.
         "worker_prefetch_multiplier": 1,
-        # Task events cost a quarter of a trivial call's throughput (bench/
+        # Task events cost about a fifth of a trivial call's throughput (bench/
         # celery_settings_cost.py), so by default a worker sends them only once a monitor
         # asks: Flower broadcasts enable_events every 5 s (workers started later too),
         # `toolq flower` once more at start. Worker events (heartbeats) always flow.
@@ -117,6 +119,34 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         "result_extended": False,  # args would carry the call's env into Redis twice
         "enable_utc": True,
     }
+
+
+def send_call(
+    app: Celery,
+    request: CallRequest,
+    call_id: str,
+    queue: str | None,
+    sealer: Sealer | None,
+    *,
+    countdown: float | None = None,
+    retry: bool = True,
+) -> AsyncResult:
+    """Send one call as a single message (``toolq.run_tool``) under its own id: how a
+    producer enqueues it, and how a worker tries a chunk's call again. Flower shows it as
+    ``toolq:<tool id>``, its arguments the tool id and a short input, env values never."""
+    return app.send_task(
+        RUN_TOOL_TASK,
+        args=[request.to_message(sealer)],
+        task_id=call_id,
+        queue=queue,
+        countdown=countdown,
+        priority=broker_priority(request.priority),
+        argsrepr=request.describe(),
+        kwargsrepr="{}",
+        shadow=f"toolq:{request.tool_id}",
+        headers={"toolq_tool_id": request.tool_id},  # Flower, logs
+        retry=retry,
+    )
 
 
 def send_chunk(app: Celery, entries: list[ChunkEntry], queue: str | None) -> str:

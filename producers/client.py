@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery, states
@@ -31,13 +32,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from toolq.config.celery_app import (
-    RUN_TOOL_TASK,
-    broker_priority,
-    make_celery,
-    queue_lists,
-    send_chunk,
-)
+from toolq.config.celery_app import make_celery, queue_lists, send_call, send_chunk
 from toolq.config.connections import redis_client
 from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
@@ -69,6 +64,7 @@ that its calls spread over several workers' slots."""
 CHUNK_MAX_BYTES = 1024 * 1024
 """A chunk message holds at most this much of calls (a bigger call goes alone)."""
 
+T = TypeVar("T")
 Duration = float | str
 """Seconds, or a duration string such as ``"30s"`` or ``"500ms"``."""
 _REFUSED_RETRY_S = 0.2
@@ -329,26 +325,20 @@ class ToolClient:
             return cancel_call(self._redis, self.app, self.settings.keys, call_id, tool_id)
 
     def _send(self, request: CallRequest, call_id: str, queue: str) -> AsyncResult:
+        _subscribe_on_wait(self.app)
+        return self._publish(
+            lambda: send_call(self.app, request, call_id, queue, self._sealer, retry=False)
+        )
+
+    def _publish(self, send: Callable[[], T]) -> T:
         """Publish once per try, within ``redis_socket_timeout`` in all: a refused
         connection (a restart) is tried again until then; a hung Redis is not waited
         for twice (Celery's own publish retries would wait 4-5 socket timeouts)."""
         deadline = time.monotonic() + self.settings.redis_socket_timeout_s
-        _subscribe_on_wait(self.app)
         while True:
             try:
                 with _redis_errors(self.settings.redis_url):
-                    return self.app.send_task(
-                        RUN_TOOL_TASK,
-                        args=[request.to_message(self._sealer)],
-                        task_id=call_id,
-                        queue=queue,
-                        priority=broker_priority(request.priority),
-                        argsrepr=request.describe(),
-                        kwargsrepr="{}",
-                        shadow=f"toolq:{request.tool_id}",  # the name Flower shows
-                        headers={"toolq_tool_id": request.tool_id},  # Flower, logs
-                        retry=False,
-                    )
+                    return send()
             except BrokerUnavailable:
                 if time.monotonic() + _REFUSED_RETRY_S >= deadline:
                     raise
@@ -448,20 +438,8 @@ class ToolClient:
             if len(chunk) == 1:  # a call alone is sent as a single call
                 self._send(by_id[chunk[0].call_id], chunk[0].call_id, queue)
             else:
-                self._send_chunk(chunk, queue)
+                self._publish(functools.partial(send_chunk, self.app, chunk, queue))
         return [self.call(entry.call_id, tool_id) for entry, _ in entries]
-
-    def _send_chunk(self, chunk: list[ChunkEntry], queue: str) -> None:
-        deadline = time.monotonic() + self.settings.redis_socket_timeout_s
-        while True:
-            try:
-                with _redis_errors(self.settings.redis_url):
-                    send_chunk(self.app, chunk, queue)
-                    return
-            except BrokerUnavailable:
-                if time.monotonic() + _REFUSED_RETRY_S >= deadline:
-                    raise
-                time.sleep(_REFUSED_RETRY_S)
 
     def gather(self, calls: Sequence[ToolCall], wait: Duration | None = None) -> list[ToolResult]:
         """Wait for every call (in one subscription, not one per call); results in the

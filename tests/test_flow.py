@@ -19,6 +19,7 @@ import redis
 from tests.conftest import StartWorker, wait_until
 from tests.test_resilience import runs, toolq
 from toolq import QueueFull, ToolClient
+from toolq.bench import count_commands
 from toolq.config.celery_app import queue_lists
 from toolq.status import flow_status
 from toolq.workers.assembly import build_worker
@@ -360,16 +361,7 @@ def test_redis_commands_flow_control_adds_to_a_call(
     try:
         handler = parts.handler
         handler.handle({"tool_id": "echo", "input": {}}, Delivery("warm-up", "w"))
-        sent: list[str] = []
-        me = threading.get_ident()
-        execute = parts.redis.execute_command
-
-        def counted(*args: Any, **options: Any) -> Any:
-            if threading.get_ident() == me:
-                sent.append(str(args[0]))
-            return execute(*args, **options)
-
-        parts.redis.execute_command = counted  # type: ignore[method-assign]
+        sent = count_commands(parts)
         body = {"tool_id": tool_id, "input": {"log": str(tmp_path / "log")}, "env": {}}
         decision = handler.handle({**body, "enqueued_at": time.time()}, Delivery("c1", "w"))
         assert isinstance(decision, Final) and decision.envelope["status"] == "success"

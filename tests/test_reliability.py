@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
+from tests.test_operations import toolq
 from toolq import BrokerUnavailable, ResultTimeout, ToolClient
 from toolq.config.celery_app import queue_lists
 from toolq.config.loader import load_settings
@@ -500,27 +501,12 @@ def test_an_entry_over_a_tenth_of_the_budget_keeps_a_preview_and_replay_refuses_
         assert len(json.dumps(huge)) <= 64 * 1024 // 10
         small = letters.get("small")
         assert small is not None and small["input"] == {"pad": "x" * 1000}  # untouched
-    env = {
-        **os.environ,
-        "TOOLQ_REDIS_URL": scratch_redis.url,
-        "TOOLQ_CONFIG": str(TOOLS_CONFIG),
-        "TOOLQ_DEAD_LETTER_MAX_BYTES": "64KiB",
-    }
-
-    def toolq(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "toolq", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
-
-    refused = toolq("dlq", "replay", "huge")
+    env = {"TOOLQ_DEAD_LETTER_MAX_BYTES": "64KiB"}
+    refused = toolq(scratch_redis.url, "dlq", "replay", "huge", env=env)
     assert refused.returncode == 1, refused
     assert "cannot replay huge" in refused.stderr and "too large" in refused.stderr
     assert "Traceback" not in refused.stderr
-    replayed = toolq("dlq", "replay", "small")
+    replayed = toolq(scratch_redis.url, "dlq", "replay", "small", env=env)
     assert replayed.returncode == 0, replayed
     assert replayed.stdout.startswith("small -> ")
     with redis.Redis.from_url(scratch_redis.url) as connection:

@@ -37,13 +37,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import celery
 import redis
@@ -59,6 +60,9 @@ from toolq.profile_call import Breakdown, profile_subject, py_spy, wall_breakdow
 from toolq.profile_call import report as profile_report
 from toolq.workers.process import WorkerProcess
 from toolq.workers.runtime.bun import WRAPPER, find_bun
+
+if TYPE_CHECKING:
+    from toolq.workers.assembly import WorkerParts
 
 PROJECT = Path(__file__).resolve().parent / "projects" / "bench"
 """Shipped inside the package: `toolq bench` works from an installed wheel too."""
@@ -240,8 +244,7 @@ def _bench_mode(
             _warm_up(functools.partial(senders[name][1], home[name]))
         for round_no in range(1, rounds + 1):
             say(f"mode {mode}: round {round_no}/{rounds}")
-            shift = (round_no - 1) % len(names)
-            for name in names[shift:] + names[:shift]:
+            for name in rotated(names, round_no):
                 side, send = senders[name]
                 subject = figures.subjects[name]
                 cpu_before = side.cpu.seconds()
@@ -270,7 +273,7 @@ def _bench_mode(
             figures.peak_pss_mib.append(pss)
             if mode == "warm":
                 plain_send = functools.partial(senders["celery"][1], plain_queue)
-                for kind in _rotated(("plain", "map", "single"), round_no):
+                for kind in rotated(("plain", "map", "single"), round_no):
                     if kind == "plain":
                         figures.bulk_plain.append(_closed_loop(plain_send, BULK_CALLS)[0])
                     else:
@@ -461,7 +464,8 @@ def _map_rate(client: ToolClient, queue: str, calls: int, chunk_size: int | None
     return calls / elapsed
 
 
-def _rotated(items: tuple[str, ...], round_no: int) -> tuple[str, ...]:
+def rotated(items: tuple[str, ...], round_no: int) -> tuple[str, ...]:
+    """The subjects in round ``round_no``'s order (1-based): each takes the lead in turn."""
     shift = (round_no - 1) % len(items)
     return items[shift:] + items[:shift]
 
@@ -503,6 +507,21 @@ def peak_memory_while_busy(
 
 
 # -- process measurements -----------------------------------------------------------------
+
+
+def count_commands(parts: WorkerParts) -> list[str]:
+    """Commands this thread sends through the worker's Redis client, from now on."""
+    sent: list[str] = []
+    me = threading.get_ident()
+    execute = parts.redis.execute_command
+
+    def counted(*args: Any, **options: Any) -> Any:
+        if threading.get_ident() == me:
+            sent.append(str(args[0]))
+        return execute(*args, **options)  # type: ignore[no-untyped-call]
+
+    parts.redis.execute_command = counted  # type: ignore[method-assign]
+    return sent
 
 
 def _process_table() -> tuple[dict[int, list[int]], dict[int, list[str]]]:

@@ -32,6 +32,7 @@ from toolq.config.celery_app import (
     RUN_BATCH_TASK,
     RUN_TOOL_TASK,
     broker_priority,
+    send_call,
     send_chunk,
 )
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S
@@ -139,18 +140,7 @@ def retry_publisher(app: Celery, handler: CallHandler) -> Callable[[str, Retry, 
     ``Task.retry`` sends it for a single call."""
 
     def publish(call_id: str, decision: Retry, queue: str | None) -> None:
-        request = decision.request
-        app.send_task(
-            RUN_TOOL_TASK,
-            args=[request.to_message(handler.sealer)],
-            task_id=call_id,
-            queue=queue,
-            countdown=decision.delay_s,
-            priority=broker_priority(request.priority),
-            argsrepr=request.describe(),
-            kwargsrepr="{}",
-            shadow=f"toolq:{request.tool_id}",
-        )
+        send_call(app, decision.request, call_id, queue, handler.sealer, countdown=decision.delay_s)
 
     return publish
 
