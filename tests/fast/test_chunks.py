@@ -16,7 +16,7 @@ import pytest
 from tests.fast.fakes import error, ok, rig
 from toolq.errors import InvalidInput
 from toolq.protocol import ChunkEntry, chunk_from_message
-from toolq.workers.batch import Chunk, ChunkRunner
+from toolq.workers.batch import Chunk, ChunkRunner, Countdown
 from toolq.workers.handler import Retry
 
 
@@ -57,12 +57,9 @@ class FakeResults:
         self.handed: list[str] = []
         self._settled = settled or set()
 
-    def store(self, call_id: str, envelope: dict[str, Any]) -> threading.Event:
+    def store(self, call_id: str, envelope: dict[str, Any], written: Countdown) -> None:
         assert call_id not in self.stored, f"{call_id} stored twice"
         self.stored[call_id] = envelope
-        done = threading.Event()
-        done.set()
-        return done
 
     def handed_off(self, chunk_id: str, call_ids: list[str]) -> None:
         self.handed += call_ids

@@ -28,6 +28,10 @@ DEFAULT_RESOURCES = ResourceLimits(
 )
 
 
+_CANCEL_LOCK = threading.Lock()
+"""Shared by every token: cancelling is rare, creating a token is not."""
+
+
 class CancelToken:
     """Set once to ask the runtime to stop a running call (``toolq cancel``).
 
@@ -36,16 +40,19 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._event = threading.Event()
+        self._cancelled = False  # a flag, not an Event: every call makes a token
+        self._lock = _CANCEL_LOCK
 
     def cancel(self) -> None:
-        if not self._event.is_set():
-            self._event.set()
-            os.eventfd_write(self._fd, 1)
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+        os.eventfd_write(self._fd, 1)
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
 
     def fileno(self) -> int:
         return self._fd

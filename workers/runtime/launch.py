@@ -180,22 +180,31 @@ class Launcher:
                 self._egress[key] = proxy
         return proxy.directory
 
-    def tmp_path(self, host_tmpdir: str) -> str:
+    def host_tmpdir(self) -> str | None:
+        """A private host TMPDIR for one process, unsandboxed only: a sandboxed process has
+        a capped tmpfs of its own (making and removing an unused directory per spawned
+        process cost a mkdir and an rmtree each)."""
+        return call_tmpdir() if self.sandbox is None else None
+
+    def tmp_path(self, host_tmpdir: str | None) -> str:
         """TMPDIR as the tool sees it."""
-        return SANDBOX_TMP if self.sandbox is not None else host_tmpdir
+        if self.sandbox is not None:
+            return SANDBOX_TMP
+        assert host_tmpdir is not None, "an unsandboxed process needs a host TMPDIR"
+        return host_tmpdir
 
     def launch(
         self,
         *,
-        tmpdir: str,
+        tmpdir: str | None,
         permissions: Permissions,
         limits: ResourceLimits,
         env: dict[str, str],
         warm: bool,
         check: bool = False,
     ) -> Launched:
-        """Start Bun on the wrapper (``check``: only load the entrypoint, then exit);
-        raises OSError if it cannot be started."""
+        """Start Bun on the wrapper (``check``: only load the entrypoint, then exit) with
+        ``tmpdir`` (:meth:`host_tmpdir`) as TMPDIR; raises OSError if it cannot start."""
         envelope_r, envelope_w = os.pipe()
         fds = [envelope_w]
         argv = [

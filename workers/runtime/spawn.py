@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import Call, Outcome, failed
-from toolq.workers.runtime.launch import Launched, Launcher, base_environment, call_tmpdir
+from toolq.workers.runtime.launch import Launched, Launcher, base_environment
 from toolq.workers.runtime.limits import ResourceLimits
 from toolq.workers.runtime.pump import EXIT_GRACE_S, Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
@@ -53,7 +53,8 @@ class Fresh:
 
     launched: Launched
     pipes: Pipes
-    tmpdir: str
+    tmpdir: str | None
+    """Its host TMPDIR (unsandboxed only)."""
 
     def alive(self) -> bool:
         return self.launched.proc.poll() is None
@@ -61,7 +62,8 @@ class Fresh:
     def kill(self) -> None:
         self.pipes.close()
         self.launched.stop()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class SpawnRuntime:
@@ -215,13 +217,14 @@ class SpawnRuntime:
 
     def _launch(self, key: Key, env: Mapping[str, str]) -> Fresh:
         permissions, limits = key
-        tmpdir = call_tmpdir()
+        tmpdir = self.launcher.host_tmpdir()
         try:
             launched = self.launcher.launch(
                 tmpdir=tmpdir, permissions=permissions, limits=limits, env=dict(env), warm=False
             )
         except OSError:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         pipes = Pipes(launched.proc, launched.envelope_fd, lambda: launched.bun_pid)
         return Fresh(launched, pipes, tmpdir)

@@ -34,7 +34,7 @@ import time
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome, failed
 from toolq.workers.runtime.isolation import CallBoundary
-from toolq.workers.runtime.launch import Launcher, base_environment, call_tmpdir
+from toolq.workers.runtime.launch import Launcher, base_environment
 from toolq.workers.runtime.limits import ResourceLimits, rss_mb
 from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
@@ -49,7 +49,7 @@ class WarmProcess:
     def __init__(
         self, launcher: Launcher, permissions: Permissions, resources: ResourceLimits
     ) -> None:
-        self.tmpdir = call_tmpdir()
+        self.tmpdir = launcher.host_tmpdir()
         self.resources = resources
         try:
             self.launched = launcher.launch(
@@ -60,14 +60,15 @@ class WarmProcess:
                 warm=True,
             )
         except OSError:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            if self.tmpdir is not None:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise
         self.proc = self.launched.proc
         self.boundary = CallBoundary(self.launched)
         self.tool_tmpdir = launcher.tmp_path(self.tmpdir)
         self.pipes = Pipes(self.proc, self.launched.envelope_fd, lambda: self.launched.bun_pid)
         self.calls = 0
-        self._tmp_mtime = os.stat(self.tmpdir).st_mtime_ns
+        self._tmp_mtime = os.stat(self.tmpdir).st_mtime_ns if self.tmpdir is not None else 0
 
     @property
     def pid(self) -> int:
@@ -114,7 +115,10 @@ class WarmProcess:
             self._empty_tmpdir()
 
     def _empty_tmpdir(self) -> None:
-        """TMPDIR is private to one call at a time: clear whatever a call left in it."""
+        """TMPDIR is private to one call at a time: clear whatever a call left in it (in a
+        sandbox, the call boundary empties it with the rest of the sandbox's /tmp)."""
+        if self.tmpdir is None:
+            return
         mtime = os.stat(self.tmpdir).st_mtime_ns
         if mtime == self._tmp_mtime:
             return  # nothing was created or removed in it
@@ -131,7 +135,8 @@ class WarmProcess:
     def kill(self) -> None:
         self.pipes.close()
         self.launched.stop()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class WarmRuntime:
