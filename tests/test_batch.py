@@ -50,6 +50,28 @@ def test_map_in_chunks_gives_every_call_its_own_id_and_result(
     assert client.call(calls[123].id).result(timeout=5) == results[123]
 
 
+def test_chunk_results_expire_as_single_call_results_do(
+    client: ToolClient, start_worker: StartWorker, redis_url: str
+) -> None:
+    """The chunk writer stores results itself (one script per batch): the same key, the
+    same expiry as Celery's backend gives a single call's result, success or failure."""
+    queue = _queue_of(start_worker())
+    connection = redis.Redis.from_url(redis_url)
+    backend: Any = client.app.backend
+
+    def ttl(call_id: str) -> int:
+        return int(connection.ttl(backend.get_key_for_task(call_id)))
+
+    for tool_id in ("echo", "throws_non_retryable"):
+        single = client.enqueue(tool_id, {}, queue=queue)
+        single.result(timeout=30)
+        chunked = client.enqueue_many(tool_id, [{}, {}], queue=queue, chunk_size=2)
+        client.gather(chunked, wait=30)
+        expected = ttl(single.id)
+        assert expected > 0
+        assert all(abs(ttl(call.id) - expected) <= 5 for call in chunked), tool_id
+
+
 def test_a_chunk_spreads_over_the_free_slots_and_no_more(
     client: ToolClient, start_worker: StartWorker
 ) -> None:
