@@ -72,6 +72,18 @@ def test_chunk_results_expire_as_single_call_results_do(
         assert all(abs(ttl(call.id) - expected) <= 5 for call in chunked), tool_id
 
 
+def test_chunk_results_are_stored_after_redis_forgets_the_writer_script(
+    client: ToolClient, start_worker: StartWorker, redis_url: str
+) -> None:
+    """A restarted Redis has no scripts: the writer loads its script again (as every
+    toolq script does) instead of failing every chunk's results."""
+    queue = _queue_of(start_worker())
+    assert all(r.ok for r in client.map("echo", [{}] * 3, queue=queue, chunk_size=3, wait=30))
+    redis.Redis.from_url(redis_url).script_flush()
+    after = client.map("echo", [{"n": n} for n in range(3)], queue=queue, chunk_size=3, wait=30)
+    assert [r.result for r in after] == [{"echo": {"n": n}} for n in range(3)]
+
+
 def test_a_chunk_spreads_over_the_free_slots_and_no_more(
     client: ToolClient, start_worker: StartWorker
 ) -> None:

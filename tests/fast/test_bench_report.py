@@ -49,3 +49,17 @@ def test_the_report_has_the_bulk_section_and_both_memory_figures() -> None:
 def test_pss_of_a_process_tree_is_at_most_its_rss() -> None:
     pss, rss = bench.tree_pss_mib(os.getpid()), bench.tree_rss_mib(os.getpid())
     assert 0 < pss <= rss
+
+
+def test_spawn_latency_is_judged_back_to_back_and_paced_each_against_warm() -> None:
+    warm = figures(tool_closed=400, pss=1, rss=1, bulk=1100)
+    spawn = figures(tool_closed=60, pss=1, rss=1, bulk=0)
+    warm.tool.p50_ms, warm.tool.paced_p50_ms = [2.5], [2.4]
+    spawn.tool.p50_ms, spawn.tool.paced_p50_ms = [11.0], [6.0]  # 4.4x and 2.5x warm
+    found = {t.name: t for t in targets({"spawn": spawn, "warm": warm}, 9.0)}
+    back_to_back = found["spawn tool, p50 latency, back to back"]
+    paced = found["spawn tool, p50 latency, a call every 50 ms"]
+    assert (back_to_back.value, back_to_back.met) == ("4.40x warm", False)
+    assert (paced.value, paced.met) == ("2.50x warm", True)
+    spawn.tool.paced_p50_ms = []  # not measured: no paced row
+    assert not any("a call every" in t.name for t in targets({"spawn": spawn, "warm": warm}, 9.0))

@@ -41,10 +41,9 @@ class CancelToken:
     def __init__(self) -> None:
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._cancelled = False  # a flag, not an Event: every call makes a token
-        self._lock = _CANCEL_LOCK
 
     def cancel(self) -> None:
-        with self._lock:
+        with _CANCEL_LOCK:
             if self._cancelled:
                 return
             self._cancelled = True
