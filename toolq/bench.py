@@ -228,13 +228,22 @@ def _bench_mode(
     say: Callable[[str], None],
 ) -> Figures:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
+    drain_queue = f"drain-{queue}"
+    """Where the drains fill their calls (each drain empties and drops it)."""
     env = {"TOOLQ_RUNTIME__MODE": mode, "TOOLQ_RUNTIME__SANDBOX": sandbox}
     if mode == "spawn-cold":  # spawn without processes started ahead of demand
         env.update(TOOLQ_RUNTIME__MODE="spawn", TOOLQ_RUNTIME__SPAWN_AHEAD="0")
     figures = Figures()
     plain_app, plain_worker = baseline
     plain_queue = plain_worker.queue
-    with bench_worker(PROJECT / "compozy.yaml", redis_url, queue, env, concurrency=CONCURRENCY) as (
+    with bench_worker(
+        PROJECT / "compozy.yaml",
+        redis_url,
+        queue,
+        env,
+        known_queues=[drain_queue],
+        concurrency=CONCURRENCY,
+    ) as (
         client,
         worker,
     ):
@@ -256,7 +265,7 @@ def _bench_mode(
                 side, send = senders[name]
                 subject = figures.subjects[name]
                 cpu_before = side.cpu.seconds()
-                subject.drain.append(_drain_throughput(side, redis_url, calls, send))
+                subject.drain.append(_drain_throughput(side, redis_url, calls, send, drain_queue))
                 subject.cpu_ms.append((side.cpu.seconds() - cpu_before) * 1000 / calls)
                 rate, batch = _closed_loop(functools.partial(send, home[name]), calls)
                 subject.closed.append(rate)
@@ -300,7 +309,9 @@ def _bench_mode(
             side, send = senders[name]
             figures.profiles[name] = profile_subject(
                 worker_pid=side.pid,
-                drain=functools.partial(_drain_throughput, side, redis_url, calls, send),
+                drain=functools.partial(
+                    _drain_throughput, side, redis_url, calls, send, drain_queue
+                ),
                 closed_loop=functools.partial(
                     _closed_loop, functools.partial(send, home[name]), calls
                 ),
@@ -367,12 +378,20 @@ class BaselineWorker(WorkerProcess):
 
 @contextlib.contextmanager
 def bench_worker(
-    config: Path, redis_url: str, queue: str, env: dict[str, str], **worker_options: Any
+    config: Path,
+    redis_url: str,
+    queue: str,
+    env: dict[str, str],
+    known_queues: Sequence[str] = (),
+    **worker_options: Any,
 ) -> Iterator[tuple[ToolClient, WorkerProcess]]:
-    """A client and a running worker on a private queue, stopped and dropped afterwards."""
-    settings = load_settings(
-        config, environ=env, overrides={"redis_url": redis_url, "queue": queue}
-    )
+    """A client and a running worker on a private queue, stopped and dropped afterwards;
+    ``known_queues``: others the client sends to on purpose (no warning that no worker
+    reads them: the drains hand theirs to a worker when filled)."""
+    overrides: dict[str, Any] = {"redis_url": redis_url, "queue": queue}
+    if known_queues:
+        overrides["queues"] = {name: [] for name in known_queues}  # no tool routed there
+    settings = load_settings(config, environ=env, overrides=overrides)
     with (
         ToolClient(settings) as client,
         WorkerProcess(
@@ -420,14 +439,15 @@ def _check(outcome: Any) -> None:
         raise RuntimeError(f"benchmark call failed: {outcome.error}")
 
 
-def _drain_throughput(side: _Side, redis_url: str, calls: int, send: Callable[[str], Any]) -> float:
-    """Fill a fresh queue, then let the worker drain it: calls per second, worker-side.
+def _drain_throughput(
+    side: _Side, redis_url: str, calls: int, send: Callable[[str], Any], queue: str
+) -> float:
+    """Fill ``queue``, then let the worker drain it: calls per second, worker-side.
 
     While the worker drains, the producer only polls Redis every 50 ms (no result
     decoding), and the end is the last result's ``date_done`` as the worker stored it:
     the figure is the worker's, not the producer's (they share the machine's cores).
     """
-    queue = f"drain-{uuid.uuid4().hex[:8]}"
     result_keys = [side.app.backend.get_key_for_task(send(queue).id) for _ in range(calls)]
     with redis.Redis.from_url(redis_url) as connection:
         started = time.time()
