@@ -22,9 +22,9 @@ from toolq.config.celery_app import make_celery
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S, Settings
 from toolq.workers import poison
 from toolq.workers.assembly import WorkerParts, build_worker
-from toolq.workers.batch import ChunkRunner, StoredResults
+from toolq.workers.batch import ChunkRunner
 from toolq.workers.metrics import Metrics, serve, use_multiprocess_dir
-from toolq.workers.results import use_worker_backend
+from toolq.workers.results import StoredResults, use_worker_backend
 from toolq.workers.tasks import register_tasks, retry_publisher
 
 Pool = Literal["threads", "prefork"]
