@@ -111,9 +111,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from toolq.devredis import ensure_redis
+    from toolq.devredis import ensure_redis, scratch_database
 
-    with ensure_redis(quiet=True) as redis_url:
+    with (
+        ensure_redis(quiet=True) as base_url,
+        scratch_database(base_url, "bench") as redis_url,
+    ):
         producers, workers, queues = {}, [], {}
         try:
             for variant in VARIANTS:

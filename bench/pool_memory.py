@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from toolq.bench import bench_worker, peak_memory_while_busy, tree_rss_mib
-from toolq.devredis import ensure_redis
+from toolq.devredis import ensure_redis, scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "toolq" / "projects" / "bench"
@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", default="spawn", choices=["spawn", "warm"])
     args = parser.parse_args()
-    with ensure_redis() as redis_url:
+    with ensure_redis() as base_url, scratch_database(base_url, "bench") as redis_url:
         config = TOOLS / "compozy.yaml"  # 10 slots; the entrypoint must be in its project
         print(f"mode {args.mode}\n{'pool':10} {'idle MiB':>9} {'10 busy MiB':>12}")
         for pool in ("threads", "prefork"):

