@@ -231,8 +231,7 @@ def _bench_mode(
     say: Callable[[str], None],
 ) -> Figures:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
-    drain_queue = f"drain-{queue}"
-    """Where the drains fill their calls (each drain empties and drops it)."""
+    drain_queue = f"drain-{queue}"  # the drains fill it, and each empties and drops it
     env = {"TOOLQ_RUNTIME__MODE": mode, "TOOLQ_RUNTIME__SANDBOX": sandbox}
     if mode == "spawn-cold":  # spawn without processes started ahead of demand
         env.update(TOOLQ_RUNTIME__MODE="spawn", TOOLQ_RUNTIME__SPAWN_AHEAD="0")
