@@ -16,37 +16,30 @@ this script starts, from a cpuacct cgroup around it (getrusage where there is no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from spawn_cost import LIMITS, PROJECT, cpu_clock  # beside this script
 
+from toolq.bench import NOOP_REQUEST
 from toolq.workers.runtime import launch
 from toolq.workers.runtime.bun import WRAPPER, find_bun
 from toolq.workers.runtime.limits import Cgroups, joining
-from toolq.workers.runtime.sandbox import Permissions, make_sandbox
-
-REQUEST = json.dumps(
-    {"tool_id": "noop", "tool_exec_id": "b", "input": {}, "config": {}, "env": {},
-     "timeout_ms": 30000, "nonce": "n"}
-).encode()  # fmt: skip
+from toolq.workers.runtime.sandbox import Permissions, Sandbox, make_sandbox
 
 
-def captured_launch() -> tuple[list[str], dict[str, Any]]:
+def captured_launch(
+    bun: Path, sandbox: Sandbox, cgroups: Cgroups
+) -> tuple[list[str], dict[str, Any]]:
     """The argv and Popen options of one sandboxed, cgroup-joined launch (not started)."""
-    bun = find_bun(None, PROJECT)
-    cgroups = Cgroups.detect()
-    sandbox = make_sandbox("required", bun, WRAPPER, PROJECT)
-    if cgroups is None or sandbox is None:
-        raise SystemExit("needs a sandbox and cgroups here")
     seen: dict[str, Any] = {}
 
-    class Captured(Exception):
-        pass
+    class Captured(OSError):
+        """An OSError: the launcher then removes the cgroup it made and closes its pipe."""
 
     def popen(argv: list[str], **options: Any) -> None:
         seen.update(argv=argv, options=options)
@@ -61,8 +54,9 @@ def captured_launch() -> tuple[list[str], dict[str, Any]]:
             tmpdir=None, permissions=Permissions(), limits=LIMITS,
             env=launch.base_environment(), warm=False,
         )  # fmt: skip
-    except Captured:
-        pass
+    except OSError:
+        if not seen:
+            raise
     finally:
         launch.subprocess.Popen = real  # type: ignore[misc]
     return seen["argv"], seen["options"]
@@ -72,12 +66,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
-    argv, options = captured_launch()
+    bun = find_bun(None, PROJECT)
+    cgroups = Cgroups.detect()
+    sandbox = make_sandbox("required", bun, WRAPPER, PROJECT)
+    if cgroups is None or sandbox is None:
+        raise SystemExit("needs a sandbox and cgroups here")
+    argv, options = captured_launch(bun, sandbox, cgroups)
     bwrap_at = next(i for i, arg in enumerate(argv) if arg.endswith("bwrap"))
     bun_argv = argv[argv.index("--", bwrap_at) + 1 :]
-    cgroups = Cgroups.detect()
-    sandbox = make_sandbox("required", find_bun(None, PROJECT), WRAPPER, PROJECT)
-    assert cgroups is not None and sandbox is not None
     script = argv[2]  # the joining shell's: joins, then `ulimit -n`, then exec setpriv
     no_join = ["/bin/sh", "-c", script[script.index("ulimit") :], "toolq-join"]
 
@@ -100,7 +96,7 @@ def main() -> None:
         )  # fmt: skip
         for fd in fds:
             os.close(fd)
-        _, stderr = proc.communicate(REQUEST)
+        _, stderr = proc.communicate(NOOP_REQUEST)
         with os.fdopen(read_fd, "rb") as envelope:
             if b'"error":null' not in envelope.read():
                 raise RuntimeError(f"the call failed: {stderr.decode(errors='replace')[-500:]}")

@@ -677,20 +677,16 @@ class CpuMeter:
             time.sleep(0.1)
 
 
+NOOP_REQUEST = json.dumps(
+    {"tool_id": "noop", "tool_exec_id": "bench", "input": {}, "config": {}, "env": {},
+     "timeout_ms": 30000, "nonce": "n"}
+).encode()  # fmt: skip
+"""A spawn-mode request for the bench project's no-op tool, as the runner writes it."""
+
+
 def wrapper_cpu_ms(runs: int = 100) -> float:
     """CPU per run of the wrapper started with Bun directly, one trivial call each."""
     bun = find_bun(None, PROJECT)
-    request = json.dumps(
-        {
-            "tool_id": "noop",
-            "tool_exec_id": "bench",
-            "input": {},
-            "config": {},
-            "env": {},
-            "timeout_ms": 30000,
-            "nonce": "n",
-        }
-    ).encode()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     for _ in range(runs):
         read_fd, write_fd = os.pipe()
@@ -711,7 +707,7 @@ def wrapper_cpu_ms(runs: int = 100) -> float:
             cwd=PROJECT,
         )
         os.close(write_fd)
-        proc.communicate(request)
+        proc.communicate(NOOP_REQUEST)
         while os.read(read_fd, 65536):
             pass
         os.close(read_fd)

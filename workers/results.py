@@ -195,10 +195,10 @@ class StoredResults:
                 write.written.done()
 
     def _write(self, batch: list[_Write]) -> None:
+        keys = [write.key for write in batch]
+        args = [write.value for write in batch] + [write.expires for write in batch]
         while True:
             try:
-                keys = [write.key for write in batch]
-                args = [write.value for write in batch] + [write.expires for write in batch]
                 self._script(keys=keys, args=args, client=self.client)
                 return
             except (RedisError, OSError):
@@ -216,7 +216,7 @@ class StoredResults:
         backend: Any = self.app.backend
         with self.client.pipeline(transaction=False) as pipe:
             pipe.smembers(self.keys.chunk_handed_off(chunk_id))
-            pipe.mget([backend.get_key_for_task(call_id) for call_id in call_ids])
+            pipe.mget([self._key_prefix + call_id for call_id in call_ids])
             handed, stored = pipe.execute()
         done = {m.decode() if isinstance(m, bytes) else str(m) for m in handed}
         for call_id, raw in zip(call_ids, stored, strict=True):
