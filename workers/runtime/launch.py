@@ -34,6 +34,7 @@ from toolq.workers.runtime.limits import (
     ResourceLimits,
     joining,
     main_process,
+    pid_alive,
     preexec,
 )
 from toolq.workers.runtime.reaper import reaper
@@ -77,21 +78,11 @@ def sweep_tmpdirs(root: str | None = None) -> list[str]:
             match = _TMP_NAME.match(entry.name)
             if match is None or not entry.is_dir(follow_symlinks=False):
                 continue
-            if _pid_alive(int(match.group(1))):
+            if pid_alive(int(match.group(1))):
                 continue
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -167,6 +158,8 @@ class Launcher:
         self._egress: dict[tuple[str, ...], EgressProxy] = {}
         self._egress_lock = threading.Lock()
         sweep_tmpdirs()
+        if cgroups is not None:
+            cgroups.sweep()
 
     def _egress_dir(self, permissions: Permissions) -> str | None:
         """The host directory of the egress proxy enforcing a scoped --allow-net."""

@@ -15,9 +15,13 @@ import contextlib
 import functools
 import logging
 import os
+import queue
+import re
 import resource
 import shlex
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ from pathlib import Path
 
 log = logging.getLogger("toolq.worker")
 ROOT = Path("/sys/fs/cgroup")
+_NAME = re.compile(r"^toolq-(\d+)-[0-9a-f]{8}$")
+"""A per-process cgroup's name: the worker's pid, then a random part (:meth:`Cgroups.create`)."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,63 @@ class Cgroup:
         return False
 
     def remove(self) -> None:
+        """Remove the cgroup; one whose killed processes are still exiting (busy) is
+        removed by :func:`remove_when_empty` as soon as they are gone."""
         for path in self.dirs.values():
-            with contextlib.suppress(OSError):
+            try:
                 path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                remove_when_empty(path)
+
+
+REMOVE_RETRY_S = 0.05
+REMOVE_GIVE_UP_S = 60.0
+"""How long a busy cgroup is tried again before it is left (and logged)."""
+_leftovers: queue.SimpleQueue[tuple[Path, float]] = queue.SimpleQueue()
+_remover: tuple[int, threading.Thread] | None = None
+_remover_lock = threading.Lock()
+
+
+def remove_when_empty(path: Path) -> None:
+    """Remove ``path`` (a cgroup) once its processes are gone, on a background thread.
+
+    ``rmdir`` fails while a process killed a moment ago is still exiting (a Bun with
+    many threads, the sandbox's PID namespace coming down); silently leaving the cgroup
+    kept about half the spawned processes' cgroups for good, and a cgroup-v1 memory
+    cgroup holds kernel memory and one of the 65,535 ids the kernel hands out.
+    """
+    global _remover
+    _leftovers.put((path, time.monotonic() + REMOVE_GIVE_UP_S))
+    with _remover_lock:
+        if _remover is None or _remover[0] != os.getpid() or not _remover[1].is_alive():
+            thread = threading.Thread(target=_remove_leftovers, name="toolq-cgroups", daemon=True)
+            thread.start()
+            _remover = (os.getpid(), thread)
+
+
+def _remove_leftovers() -> None:
+    waiting: list[tuple[Path, float]] = []
+    while True:
+        try:
+            waiting.append(_leftovers.get(timeout=REMOVE_RETRY_S if waiting else None))
+            while True:
+                waiting.append(_leftovers.get_nowait())
+        except queue.Empty:
+            pass
+        still = []
+        for path, give_up_at in waiting:
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if time.monotonic() < give_up_at:
+                    still.append((path, give_up_at))
+                else:
+                    log.warning("cannot remove the cgroup %s: %s", path, exc)
+        waiting = still  # tried again when the next arrives, or after REMOVE_RETRY_S
 
 
 class Cgroups:
@@ -105,6 +165,21 @@ class Cgroups:
             return False
         group.remove()
         return True
+
+    def sweep(self) -> list[str]:
+        """Remove the cgroups of workers that are gone (killed before they could): empty
+        ones only, as a worker's own ``rmdir`` would."""
+        removed = []
+        for parent in set(self.parents.values()):
+            with contextlib.suppress(OSError), os.scandir(parent) as entries:
+                for entry in entries:
+                    match = _NAME.match(entry.name)
+                    if match is None or pid_alive(int(match.group(1))):
+                        continue
+                    with contextlib.suppress(OSError):
+                        os.rmdir(entry.path)
+                        removed.append(entry.path)
+        return removed
 
     def create(self, limits: ResourceLimits) -> Cgroup:
         name = f"toolq-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -188,6 +263,17 @@ def joining(
         drop = f"{shlex.quote(SETPRIV)} --reuid={uid} --regid={uid} --clear-groups -- "
     script = f'{joins}ulimit -n {int(limits.max_open_files)} || exit 126; exec {drop}"$@"'
     return [JOIN_SHELL, "-c", script, "toolq-join", *argv]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (of any user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _own_cgroups() -> dict[str, str]:
