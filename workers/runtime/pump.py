@@ -7,7 +7,8 @@ process, so a warm call pays for no epoll set-up).
 - the envelope arrives on a pipe of its own (not stdout), framed with a per-call
   nonce, so stray ``process.stdout.write`` calls cannot corrupt it;
 - the call ends when the envelope arrives, even if the tool left timers or sockets
-  open (the runtime then kills or reuses the process);
+  open (the runtime then kills or reuses the process), and takes with it what stdout
+  and stderr hold at that moment: the log lines written before the envelope;
 - SIGTERM to Bun at the soft limit, a failure at the hard limit (the runtime kills
   the whole process group);
 - output is bounded while it streams: envelope and stdout at 10 MiB each
@@ -45,6 +46,7 @@ WATCH_INTERVAL_S = 0.1
 """How often a running call's CPU time (and, without a cgroup, its memory) is checked."""
 _ENVELOPE_SLACK = 64 * 1024  # nonce, metadata, framing around a 10 MiB result
 _READ = 1 << 16
+_DRAIN_READS = 16  # after the envelope, at most 1 MiB more per log pipe
 EXIT_GRACE_S = 0.1
 """After the envelope, how long a process that serves one call may take to exit by itself
 (so its exit status is true)."""
@@ -233,10 +235,15 @@ def collect(
                     exited = True
                 elif fd in (stdout_fd, stderr_fd, envelope_fd):
                     failure = _read_into(fd, stdout_fd, stderr_fd, streams, nonce, selector)
-                    if failure is None and streams.frame is not None and terminated:
-                        return stopped or _timeout(limits, terminated_gracefully=True)
-                    if failure is None and streams.frame is not None and not warm:
-                        select.select([pidfd], [], [], exit_grace_s)
+                    if failure is None and streams.frame is not None:
+                        # The log lines written before the envelope are this call's, even
+                        # when their pipe is ready in the same wake-up as the envelope's.
+                        _drain_logs(pipes, streams, selector)
+                        if terminated:
+                            return stopped or _timeout(limits, terminated_gracefully=True)
+                        if not warm:
+                            select.select([pidfd], [], [], exit_grace_s)
+                            _drain_logs(pipes, streams, selector)
                     if failure is not None or streams.frame is not None:
                         return failure
             if exited:
@@ -247,6 +254,8 @@ def collect(
                             failure = _read_into(fd, stdout_fd, stderr_fd, streams, nonce, selector)
                         except BlockingIOError:
                             break
+                        if failure is None and streams.frame is not None:
+                            _drain_logs(pipes, streams, selector)
                         if terminated and failure is None and streams.frame is not None:
                             return stopped or _timeout(limits, terminated_gracefully=True)
                         if failure is not None or streams.frame is not None:
@@ -259,6 +268,20 @@ def collect(
             selector.unregister(stdin_fd)
         if cancel_fd is not None and cancel_fd in selector.get_map():
             selector.unregister(cancel_fd)
+
+
+def _drain_logs(pipes: Pipes, streams: Streams, selector: selectors.BaseSelector) -> None:
+    """Take what stdout and stderr hold now, without waiting: a pipe's worth at most, so a
+    writer that never pauses cannot keep the call from ending."""
+    for fd in (pipes.stdout_fd, pipes.stderr_fd):
+        for _ in range(_DRAIN_READS):
+            if fd not in selector.get_map():
+                break  # at its end already
+            try:
+                if _read_into(fd, pipes.stdout_fd, pipes.stderr_fd, streams, b"", selector):
+                    return  # a cap: the call has its envelope; the process goes anyway
+            except BlockingIOError:
+                break
 
 
 def _read_into(
