@@ -51,7 +51,7 @@ def captured_launch(
             bun, PROJECT / "entrypoint.ts", PROJECT, sandbox=sandbox, cgroups=cgroups
         )
         launcher.launch(
-            tmpdir=None, permissions=Permissions(), limits=LIMITS,
+            permissions=Permissions(), limits=LIMITS,
             env=launch.base_environment(), warm=False,
         )  # fmt: skip
     except OSError:

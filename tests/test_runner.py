@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from tests.conftest import TOOLS, processes_running, unique_seconds, wait_until
 from toolq.config.settings import TimeLimits
 from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, CancelToken, Outcome
 from toolq.workers.runtime.bun import WRAPPER
-from toolq.workers.runtime.launch import Launcher
+from toolq.workers.runtime.launch import TMP_PREFIX, Launcher
 from toolq.workers.runtime.limits import Cgroups
 from toolq.workers.runtime.pump import MAX_OUTPUT_BYTES, MAX_STDERR_KEPT
 from toolq.workers.runtime.routing import ByMode
@@ -153,6 +155,32 @@ def test_each_call_starts_with_an_empty_private_tmpdir(runner: Runner) -> None:
     listed = run(runner, "tmp_list").result
     assert wrote is not None and listed is not None
     assert listed["entries"] == []  # nothing a call left survives it
+
+
+@pytest.mark.parametrize("mode", ["spawn", "spawn-cold", "warm"])
+def test_an_unsandboxed_process_has_a_host_tmpdir_that_goes_with_it(bun: Path, mode: str) -> None:
+    """Without a sandbox (no tmpfs of its own), each Bun process gets a private host
+    TMPDIR, removed with the process: after a spawned call, and at the latest at close."""
+
+    def ours() -> set[str]:
+        return {str(p) for p in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}{os.getpid()}-*")}
+
+    before = ours()
+    runner = make_runner(mode, bun, size=1, sandboxed=False)
+    try:
+        first = run(runner, "tmp_write").result
+        second = run(runner, "tmp_list").result
+        assert first is not None and second is not None
+        assert Path(first["dir"]).name.startswith(f"{TMP_PREFIX}{os.getpid()}-")
+        assert first["dir"] not in before
+        if mode == "warm":  # the same process: its TMPDIR stays, emptied between calls
+            assert second == {"dir": first["dir"], "entries": []}
+        else:  # a process per call: the first call's TMPDIR went with its process
+            assert second["dir"] != first["dir"]
+            assert wait_until(lambda: first["dir"] not in ours())
+    finally:
+        runner.close()
+    assert ours() == before
 
 
 def test_console_goes_to_stderr_with_levels(runner: Runner) -> None:

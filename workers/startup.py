@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
@@ -38,30 +36,25 @@ def check_entrypoint(
 ) -> list[str]:
     """Load the entrypoint in a Bun process of its own; return the tools it exports, or
     raise :class:`ConfigError` with Bun's error and what to do about it."""
-    tmpdir = tempfile.mkdtemp(prefix="toolq-check-")
     try:
-        try:
-            launched = launcher.launch(
-                tmpdir=tmpdir,
-                permissions=permissions,
-                limits=resources,
-                env=base_environment(permissions.env),
-                warm=False,
-                check=True,
-            )
-        except OSError as exc:
-            raise _error(settings, f"cannot start Bun: {exc}") from None
-        try:
-            _, stderr = launched.proc.communicate(timeout=timeout_s)
-            code = launched.returncode()
-        except subprocess.TimeoutExpired:
-            raise _error(
-                settings, f"loading it took longer than {timeout_s:g}s (top-level code hangs?)"
-            ) from None
-        finally:
-            launched.stop()
+        launched = launcher.launch(
+            permissions=permissions,
+            limits=resources,
+            env=base_environment(permissions.env),
+            warm=False,
+            check=True,
+        )
+    except OSError as exc:
+        raise _error(settings, f"cannot start Bun: {exc}") from None
+    try:
+        _, stderr = launched.proc.communicate(timeout=timeout_s)
+        code = launched.returncode()
+    except subprocess.TimeoutExpired:
+        raise _error(
+            settings, f"loading it took longer than {timeout_s:g}s (top-level code hangs?)"
+        ) from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        launched.stop()
     text = stderr.decode(errors="replace").strip()
     if code == 0:
         tools = text.rsplit("tools: ", 1)[-1].strip() if "tools: " in text else ""

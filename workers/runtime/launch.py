@@ -69,6 +69,10 @@ def call_tmpdir() -> str:
     return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
 
 
+def _tool_tmpdir(host_tmpdir: str | None) -> str:
+    return SANDBOX_TMP if host_tmpdir is None else host_tmpdir
+
+
 def sweep_tmpdirs(root: str | None = None) -> list[str]:
     """Remove the temp directories of workers that are gone (killed before cleaning up)."""
     root = root or tempfile.gettempdir()
@@ -94,12 +98,20 @@ class Launched:
     cgroup: Cgroup | None
     sandboxed: bool
     limits: ResourceLimits
+    tmpdir: str | None = None
+    """Its private host TMPDIR (unsandboxed only: a sandboxed process has a capped tmpfs
+    of its own); removed with the process, as its cgroup is."""
     _bun_pid: int | None = None
     _oom_killed: bool | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def tool_tmpdir(self) -> str:
+        """TMPDIR as the tool sees it."""
+        return _tool_tmpdir(self.tmpdir)
 
     @property
     def bun_pid(self) -> int:
@@ -125,7 +137,7 @@ class Launched:
         return self.cgroup is not None and self.cgroup.oom_killed()
 
     def stop(self) -> None:
-        """SIGKILL the whole group, reap, release pipes and the cgroup."""
+        """SIGKILL the whole group, reap, release pipes, the cgroup and the TMPDIR."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
@@ -138,6 +150,8 @@ class Launched:
         if self.cgroup is not None:
             self._oom_killed = self.cgroup.oom_killed()
             self.cgroup.remove()
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class Launcher:
@@ -173,31 +187,37 @@ class Launcher:
                 self._egress[key] = proxy
         return proxy.directory
 
-    def host_tmpdir(self) -> str | None:
-        """A private host TMPDIR for one process, unsandboxed only: a sandboxed process has
-        a capped tmpfs of its own (making and removing an unused directory per spawned
-        process cost a mkdir and an rmtree each)."""
-        return call_tmpdir() if self.sandbox is None else None
-
-    def tmp_path(self, host_tmpdir: str | None) -> str:
-        """TMPDIR as the tool sees it."""
-        if self.sandbox is not None:
-            return SANDBOX_TMP
-        assert host_tmpdir is not None, "an unsandboxed process needs a host TMPDIR"
-        return host_tmpdir
-
     def launch(
         self,
         *,
-        tmpdir: str | None,
         permissions: Permissions,
         limits: ResourceLimits,
         env: dict[str, str],
         warm: bool,
         check: bool = False,
     ) -> Launched:
-        """Start Bun on the wrapper (``check``: only load the entrypoint, then exit) with
-        ``tmpdir`` (:meth:`host_tmpdir`) as TMPDIR; raises OSError if it cannot start."""
+        """Start Bun on the wrapper (``check``: only load the entrypoint, then exit); raises
+        OSError if it cannot start. Unsandboxed, it gets a private host TMPDIR (a sandboxed
+        one has its tmpfs: making and removing an unused directory per spawned process cost
+        a mkdir and an rmtree each)."""
+        tmpdir = call_tmpdir() if self.sandbox is None else None
+        try:
+            return self._launch(tmpdir, permissions, limits, env, warm=warm, check=check)
+        except OSError:
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+
+    def _launch(
+        self,
+        tmpdir: str | None,
+        permissions: Permissions,
+        limits: ResourceLimits,
+        env: dict[str, str],
+        *,
+        warm: bool,
+        check: bool,
+    ) -> Launched:
         envelope_r, envelope_w = os.pipe()
         fds = [envelope_w]
         argv = [
@@ -246,7 +266,7 @@ class Launcher:
                 cwd=self.project_dir,
                 env={
                     **env,
-                    "TMPDIR": self.tmp_path(tmpdir),
+                    "TMPDIR": _tool_tmpdir(tmpdir),
                     **compozy_environment(self.project_dir),
                 },
                 start_new_session=True,
@@ -270,4 +290,4 @@ class Launcher:
             with contextlib.suppress(OSError):
                 nofile = limits.max_open_files
                 resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
-        return Launched(proc, envelope_r, cgroup, self.sandbox is not None, limits)
+        return Launched(proc, envelope_r, cgroup, self.sandbox is not None, limits, tmpdir)

@@ -26,7 +26,6 @@ import logging
 import os
 import queue
 import secrets
-import shutil
 import threading
 import time
 from collections import deque
@@ -49,12 +48,10 @@ Key = tuple[Permissions, ResourceLimits]
 
 @dataclass
 class Fresh:
-    """A Bun process that has served no call: its launch, pipes and private TMPDIR."""
+    """A Bun process that has served no call: its launch and pipes."""
 
     launched: Launched
     pipes: Pipes
-    tmpdir: str | None
-    """Its host TMPDIR (unsandboxed only)."""
 
     def alive(self) -> bool:
         return self.launched.proc.poll() is None
@@ -62,8 +59,6 @@ class Fresh:
     def kill(self) -> None:
         self.pipes.close()
         self.launched.stop()
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class SpawnRuntime:
@@ -217,14 +212,8 @@ class SpawnRuntime:
 
     def _launch(self, key: Key, env: Mapping[str, str]) -> Fresh:
         permissions, limits = key
-        tmpdir = self.launcher.host_tmpdir()
-        try:
-            launched = self.launcher.launch(
-                tmpdir=tmpdir, permissions=permissions, limits=limits, env=dict(env), warm=False
-            )
-        except OSError:
-            if tmpdir is not None:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-            raise
+        launched = self.launcher.launch(
+            permissions=permissions, limits=limits, env=dict(env), warm=False
+        )
         pipes = Pipes(launched.proc, launched.envelope_fd, lambda: launched.bun_pid)
-        return Fresh(launched, pipes, tmpdir)
+        return Fresh(launched, pipes)

@@ -49,23 +49,17 @@ class WarmProcess:
     def __init__(
         self, launcher: Launcher, permissions: Permissions, resources: ResourceLimits
     ) -> None:
-        self.tmpdir = launcher.host_tmpdir()
         self.resources = resources
-        try:
-            self.launched = launcher.launch(
-                tmpdir=self.tmpdir,
-                permissions=permissions,
-                limits=resources,
-                env=base_environment(permissions.env),
-                warm=True,
-            )
-        except OSError:
-            if self.tmpdir is not None:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
-            raise
+        self.launched = launcher.launch(
+            permissions=permissions,
+            limits=resources,
+            env=base_environment(permissions.env),
+            warm=True,
+        )
+        self.tmpdir = self.launched.tmpdir
+        """The host TMPDIR (unsandboxed only)."""
         self.proc = self.launched.proc
         self.boundary = CallBoundary(self.launched)
-        self.tool_tmpdir = launcher.tmp_path(self.tmpdir)
         self.pipes = Pipes(self.proc, self.launched.envelope_fd, lambda: self.launched.bun_pid)
         self.calls = 0
         self._tmp_mtime = os.stat(self.tmpdir).st_mtime_ns if self.tmpdir is not None else 0
@@ -87,7 +81,7 @@ class WarmProcess:
         started = time.monotonic()
         nonce = secrets.token_hex(16)
         try:
-            request = encode_request(call, nonce, {"TMPDIR": self.tool_tmpdir})
+            request = encode_request(call, nonce, {"TMPDIR": self.launched.tool_tmpdir})
             if isinstance(request, ToolFailure):
                 return failed(request, started), True
             streams = Streams()
@@ -135,8 +129,6 @@ class WarmProcess:
     def kill(self) -> None:
         self.pipes.close()
         self.launched.stop()
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class WarmRuntime:
