@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-
-import redis
 
 from toolq.bench import count_commands
 from toolq.config.loader import load_settings
+from toolq.devredis import scratch_database
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.handler import Delivery, Final
 
@@ -38,23 +35,16 @@ SETUPS: dict[str, dict[str, Any]] = {
 }
 
 
-def claim_database(base_url: str) -> tuple[str, redis.Redis]:
-    marker = f"toolq-bench:{uuid.uuid4()}"
-    for db in range(15, 0, -1):
-        url = urlsplit(base_url)._replace(path=f"/{db}").geturl()
-        client = redis.Redis.from_url(url)
-        if client.dbsize() == 0 and client.set(marker, 1, nx=True, ex=3600):
-            return url, client
-        client.close()
-    raise SystemExit(f"no empty database free at {base_url}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     args = parser.parse_args()
-    url, store = claim_database(args.redis_url)
+    with scratch_database(args.redis_url, "bench") as url:
+        measure(url, args.calls)
+
+
+def measure(url: str, calls: int) -> None:
     workers: dict[str, WorkerParts] = {}
     try:
         for name, tool in SETUPS.items():
@@ -66,7 +56,7 @@ def main() -> None:
             workers[name] = build_worker(settings, max_concurrent=1)
         sent = {name: count_commands(parts) for name, parts in workers.items()}
         times: dict[str, list[float]] = {name: [] for name in workers}
-        for i in range(args.calls + 10):
+        for i in range(calls + 10):
             for name, parts in workers.items():
                 message = {"tool_id": "noop", "input": {}, "enqueued_at": time.time()}
                 started = time.perf_counter()
@@ -78,7 +68,7 @@ def main() -> None:
         base = statistics.median(times["none"])
         print(f"{'flow control':16} {'redis cmds/call':>16} {'median ms':>10} {'ratio':>6}")
         for name in workers:
-            per_call = len(sent[name]) / (args.calls + 10)
+            per_call = len(sent[name]) / (calls + 10)
             median = statistics.median(times[name])
             print(f"{name:16} {per_call:16.2f} {median:10.3f} {median / base:6.2f}")
         kinds = sorted(set(sent["both"]))
@@ -86,8 +76,6 @@ def main() -> None:
     finally:
         for parts in workers.values():
             parts.close()
-        store.flushdb()
-        store.close()
 
 
 if __name__ == "__main__":
