@@ -6,6 +6,9 @@ Bun's soft limit < hard limit < Celery's backstop limit < Redis' visibility time
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from typing import Any
 
 from celery import Celery
@@ -169,7 +172,45 @@ def send_chunk(app: Celery, entries: list[ChunkEntry], queue: str | None) -> str
     return str(result.id)
 
 
+class ClosingCelery(Celery):  # type: ignore[misc]
+    """A Celery app whose ``close()`` closes the result backends' connections too.
+
+    Celery's own ``close()`` only drops the broker pool (kombu keeps one per URL for the
+    whole process): each thread's result backend keeps its connection, and a pub/sub one
+    once a result was waited for, open until the garbage collector finds the app — two
+    sockets per closed client, per thread that used it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._backends_made: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._backends_lock = threading.Lock()
+
+    def _get_backend(self) -> Any:
+        backend = super()._get_backend()  # once per thread: Celery's backends are per thread
+        with self._backends_lock:
+            self._backends_made.add(backend)
+        return backend
+
+    def close(self) -> None:
+        super().close()
+        with self._backends_lock:
+            backends = list(self._backends_made)
+        for backend in backends:
+            _close_backend(backend)
+
+
+def _close_backend(backend: Any) -> None:
+    consumer = getattr(backend, "result_consumer", None)
+    if consumer is not None:
+        with contextlib.suppress(Exception):  # a consumer that never subscribed
+            consumer.stop()
+    client = backend.__dict__.get("client")  # made on first use (a cached property)
+    if client is not None:
+        client.connection_pool.disconnect()
+
+
 def make_celery(settings: Settings, name: str = "toolq", *, worker: bool = False) -> Celery:
-    app = Celery(name, set_as_current=False)
+    app = ClosingCelery(name, set_as_current=False)
     app.conf.update(celery_config(settings, worker=worker))
     return app
