@@ -183,16 +183,21 @@ def test_half_open_lets_exactly_one_probe_through(
             wait=30,
         )
     time.sleep(2.2)  # reset_timeout: 2s; the next call may probe
-    counter = tmp_path / "runs"
+    counter, release = tmp_path / "runs", tmp_path / "release"
     calls = [
         client.enqueue(
             "breaker_target",
-            {"counter": str(counter), "ms": 1000},
+            {"counter": str(counter), "release": str(release)},
+            timeout="8s",  # the most a call may ask for here: the probe's time alone
             queue=queue_of(worker),
             retry=False,
         )
         for worker in (first, second) * 4
     ]
+    # The probe runs until released, so every other call comes while it is out (two
+    # probes would leave only six calls to end); then it closes the breaker.
+    wait_until(lambda: sum(call.ready() for call in calls) >= 7, 30)
+    release.touch()
     results = [call.result(timeout=60) for call in calls]
     kinds = sorted(r.error.kind if r.error else "ok" for r in results)
     assert kinds == ["circuit_open"] * 7 + ["ok"]

@@ -97,9 +97,15 @@ export default {
     e.retryable = false;
     throw e;
   },
-  breaker_target: async (input: { counter: string; fail?: boolean; ms?: number }) => {
+  breaker_target: async (input: {
+    counter: string;
+    fail?: boolean;
+    ms?: number;
+    release?: string; // runs until this file exists
+  }) => {
     const runs = record(input.counter);
     if (input.ms) await sleep(input.ms);
+    while (input.release && !existsSync(input.release)) await sleep(20);
     if (input.fail) throw new Error("breaker_target failed");
     return { runs };
   },
