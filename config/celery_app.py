@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from toolq.config.connections import close_redis
 from toolq.config.settings import Settings
 from toolq.protocol import CallRequest, ChunkEntry, chunk_to_message
 from toolq.sealing import Sealer
@@ -207,7 +208,7 @@ def _close_backend(backend: Any) -> None:
             consumer.stop()
     client = backend.__dict__.get("client")  # made on first use (a cached property)
     if client is not None:
-        client.connection_pool.disconnect()
+        close_redis(client)
 
 
 def make_celery(settings: Settings, name: str = "toolq", *, worker: bool = False) -> Celery:

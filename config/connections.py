@@ -43,6 +43,17 @@ def redis_client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url, **options)
 
 
+def close_redis(client: redis.Redis) -> None:
+    """Close a client and every connection behind it: its pool and, for a Sentinel master,
+    the connections to the sentinels that named it (``close()`` leaves those open)."""
+    pool = client.connection_pool
+    client.close()
+    pool.disconnect()
+    manager: Any = getattr(pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        sentinel.close()
+
+
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], int, str | None]:
     """Celery's form: ``sentinel://[:pw@]h1:26379;sentinel://h2:26379/0`` -> hosts, db, password."""
     hosts: list[tuple[str, int]] = []

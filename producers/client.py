@@ -33,7 +33,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from toolq.config.celery_app import make_celery, queue_lists, send_call, send_chunk
-from toolq.config.connections import redis_client
+from toolq.config.connections import close_redis, redis_client
 from toolq.config.durations import parse_duration
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings, redact_url
@@ -498,7 +498,7 @@ class ToolClient:
     def close(self) -> None:
         self.app.close()
         if self._redis_client is not None:
-            self._redis_client.close()
+            close_redis(self._redis_client)
 
     @property
     def _redis(self) -> redis.Redis:

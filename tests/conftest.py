@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -152,3 +155,40 @@ def descendants(pid: int) -> list[int]:
 def unique_seconds() -> str:
     """A `sleep` duration no other process has: 300.<random digits>."""
     return f"300.{uuid.uuid4().int % 10**9:09d}"
+
+
+def open_sockets() -> int:
+    """This process's open sockets."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def check_a_closed_client_leaves_no_socket_open(settings: Any) -> None:
+    """Waiting for results opens connections in each thread that waits (a pub/sub one
+    among them, and for a Sentinel URL the sentinels'); close() must close every one,
+    without the garbage collector's help (Celery's close() left two per thread). kombu's
+    broker pool, one per URL for the whole process, stays for the next client: a first
+    client makes it. A worker must serve the settings' queue."""
+    with ToolClient(settings) as first:
+        assert first.run("echo", {}, wait=30).ok
+    gc.collect()
+    gc.disable()  # a cycle collected meanwhile would close what close() must close
+    try:
+        before = open_sockets()
+        answers: list[Any] = []
+        with ToolClient(settings) as client:
+            answers.append(client.run("echo", {"thread": "main"}, wait=30))
+            answers.extend(client.map("echo", [{"n": n} for n in range(3)], wait=30))
+            other = threading.Thread(
+                target=lambda: answers.append(client.run("echo", {"thread": "other"}, wait=30))
+            )
+            other.start()
+            other.join()
+            assert open_sockets() > before
+        assert len(answers) == 5 and all(answer.ok for answer in answers)
+        assert open_sockets() == before  # closed: back to what it found
+    finally:
+        gc.enable()

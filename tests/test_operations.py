@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
+from tests.conftest import (
+    TOOLS_CONFIG,
+    StartWorker,
+    check_a_closed_client_leaves_no_socket_open,
+    wait_until,
+)
 from toolq import ToolClient
 from toolq.config.loader import load_settings
-from toolq.devredis import redis_server_binary
+from toolq.devredis import answers, redis_server_binary
 from toolq.workers.process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,13 +355,23 @@ def test_sentinel_urls_work_for_broker_backend_and_breakers(tmp_path: Path) -> N
         url = f"sentinel://127.0.0.1:{sentinel_port}/0"
         env = {"TOOLQ_REDIS_SENTINEL_MASTER": "toolq-master"}
         settings = load_settings(TOOLS_CONFIG, environ=env, overrides={"redis_url": url})
-        time.sleep(1)
+
+        def both_answer() -> bool:
+            try:
+                with redis.Redis(port=sentinel_port, socket_timeout=0.5) as sentinel:
+                    master = sentinel.sentinel_get_master_addr_by_name("toolq-master")
+            except redis.RedisError:
+                return False
+            return bool(master) and answers(f"redis://127.0.0.1:{redis_port}/0", 0.5)
+
+        assert wait_until(both_answer, 20)
         with (
             ToolClient(settings) as sentinel_client,
             WorkerProcess(config=TOOLS_CONFIG, redis_url=url, env=env) as worker,
         ):
             worker.start(sentinel_client.app)
             assert sentinel_client.run("echo", {"via": "sentinel"}, wait=30).ok
+            check_a_closed_client_leaves_no_socket_open(settings)  # the sentinels' too
             status = toolq(url, "status", "--json", env=env)
             assert status.returncode == 0, status.stderr
     finally:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +16,7 @@ import pytest
 from tests.conftest import (
     TOOLS_CONFIG,
     StartWorker,
+    check_a_closed_client_leaves_no_socket_open,
     descendants,
     process_alive,
     processes_running,
@@ -171,40 +169,8 @@ def test_map_keeps_input_order(client: ToolClient, worker: WorkerProcess) -> Non
     assert [r.result["slept"] for r in results] == [300, 10, 200, 50, 0, 100]  # type: ignore[index]
 
 
-def open_sockets() -> int:
-    """This process's open sockets."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-    return count
-
-
 def test_a_closed_client_leaves_no_connection_open(settings: Any, worker: WorkerProcess) -> None:
-    """Waiting for results opens connections in each thread that waits (a pub/sub one
-    among them); close() closes every one, without the garbage collector's help (Celery's
-    close() left two per thread). kombu's broker pool, one per URL for the whole process,
-    stays for the next client."""
-    with ToolClient(settings) as first:  # the process's broker pool exists from here on
-        assert first.run("echo", {}, wait=30).ok
-    gc.collect()
-    gc.disable()  # a cycle collected meanwhile would close what close() must close
-    try:
-        before = open_sockets()
-        answers: list[ToolResult] = []
-        with ToolClient(settings) as client:
-            answers.append(client.run("echo", {"thread": "main"}, wait=30))
-            answers.extend(client.map("echo", [{"n": n} for n in range(3)], wait=30))
-            other = threading.Thread(
-                target=lambda: answers.append(client.run("echo", {"thread": "other"}, wait=30))
-            )
-            other.start()
-            other.join()
-            assert open_sockets() > before
-        assert len(answers) == 5 and all(answer.ok for answer in answers)
-        assert open_sockets() == before
-    finally:
-        gc.enable()
+    check_a_closed_client_leaves_no_socket_open(settings)
 
 
 def test_waiting_too_briefly_raises_result_timeout(

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 import redis
 
 from toolq.config.celery_app import make_celery, queue_lists
-from toolq.config.connections import redis_client
+from toolq.config.connections import close_redis, redis_client
 from toolq.config.settings import Settings
 from toolq.workers.breaker import Breakers
 from toolq.workers.deadletter import DeadLetters
@@ -50,7 +50,7 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
         ]
         dead = DeadLetters.from_settings(client, settings).count()
     finally:
-        client.close()
+        close_redis(client)
         app.close()
     return {
         "project": settings.project,

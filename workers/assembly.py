@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
-from toolq.config.connections import redis_client
+from toolq.config.connections import close_redis, redis_client
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
 from toolq.sealing import load_sealer
@@ -66,7 +66,7 @@ class WorkerParts:
         self.runtime.close()
         if self.cancels is not None:
             self.cancels.close()
-        self.redis.close()
+        close_redis(self.redis)
 
 
 def build_launcher(settings: Settings) -> Launcher:
