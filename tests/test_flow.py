@@ -252,7 +252,7 @@ def test_a_running_call_is_stopped_sigterm_then_sigkill(
     pidfile.chmod(0o666)  # the tool runs as the sandbox's unprivileged uid
     # ignores SIGTERM; soft limit 6s for this call, the tool's grace (1s) before SIGKILL
     call = client.enqueue("ignore_sigterm", {"pidfile": str(pidfile)}, timeout=6, queue=queue)
-    time.sleep(1.5)  # it is running
+    assert wait_until(lambda: "started" in pidfile.read_text(), 30)  # it is running
     asked = time.monotonic()
     assert call.cancel() == "cancelled"
     assert call.result(timeout=5).error.kind == "cancelled"  # type: ignore[union-attr]
@@ -380,12 +380,15 @@ def test_status_shows_slots_waiters_and_queue_caps(
         for i in range(3)
     ]
     assert wait_until(lambda: bool(starts(log)), 30)
-    time.sleep(0.5)
-    store = redis.Redis.from_url(redis_url)
-    try:
-        report = flow_status(store, client.settings)  # what `toolq status` shows
-    finally:
-        store.close()
+    report: dict[str, Any] = {}
+
+    def capped_one() -> dict[str, Any]:
+        """The tool's slot line in what `toolq status` shows (read again each time)."""
+        with redis.Redis.from_url(redis_url) as store:
+            report.update(flow_status(store, client.settings))
+        return next((s for s in report["slots"] if s["tool_id"] == "capped_one"), {})
+
+    assert wait_until(lambda: capped_one().get("waiting") == 2, 10)  # both asked by now
     slots = {s["tool_id"]: s for s in report["slots"]}
     assert slots["capped_one"] == {
         "tool_id": "capped_one",

@@ -166,6 +166,7 @@ export default {
     process.on("SIGTERM", () => {
       if (input?.pidfile) appendFileSync(input.pidfile, "sigterm\n");
     });
+    if (input?.pidfile) appendFileSync(input.pidfile, "started\n"); // it ignores SIGTERM now
     await sleep(60_000);
   },
   graceful_sigterm: async (input: { marker?: string }) => {
