@@ -204,7 +204,7 @@ class ClosingCelery(Celery):  # type: ignore[misc]
 def _close_backend(backend: Any) -> None:
     consumer = getattr(backend, "result_consumer", None)
     if consumer is not None:
-        with contextlib.suppress(Exception):  # a consumer that never subscribed
+        with contextlib.suppress(Exception):  # its connection may be broken already
             consumer.stop()
     client = backend.__dict__.get("client")  # made on first use (a cached property)
     if client is not None:
