@@ -313,18 +313,22 @@ def rss_mb(pid: int) -> float:
 
 
 def main_process(pid: int, sandboxed: bool) -> int | None:
-    """The host pid of Bun itself, below bwrap (and bwrap's init in the PID namespace);
-    None while the sandbox is still starting it."""
+    """The host pid of Bun itself, the first process below bwrap (and bwrap's init in the
+    PID namespace); None while the sandbox is still starting it.
+
+    Until the launched process is bwrap, nothing is known: it may still be the joining
+    shell, setpriv, or, for a moment after ``Popen`` returns, the worker's own name (the
+    kernel lets a vfork parent go on before it renames the exec'ing child). Taking that
+    for Bun would stick: its process would never look started.
+    """
     if not sandboxed:
         return pid
     current = pid
     for _ in range(4):
         try:
             comm = read_proc(f"/proc/{current}/comm").strip()
-            if comm in (Path(JOIN_SHELL).name, "setpriv"):
-                return None  # the cgroup-joining shell (or its uid drop), not yet bwrap
             if comm != "bwrap":
-                return current
+                return current if current != pid else None
             children = read_proc(f"/proc/{current}/task/{current}/children").split()
         except OSError:
             return None
