@@ -157,14 +157,15 @@ def test_each_call_starts_with_an_empty_private_tmpdir(runner: Runner) -> None:
     assert listed["entries"] == []  # nothing a call left survives it
 
 
+def ours() -> set[str]:
+    """This process's unsandboxed Bun processes' host TMPDIRs: one per live process."""
+    return {str(p) for p in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}{os.getpid()}-*")}
+
+
 @pytest.mark.parametrize("mode", ["spawn", "spawn-cold", "warm"])
 def test_an_unsandboxed_process_has_a_host_tmpdir_that_goes_with_it(bun: Path, mode: str) -> None:
     """Without a sandbox (no tmpfs of its own), each Bun process gets a private host
     TMPDIR, removed with the process: after a spawned call, and at the latest at close."""
-
-    def ours() -> set[str]:
-        return {str(p) for p in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}{os.getpid()}-*")}
-
     before = ours()
     runner = make_runner(mode, bun, size=1, sandboxed=False)
     try:
@@ -181,6 +182,52 @@ def test_an_unsandboxed_process_has_a_host_tmpdir_that_goes_with_it(bun: Path, m
     finally:
         runner.close()
     assert ours() == before
+
+
+def test_close_waits_for_a_process_being_started_ahead(
+    bun: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call takes a process started ahead and a replacement starts at once: closing
+    right then must not leave that replacement behind (it did under load: close()
+    returned while it was still starting, and it was killed later, if ever)."""
+    before = ours()
+    runner = make_runner("spawn", bun, sandboxed=False)
+    assert isinstance(runner, SpawnRuntime)
+    assert wait_until(lambda: len(runner.ready((TOOL_PERMISSIONS, DEFAULT_RESOURCES))) == 2, 30)
+    launch = runner.launcher.launch
+
+    def slow_launch(**options: Any) -> Any:
+        launched = launch(**options)
+        time.sleep(0.3)  # started, not yet ready: as under load
+        return launched
+
+    monkeypatch.setattr(runner.launcher, "launch", slow_launch)
+    try:
+        assert run(runner, "echo", {"n": 1}).error is None
+    finally:
+        runner.close()
+    assert ours() == before
+
+
+def test_a_warm_process_busy_when_its_pool_closes_goes_when_its_call_ends(
+    bun: Path, tmp_path: Path
+) -> None:
+    before = ours()
+    runner = make_runner("warm", bun, size=1, sandboxed=False)
+    marker, outcomes = tmp_path / "marker", []
+    call = threading.Thread(
+        target=lambda: outcomes.append(
+            run(runner, "marked_sleep", {"marker": str(marker), "ms": 500})
+        )
+    )
+    call.start()
+    try:
+        assert wait_until(marker.exists, 30)
+    finally:
+        runner.close()
+        call.join()
+    assert outcomes[0].error is None  # the call ran to its end
+    assert ours() == before  # and its process went after it
 
 
 def test_console_goes_to_stderr_with_levels(runner: Runner) -> None:

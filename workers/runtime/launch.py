@@ -154,6 +154,10 @@ class Launched:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+START_WAIT_S = 30.0
+"""How long a runtime's close() waits for a process still being started, to kill it."""
+
+
 class Launcher:
     def __init__(
         self,

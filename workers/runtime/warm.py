@@ -34,7 +34,7 @@ import time
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome, failed
 from toolq.workers.runtime.isolation import CallBoundary
-from toolq.workers.runtime.launch import Launcher, base_environment
+from toolq.workers.runtime.launch import START_WAIT_S, Launcher, base_environment
 from toolq.workers.runtime.limits import ResourceLimits, rss_mb
 from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
@@ -159,6 +159,7 @@ class WarmRuntime:
         self._idle: list[WarmProcess] = []
         self._live = 0  # idle + busy + starting: never more than size
         self._starting = 0
+        self._starters: set[threading.Thread] = set()
         self._closed = False
 
     def start(self) -> None:
@@ -180,21 +181,27 @@ class WarmRuntime:
         retire = (
             not healthy or process.calls >= self.max_calls or process.rss_mb() > self.max_rss_mb
         )
-        if retire:
-            self._retire(process)
-        else:
+        if not retire:
             with self._cond:
-                self._idle.append(process)
-                self._cond.notify()
+                if not self._closed:
+                    self._idle.append(process)
+                    self._cond.notify()
+                    return outcome
+        self._retire(process)  # a process whose pool closed during its call goes too
         return outcome
 
     def close(self) -> None:
+        """Kill the idle processes, and those being started once they are (waited for);
+        a process in a call is killed when its call ends."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             self._live -= len(idle)
+            starters = list(self._starters)
         for process in idle:
             process.kill()
+        for starter in starters:
+            starter.join(timeout=START_WAIT_S)
 
     def _take(self) -> WarmProcess | None:
         with self._cond:
@@ -223,7 +230,9 @@ class WarmRuntime:
         """With the lock held: start one process in the background."""
         self._live += 1
         self._starting += 1
-        threading.Thread(target=self._finish_start, name="toolq-warm-start", daemon=True).start()
+        starter = threading.Thread(target=self._finish_start, name="toolq-warm-start", daemon=True)
+        self._starters.add(starter)
+        starter.start()
 
     def _finish_start(self) -> None:
         try:
@@ -234,6 +243,7 @@ class WarmRuntime:
             log.exception("cannot start a warm Bun process")
             process = None
         with self._cond:
+            self._starters.discard(threading.current_thread())
             self._starting -= 1
             if process is not None and not self._closed:
                 self._idle.append(process)
