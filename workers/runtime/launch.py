@@ -20,6 +20,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,38 @@ class Launched:
 
 START_WAIT_S = 30.0
 """How long a runtime's close() waits for a process still being started, to kill it."""
+
+
+class Starters:
+    """A runtime's threads that start processes in the background, so that its close()
+    can wait for them (each kills what it started once it sees the runtime closed).
+
+    ``start`` and ``done`` are called with the runtime's lock held, ``done`` in the same
+    locked section where the starter checks whether the runtime closed: a starter either
+    hands its process over before close() or is among those close() waits for.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._threads: set[threading.Thread] = set()
+
+    def start(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=self._name, daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def done(self) -> None:
+        """Called by the starting thread itself."""
+        self._threads.discard(threading.current_thread())
+
+    def running(self) -> list[threading.Thread]:
+        return list(self._threads)
+
+    @staticmethod
+    def wait(threads: list[threading.Thread]) -> None:
+        """Outside the runtime's lock: the starters need it to finish."""
+        for thread in threads:
+            thread.join(timeout=START_WAIT_S)
 
 
 class Launcher:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import Call, Outcome, failed
-from toolq.workers.runtime.launch import START_WAIT_S, Launched, Launcher, base_environment
+from toolq.workers.runtime.launch import Launched, Launcher, Starters, base_environment
 from toolq.workers.runtime.limits import ResourceLimits
 from toolq.workers.runtime.pump import EXIT_GRACE_S, Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
@@ -76,7 +76,7 @@ class SpawnRuntime:
         self._ready: dict[Key, deque[Fresh]] = {}
         self._starting: dict[Key, int] = {}
         self._closed = False
-        self._starters: set[threading.Thread] = set()
+        self._starters = Starters("toolq-spawn-ahead")
         self._disposals: queue.SimpleQueue[Fresh | None] = queue.SimpleQueue()
         self._disposer: threading.Thread | None = None
 
@@ -143,11 +143,10 @@ class SpawnRuntime:
             self._closed = True
             waiting = [fresh for line in self._ready.values() for fresh in line]
             self._ready.clear()
-            starters = list(self._starters)
+            starting = self._starters.running()
         for fresh in waiting:
             fresh.kill()
-        for starter in starters:
-            starter.join(timeout=START_WAIT_S)
+        Starters.wait(starting)
         disposer, self._disposer = self._disposer, None
         if disposer is not None:
             self._disposals.put(None)
@@ -196,11 +195,7 @@ class SpawnRuntime:
         waiting = len(self._ready.get(key, ())) + self._starting.get(key, 0)
         for _ in range(self.ahead - waiting):
             self._starting[key] = self._starting.get(key, 0) + 1
-            starter = threading.Thread(
-                target=self._start_one, args=(key,), name="toolq-spawn-ahead", daemon=True
-            )
-            self._starters.add(starter)
-            starter.start()
+            self._starters.start(self._start_one, key)
 
     def _start_one(self, key: Key) -> None:
         fresh: Fresh | None
@@ -210,7 +205,7 @@ class SpawnRuntime:
             log.exception("cannot start a Bun process ahead of demand")
             fresh = None
         with self._lock:
-            self._starters.discard(threading.current_thread())
+            self._starters.done()
             self._starting[key] -= 1
             if fresh is not None and not self._closed:
                 self._ready.setdefault(key, deque()).append(fresh)

@@ -34,7 +34,7 @@ import time
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome, failed
 from toolq.workers.runtime.isolation import CallBoundary
-from toolq.workers.runtime.launch import START_WAIT_S, Launcher, base_environment
+from toolq.workers.runtime.launch import Launcher, Starters, base_environment
 from toolq.workers.runtime.limits import ResourceLimits, rss_mb
 from toolq.workers.runtime.pump import Pipes, Streams, Watch, collect
 from toolq.workers.runtime.sandbox import Permissions
@@ -159,7 +159,7 @@ class WarmRuntime:
         self._idle: list[WarmProcess] = []
         self._live = 0  # idle + busy + starting: never more than size
         self._starting = 0
-        self._starters: set[threading.Thread] = set()
+        self._starters = Starters("toolq-warm-start")
         self._closed = False
 
     def start(self) -> None:
@@ -197,11 +197,10 @@ class WarmRuntime:
             self._closed = True
             idle, self._idle = self._idle, []
             self._live -= len(idle)
-            starters = list(self._starters)
+            starting = self._starters.running()
         for process in idle:
             process.kill()
-        for starter in starters:
-            starter.join(timeout=START_WAIT_S)
+        Starters.wait(starting)
 
     def _take(self) -> WarmProcess | None:
         with self._cond:
@@ -230,9 +229,7 @@ class WarmRuntime:
         """With the lock held: start one process in the background."""
         self._live += 1
         self._starting += 1
-        starter = threading.Thread(target=self._finish_start, name="toolq-warm-start", daemon=True)
-        self._starters.add(starter)
-        starter.start()
+        self._starters.start(self._finish_start)
 
     def _finish_start(self) -> None:
         try:
@@ -243,7 +240,7 @@ class WarmRuntime:
             log.exception("cannot start a warm Bun process")
             process = None
         with self._cond:
-            self._starters.discard(threading.current_thread())
+            self._starters.done()
             self._starting -= 1
             if process is not None and not self._closed:
                 self._idle.append(process)
