@@ -502,6 +502,23 @@ def test_every_route_to_native_code_needs_allow_ffi(launcher: Launcher, mode: st
         assert "needs --allow-ffi" not in granted[route], granted
 
 
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_guarded_objects_can_be_copied_and_enumerated(launcher: Launcher, mode: str) -> None:
+    """Issue 22: without --allow-ffi, `{...process}` (chalk, commander, prettier, got at
+    import) threw "needs --allow-ffi": a guard refuses native code when it is used, never
+    when an object is read, copied, spread or enumerated (default permissions: every guard
+    installed)."""
+    get = result if mode == "spawn" else warm_result
+    copied = get(launcher, "copy_guarded", {}, [])
+    assert copied["ok"] and copied["process_keys"] > 0, copied
+    failures = copied["failures"]
+    guards = [f for each in failures.values() for f in each if "toolq" in f or "allow-ffi" in f]
+    assert guards == [], guards
+    # (Bun's own prototype accessors throw on the prototype itself, guards or not)
+    whole = ("process", "Bun", "globalThis", "Bun.FFI", "bun:ffi", "ffi", "node:child_process")
+    assert [name for name in whole if failures[name]] == [], failures
+
+
 def test_allow_all_grants_everything(launcher: Launcher, web: tuple[int, int]) -> None:
     allowed, _ = web
     for flags in (["--allow-all"], ["-A"]):

@@ -314,6 +314,43 @@ export default {
       getppid: call(nr.getppid),
     };
   },
+  // what every guard of the wrapper replaced (no_ffi.ts's seals, Workers, node:sqlite),
+  // read, copied, spread and enumerated as libraries do at import (chalk: {...process})
+  copy_guarded: async () => {
+    const objects: Record<string, any> = {
+      process,
+      Bun,
+      globalThis,
+      "Bun.FFI": (Bun as any).FFI,
+      "bun:ffi": require("bun:ffi"),
+      ffi: await import("bun:ffi"),
+      "bun:sqlite Database": require("bun:sqlite").Database,
+      "bun:sqlite prototype": require("bun:sqlite").Database.prototype,
+      "node:sqlite": require("node:sqlite"),
+      "node:sqlite prototype": require("node:sqlite").DatabaseSync.prototype,
+      "node:worker_threads": require("node:worker_threads"),
+      "Worker prototype": (Worker as any).prototype,
+      "node:child_process": require("node:child_process"),
+    };
+    // Bun's own accessors may throw when read on a prototype (a private field): the test
+    // tells them from a guard's
+    const failures: Record<string, string[]> = {};
+    for (const [name, object] of Object.entries(objects)) {
+      const failed: string[] = (failures[name] = []);
+      const attempt = (what: string, f: () => unknown) => {
+        try {
+          f();
+        } catch (e) {
+          failed.push(`${what}: ${String(e).slice(0, 160)}`);
+        }
+      };
+      attempt("spread", () => ({ ...object }));
+      attempt("Object.assign", () => Object.assign({}, object));
+      for (const key of Object.getOwnPropertyNames(object)) attempt(key, () => object[key]);
+      for (const key in object) attempt(`for in ${key}`, () => object[key]);
+    }
+    return { ok: true, failures, process_keys: Object.keys({ ...process }).length };
+  },
   ffi: async () => {
     try {
       const { dlopen } = await import("bun:ffi");
@@ -549,7 +586,16 @@ export default {
   slow_retry: async (input: { counter: string }) => {
     throw new Error(`failure #${record(input.counter)}`);
   },
+  // {a:{a:…}} input.depth levels deep (issue 29: a depth bomb in the worker's parser)
+  nest: async (input: { depth: number }) => nest(input.depth),
+  nest_spawn: async (input: { depth: number }) => nest(input.depth),
 };
+
+function nest(depth: number): unknown {
+  let value: unknown = 1;
+  for (let i = 0; i < depth; i++) value = { a: value };
+  return value;
+}
 
 export const named_only_is_ignored_when_default_exists = async () => ({ ok: true });
 

@@ -9,12 +9,37 @@
 // guarantee: an unknown route in Bun would bypass it, not the sandbox around it (uid
 // 65534, seccomp, the filesystem).
 
+//
+// A route is refused when it is *used* (called or constructed), never when it is read:
+// code that copies, spreads or enumerates `process` or `bun:ffi` (chalk, commander,
+// prettier and got do, at import) sees a function that throws when called.
+
 const refuse = (): never => {
   throw new Error("toolq: native code (bun:ffi, Bun.FFI, process.dlopen, SQLite extensions) needs --allow-ffi");
 };
 
+// What stands in for `value`: functions (and classes) throw when called or constructed,
+// objects are frozen copies of stand-ins, plain values (FFIType's numbers) stay.
+function disarm(value: unknown): unknown {
+  if (typeof value === "function") {
+    return function refused() {
+      refuse();
+    };
+  }
+  if (value !== null && typeof value === "object") {
+    const copy: Record<string, unknown> = {};
+    for (const key of Object.keys(value)) copy[key] = disarm((value as Record<string, unknown>)[key]);
+    return Object.freeze(copy);
+  }
+  return value;
+}
+
 function seal(target: object, keys: string[]): void {
-  for (const key of keys) Object.defineProperty(target, key, { get: refuse, configurable: false });
+  for (const key of keys) {
+    const enumerable = Object.getOwnPropertyDescriptor(target, key)?.enumerable ?? true;
+    const value = disarm((target as Record<string, unknown>)[key]);
+    Object.defineProperty(target, key, { value, enumerable, writable: false, configurable: false });
+  }
 }
 
 const ffi = require("bun:ffi");
