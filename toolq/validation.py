@@ -185,3 +185,40 @@ def check_depth(value: Any, what: str = "input", limit: int = MAX_JSON_DEPTH) ->
         if depth > limit:
             raise InvalidInput(f"{what} nests deeper than {limit} levels", "ValidationError")
         stack.extend((child, depth + 1) for child in children)
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_AS_PARENS = bytes.maketrans(b"[]{}", b"()()")
+_RUN = re.compile(rb"\(+|\)+")
+_LEAF_PASSES = 8
+
+
+def text_nests_deeper(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON ``text`` nests deeper than ``limit``, found before it is parsed (a
+    parser recurses once per level: a few thousand levels raise ``RecursionError``).
+
+    Strings are cut out and every byte but brackets deleted (in C); a few passes then
+    remove the innermost pairs (each pass lowers the depth by one and leaves at most
+    1/k of the leaves, so the last step, a walk over runs of brackets, is short).
+    Linear: ~0.3 s for 10 MB of small objects, none when there are fewer brackets than
+    ``limit``. Text that is not JSON may be counted wrongly; the parser refuses it."""
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", text).translate(_AS_PARENS, _NOT_BRACKETS)
+    removed = 0
+    while removed < _LEAF_PASSES:
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):
+            break
+        brackets, removed = shorter, removed + 1
+    depth = 0
+    for run in _RUN.finditer(brackets):
+        length = run.end() - run.start()
+        if brackets[run.start()] == ord("("):
+            depth += length
+            if depth + removed > limit:
+                return True
+        else:
+            depth -= length
+    return False

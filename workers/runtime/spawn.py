@@ -128,11 +128,12 @@ class SpawnRuntime:
             raise
         if failure is None and streams.frame is not None:
             # The answer is in: tearing down the process, its sandbox and cgroup need not
-            # delay the result.
+            # delay the result (and happens whatever reading the answer does).
             launched.proc.poll()
-            outcome = finish(launched, streams, failure, call, started)
-            self._dispose(fresh)
-            return outcome
+            try:
+                return finish(launched, streams, failure, call, started)
+            finally:
+                self._dispose(fresh)
         fresh.kill()  # first, so a process the kernel killed for memory is known as such
         return finish(launched, streams, failure, call, started)
 

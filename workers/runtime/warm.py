@@ -31,7 +31,7 @@ import shutil
 import threading
 import time
 
-from toolq.errors import ToolCrashed, ToolFailure
+from toolq.errors import InvalidOutput, ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call, Outcome, failed
 from toolq.workers.runtime.isolation import CallBoundary
 from toolq.workers.runtime.launch import Launcher, Starters, base_environment
@@ -99,13 +99,18 @@ class WarmProcess:
             alive = self.alive()  # reaps a dead process, so its exit status is known
             outcome = finish(self.launched, streams, failure, call, started)
             healthy = (
-                alive and failure is None and streams.frame is not None and not outcome.exiting
+                alive
+                and failure is None
+                and streams.frame is not None
+                and not outcome.exiting
+                and outcome.kind != InvalidOutput.kind  # an unreadable or too deep envelope
             )
             if healthy:
                 self.calls += 1
                 healthy = self.boundary.clear()  # nothing of this call reaches the next
             return outcome, healthy
         finally:
+            self.launched.end_call()  # its tunnels do not outlive the call
             self._empty_tmpdir()
 
     def _empty_tmpdir(self) -> None:
@@ -177,17 +182,22 @@ class WarmRuntime:
         process = self._take()
         if process is None:
             return failed(ToolCrashed("cannot start a warm Bun process"), time.monotonic())
-        outcome, healthy = process.call(call)
-        retire = (
-            not healthy or process.calls >= self.max_calls or process.rss_mb() > self.max_rss_mb
-        )
-        if not retire:
-            with self._cond:
-                if not self._closed:
-                    self._idle.append(process)
-                    self._cond.notify()
-                    return outcome
-        self._retire(process)  # a process whose pool closed during its call goes too
+        healthy = False
+        try:
+            outcome, healthy = process.call(call)
+            healthy = healthy and process.calls < self.max_calls
+            healthy = healthy and process.rss_mb() <= self.max_rss_mb
+        finally:
+            # Returned or retired, whatever happened (an exception included): a process
+            # neither would hold its pool slot for good.
+            if healthy:
+                with self._cond:
+                    if not self._closed:
+                        self._idle.append(process)
+                        self._cond.notify()
+                        process = None
+            if process is not None:
+                self._retire(process)  # a process whose pool closed during its call too
         return outcome
 
     def close(self) -> None:

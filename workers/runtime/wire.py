@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 from toolq.envelope import ToolErrorInfo, normalize_result
 from toolq.errors import InvalidInput, InvalidOutput, MemoryExceeded, ToolCrashed, ToolFailure
+from toolq.validation import MAX_JSON_DEPTH, text_nests_deeper
 from toolq.workers.runtime.base import Call, Outcome
 from toolq.workers.runtime.launch import Launched
 from toolq.workers.runtime.pump import Streams
@@ -80,6 +81,14 @@ def interpret(
         "stderr": stderr,
         "output_bytes": len(streams.envelope),
     }
+    if (
+        failure is None
+        and streams.frame is not None
+        and text_nests_deeper(streams.frame, MAX_JSON_DEPTH + 1)
+    ):
+        failure = InvalidOutput(
+            f"tool result nests deeper than {MAX_JSON_DEPTH} levels", "ResultTooDeep"
+        )
     if failure is None and streams.frame is not None:
         try:
             envelope = json.loads(streams.frame)
@@ -87,7 +96,7 @@ def interpret(
             execution_ms = int(metadata.get("execution_time", total_ms))
             error = envelope.get("error")
             common["exiting"] = bool(metadata.get("exiting"))
-        except (ValueError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
             failure = InvalidOutput(f"tool produced an unreadable envelope: {exc}")
         else:
             if error:
