@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 import weakref
 from typing import Any
 
@@ -18,6 +19,7 @@ from toolq.config.connections import close_redis
 from toolq.config.settings import Settings
 from toolq.protocol import CallRequest, ChunkEntry, chunk_to_message
 from toolq.sealing import Sealer
+from toolq.signing import Signer
 
 RUN_TOOL_TASK = "toolq.run_tool"
 """The one task: run a tool invocation with Bun and return its envelope."""
@@ -132,15 +134,19 @@ def send_call(
     queue: str | None,
     sealer: Sealer | None,
     *,
+    signer: Signer | None = None,
     countdown: float | None = None,
     retry: bool = True,
 ) -> AsyncResult:
     """Send one call as a single message (``toolq.run_tool``) under its own id: how a
     producer enqueues it, and how a worker tries a chunk's call again. Flower shows it as
-    ``toolq:<tool id>``, its arguments the tool id and a short input, env values never."""
+    ``toolq:<tool id>``, its arguments the tool id and a short input, env values never.
+    With a ``signer`` (a secret key) the message carries its signature."""
+    message = request.to_message(sealer)
+    queue = queue or app.conf.task_default_queue
     return app.send_task(
         RUN_TOOL_TASK,
-        args=[request.to_message(sealer)],
+        args=[message],
         task_id=call_id,
         queue=queue,
         countdown=countdown,
@@ -148,21 +154,41 @@ def send_call(
         argsrepr=request.describe(),
         kwargsrepr="{}",
         shadow=f"toolq:{request.tool_id}",
-        headers={"toolq_tool_id": request.tool_id},  # Flower, logs
+        headers=call_headers(request, message, call_id, queue, signer),
         retry=retry,
     )
 
 
-def send_chunk(app: Celery, entries: list[ChunkEntry], queue: str | None) -> str:
+def call_headers(
+    request: CallRequest, message: Any, call_id: str, queue: str, signer: Signer | None
+) -> dict[str, Any]:
+    """A single call's own message headers: its tool id (Flower, logs) and, with a
+    signer, its signature over ``message`` as sent to ``queue``."""
+    headers: dict[str, Any] = {"toolq_tool_id": request.tool_id}
+    if signer is not None:
+        headers.update(signer.headers(RUN_TOOL_TASK, call_id, queue, message))
+    return headers
+
+
+def send_chunk(
+    app: Celery, entries: list[ChunkEntry], queue: str | None, signer: Signer | None = None
+) -> str:
     """Send calls as one chunk message (``toolq.run_batch``); return the chunk's own id.
 
     Flower shows it as ``toolq:<tool id>`` (its first call's), its arguments as the
-    number of calls and the first and last ids; the calls' inputs stay out of events."""
+    number of calls and the first and last ids; the calls' inputs stay out of events.
+    With a ``signer`` the chunk is signed as one message."""
     first = entries[0].message if isinstance(entries[0].message, dict) else {}
     tool_id, priority = first.get("tool_id"), first.get("priority")
+    calls = chunk_to_message(entries)
+    chunk_id = str(uuid.uuid4())
+    queue = queue or app.conf.task_default_queue
+    headers = {} if signer is None else signer.headers(RUN_BATCH_TASK, chunk_id, queue, calls)
     result = app.send_task(
         RUN_BATCH_TASK,
-        args=[chunk_to_message(entries)],
+        args=[calls],
+        task_id=chunk_id,
+        headers=headers,
         queue=queue,
         priority=broker_priority(priority if isinstance(priority, int) else None),
         argsrepr=f"({len(entries)} calls: {entries[0].call_id} … {entries[-1].call_id})",

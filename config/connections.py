@@ -67,3 +67,29 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], int, str | None
         if parsed.path.strip("/"):
             db = int(parsed.path.strip("/"))
     return hosts, db, password
+
+
+def redis_endpoints(settings: Settings) -> list[tuple[str, int]]:
+    """Every (host, port) of the worker's Redis: the server, or the sentinels with the
+    master and replicas they name now (asked once, best effort). A tool never reaches
+    these, whatever its `--allow-net` grant (the egress proxy refuses them)."""
+    url = settings.redis_url
+    if url.startswith("unix://"):
+        return []
+    if not url.startswith("sentinel://"):
+        parsed = urlsplit(url)
+        return [(parsed.hostname or "localhost", parsed.port or 6379)]
+    sentinels, _db, _password = parse_sentinel_url(url)
+    endpoints = list(sentinels)
+    timeout = settings.redis_socket_timeout_s
+    sentinel: Any = Sentinel(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)  # type: ignore[no-untyped-call]
+    try:
+        master = settings.redis_sentinel_master
+        endpoints.append(sentinel.discover_master(master))
+        endpoints.extend(sentinel.discover_slaves(master))
+    except redis.RedisError:
+        pass
+    finally:
+        for client in sentinel.sentinels:
+            client.close()
+    return [(str(host), int(port)) for host, port in endpoints]

@@ -243,6 +243,10 @@ class RuntimeSettings(_Strict):
     """spawn: processes started ahead of demand per permission/limit set (0: cold starts)."""
     sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
     """bubblewrap sandbox: required refuses to start without it; auto warns and runs without."""
+    unsafe_share_host_network: bool = False
+    """UNSAFE. Unscoped `--allow-net` as the host's own network (toolq before 0.2): tools
+    reach the worker's Redis, loopback services, private networks and cloud metadata.
+    Off (default): unscoped `--allow-net` is the public network, through the egress proxy."""
     max_memory_mb: PositiveInt = 2048
     max_cpu_time_s: Seconds | None = Field(None, alias="max_cpu_time", gt=0)
     max_open_files: PositiveInt = 1024
@@ -343,6 +347,10 @@ class Settings(_Strict):
     """Backpressure: enqueue refuses (QueueFull) or blocks when a queue holds this many."""
     max_queue_lengths: dict[str, PositiveInt] = Field(default_factory=dict)
     """Per queue name, overriding `max_queue_length`."""
+    remote_control: Literal["inspect", "all"] = "inspect"
+    """Celery remote-control commands a worker obeys (anyone who can write to Redis can
+    send them): ``inspect``, read-only ones and Flower's event switch; ``all`` also those
+    that stop workers or move their queues (shutdown, add_consumer, pool_restart...)."""
 
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="defaults")

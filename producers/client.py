@@ -52,6 +52,7 @@ from toolq.producers.collect import collect
 from toolq.protocol import MAX_CHUNK_CALLS, CallRequest, ChunkEntry, new_request, validate
 from toolq.sealing import load_sealer
 
+from toolq.signing import load_signer
 log = logging.getLogger("toolq.producer")
 QUEUE_FULL_POLL_S = 0.05
 """How often ``enqueue(block=...)`` looks again at a full queue."""
@@ -218,6 +219,7 @@ class ToolClient:
         self.settings = settings
         self._sealer = load_sealer(settings)  # with a secret key, every env goes sealed
         self.app: Celery = make_celery(settings, name="toolq-producer")
+        self._signer = load_signer(settings)  # and every call is signed
         self._redis_client: redis.Redis | None = None
         self._warned_queues: set[str] = set()
 
@@ -293,12 +295,16 @@ class ToolClient:
             self._warned_queues.add(queue)
             log.warning(
                 "queue %r is not in this configuration (%s): the call waits until a worker "
-                "started with --queues %s takes it",
+                "started with --queues %s takes it%s",
                 queue,
                 ", ".join(self.settings.all_queues),
                 queue,
             )
         return queue
+                ""
+                if self._signer is None
+                else "; a worker of another project refuses it "
+                f"(calls are signed for project {self._signer.project!r})",
 
     def queue_length(self, queue: str) -> int:
         """Calls waiting in ``queue`` (all priorities; not those a worker holds)."""
@@ -327,7 +333,9 @@ class ToolClient:
     def _send(self, request: CallRequest, call_id: str, queue: str) -> AsyncResult:
         _subscribe_on_wait(self.app)
         return self._publish(
-            lambda: send_call(self.app, request, call_id, queue, self._sealer, retry=False)
+            lambda: send_call(
+                self.app, request, call_id, queue, self._sealer, signer=self._signer, retry=False
+            )
         )
 
     def _publish(self, send: Callable[[], T]) -> T:
@@ -438,7 +446,7 @@ class ToolClient:
             if len(chunk) == 1:  # a call alone is sent as a single call
                 self._send(by_id[chunk[0].call_id], chunk[0].call_id, queue)
             else:
-                self._publish(functools.partial(send_chunk, self.app, chunk, queue))
+                self._publish(functools.partial(send_chunk, self.app, chunk, queue, self._signer))
         return [self.call(entry.call_id, tool_id) for entry, _ in entries]
 
     def gather(self, calls: Sequence[ToolCall], wait: Duration | None = None) -> list[ToolResult]:

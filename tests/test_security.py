@@ -432,9 +432,17 @@ def test_allow_net_scoped_https_goes_through_connect(
 def test_allow_net_by_name_and_wildcard(launcher: Launcher, web: tuple[int, int]) -> None:
     allowed, _ = web
     ok = result(
-        launcher, "fetch", {"url": f"http://localhost:{allowed}/n"}, ["--allow-net=localhost"]
+        launcher,
+        "fetch",
+        {"url": f"http://localhost:{allowed}/n"},
+        [f"--allow-net=localhost:{allowed}"],
     )
     assert ok["ok"] and ok["body"] == f"hello from {allowed}/n"
+    # a name without a port does not reach loopback (tests/test_network.py has the rest)
+    bare = result(
+        launcher, "fetch", {"url": f"http://localhost:{allowed}/n"}, ["--allow-net=localhost"]
+    )
+    assert bare["status"] == 403 and "loopback" in bare["body"], bare
     denied = result(
         launcher, "fetch", {"url": f"http://localhost:{allowed}/n"}, ["--allow-net=*.example.com"]
     )
@@ -443,12 +451,14 @@ def test_allow_net_by_name_and_wildcard(launcher: Launcher, web: tuple[int, int]
     assert rule.matches("api.example.com", 443) and not rule.matches("example.com.evil", 443)
 
 
-def test_allow_net_unscoped_is_the_host_network(launcher: Launcher, web: tuple[int, int]) -> None:
-    allowed, other = web
-    for port in (allowed, other):
-        assert result(launcher, "fetch", {"url": f"http://127.0.0.1:{port}/"}, ["--allow-net"])[
-            "ok"
-        ]
+def test_allow_net_unscoped_is_not_the_host_network(
+    launcher: Launcher, web: tuple[int, int]
+) -> None:
+    """Unscoped --allow-net was the host's network, loopback included: now it is the public
+    network through the egress proxy (tests/test_network.py tries every route)."""
+    allowed, _ = web
+    refused = result(launcher, "fetch", {"url": f"http://127.0.0.1:{allowed}/"}, ["--allow-net"])
+    assert refused["status"] == 403 and "loopback" in refused["body"], refused
     assert not result(launcher, "fetch", {"url": f"http://127.0.0.1:{allowed}/"}, [])["ok"]
 
 

@@ -390,6 +390,9 @@ def bench_worker(
     """A client and a running worker on a private queue, stopped and dropped afterwards;
     ``known_queues``: others the client sends to on purpose (no warning that no worker
     reads them: the drains hand theirs to a worker when filled)."""
+    # The drains hand a filled queue to the worker with add_consumer: a remote-control
+    # command a worker obeys only with remote_control: all (workers/control.py).
+    env = {**env, "TOOLQ_REMOTE_CONTROL": "all"}
     overrides: dict[str, Any] = {"redis_url": redis_url, "queue": queue}
     if known_queues:
         overrides["queues"] = {name: [] for name in known_queues}  # no tool routed there

@@ -47,6 +47,21 @@ class NetRule:
             return host.endswith("." + self.host)
         return host == self.host
 
+    def names_address(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+    ) -> bool:
+        """Whether this rule names ``address`` and ``port`` explicitly (``10.0.0.5:8080``,
+        ``[::1]:3000``, ``localhost:3000`` for loopback): the one way a tool reaches a
+        loopback, private or link-local address (see the egress proxy)."""
+        if self.port != port or self.wildcard:
+            return False
+        if self.host == "localhost":
+            return address.is_loopback
+        try:
+            return ipaddress.ip_address(self.host) == address
+        except ValueError:
+            return False
+
     def __str__(self) -> str:
         host = f"*.{self.host}" if self.wildcard else self.host
         if ":" in host:

@@ -74,8 +74,17 @@ def load_sealer(settings: Settings) -> Sealer | None:
     """The sealer the settings configure (``secret_key`` > ``secret_key_file``), or None.
 
     Raises :class:`ConfigError` for an unreadable file or a malformed key."""
+    keys = key_text(settings)
+    return None if keys is None else _sealer(keys)
+
+
+def key_text(settings: Settings) -> str | None:
+    """The project's secret key(s) as configured (``secret_key`` > ``secret_key_file``),
+    or None: the one key that seals env and signs calls (:mod:`toolq.signing`).
+
+    Raises :class:`ConfigError` for an unreadable file."""
     if settings.secret_key is not None:
-        return _sealer(settings.secret_key.get_secret_value())
+        return settings.secret_key.get_secret_value()
     if settings.secret_key_file is None:
         return None
     path = settings.project_dir / Path(settings.secret_key_file).expanduser()
@@ -85,7 +94,7 @@ def load_sealer(settings: Settings) -> Sealer | None:
         raise ConfigError(
             f"secret_key_file: cannot read {path}: {exc.strerror}", key="secret_key_file"
         ) from None
-    return _sealer(text.strip())
+    return text.strip()
 
 
 @functools.lru_cache(maxsize=8)

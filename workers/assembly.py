@@ -19,6 +19,7 @@ from toolq.config.settings import Settings
 from toolq.errors import ConfigError
 from toolq.sealing import load_sealer
 from toolq.workers.breaker import Breakers
+from toolq.signing import load_signer
 from toolq.workers.cache import ResultCache
 from toolq.workers.cancel import CancelWatch
 from toolq.workers.deadletter import DeadLetters
@@ -137,6 +138,14 @@ def build_worker(
         runtimes["warm"] = warm
     runtime = ByMode(runtimes, slots)
     client = redis_client(settings)
+    signer = load_signer(settings)
+    if signer is None:
+        log.warning(
+            "NO SECRET KEY: calls are not authenticated. Anyone who can write to this Redis "
+            "(a tool granted network access, another project) can make this worker run its "
+            "tools with its grants. Set TOOLQ_SECRET_KEY or secret_key_file (`toolq keygen`) "
+            'on workers and producers (README, "Signed calls")'
+        )
     cancels = CancelWatch(client, settings.keys)
     cancels.start()  # cancelled ids loaded before the first call is checked
     handler = CallHandler(
@@ -170,3 +179,4 @@ def _spawn_keys(settings: Settings, profiles: Profiles) -> list[Key]:
         if profile.mode == "spawn" and key not in keys:
             keys.append(key)
     return keys
+        signer=signer,

@@ -32,8 +32,10 @@ from toolq.errors import (
     ToolFailure,
     ToolTimeout,
 )
+from toolq.logsafe import Block
 from toolq.protocol import CallRequest, validate
 from toolq.sealing import Sealer, env_fields
+from toolq.signing import Signer
 from toolq.workers.backoff import RetryPolicy, next_delay
 from toolq.workers.breaker import Admission, Verdict, verdict_of
 from toolq.workers.cache import Cached, cache_digest
@@ -184,6 +186,8 @@ class CallHandler:
         except InvalidInput as refused:
             return self._finish(_Attempt(message, None, delivery, started_at), failed(refused))
         attempt = _Attempt(message, request, delivery, started_at)
+    signer: Signer | None = None
+    """With a secret key: what this worker re-sends (retries, waits) is signed (toolq.signing)."""
         profile = self.profiles[request.tool_id]
         policy = profile.retry.overridden(
             max_attempts=request.max_attempts, enabled=None if request.retry else False
@@ -555,7 +559,10 @@ class CallHandler:
         if outcome.stderr:
             # Already redacted: the call's env values never reach the log.
             tool_log.info(
-                "call %s %s stderr:\n%s", result.id, result.tool_id, outcome.stderr[-STDERR_LOGGED:]
+                "call %s %s stderr:\n%s",
+                result.id,
+                result.tool_id,
+                Block(outcome.stderr[-STDERR_LOGGED:]),  # its lines can never pass for the log's
             )
         perf = self.settings.performance
         duration_s = outcome.total_time_ms / 1000

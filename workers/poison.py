@@ -43,7 +43,8 @@ from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import InvalidInput
 from toolq.protocol import chunk_from_message, chunk_ids
-from toolq.workers import brokerfix
+from toolq.signing import Signer
+from toolq.workers import brokerfix, control
 
 log = logging.getLogger("toolq.worker")
 kombu_redis: Any = _kombu_redis  # patched by install(): typed loosely on purpose
@@ -71,16 +72,17 @@ class Poison:
 class _Handler:
     """What a refused message needs: the app (result backend) and the dead-letter list."""
 
-    def __init__(self, app: Celery, settings: Settings) -> None:
+    def __init__(self, app: Celery, settings: Settings, signer: Signer | None) -> None:
         self.app = app
         self.settings = settings
+        self.signer = signer
         self.hostname = ""
         self._dead_letters: Any = None
 
     def refuse(self, poison: Poison) -> None:
         """Record and answer one refused message; never raises (the worker must go on)."""
         log.warning(
-            "poison message %s on %s (task %r): %s; acknowledged and dead-lettered",
+            "poison message %s on %s (task %s): %s; acknowledged and dead-lettered",
             poison.call_id or "(no id)",
             poison.queue,
             poison.task,
@@ -161,10 +163,11 @@ class _Handler:
 _handler: _Handler | None = None
 
 
-def install(app: Celery, settings: Settings) -> None:
-    """Make ``app``'s workers poison-safe (and broker-restart-safe: see brokerfix)."""
+def install(app: Celery, settings: Settings, signer: Signer | None = None) -> None:
+    """Make ``app``'s workers poison-safe (and broker-restart-safe: see brokerfix); with a
+    ``signer`` (a secret key), a call without a valid signature is poison too."""
     global _handler
-    _handler = _Handler(app, settings)
+    _handler = _Handler(app, settings, signer)
     brokerfix.install()
     kombu_redis.loads = _tolerant_loads
     if kombu_redis.Transport._deliver is not _deliver:
@@ -256,8 +259,9 @@ def _deliver(self: Any, raw: Any, queue: str) -> None:
 # -- layer 2: the Celery message, before Celery's strategy and Request ---------------------
 
 
-def check_message(message: Any, app: Celery) -> Poison | None:
-    """Everything Celery's task strategy and the toolq task assume of a message."""
+def check_message(message: Any, app: Celery, signer: Signer | None = None) -> Poison | None:
+    """Everything Celery's task strategy and the toolq task assume of a message; with a
+    ``signer``, a call (or chunk) must carry a valid signature (:mod:`toolq.signing`)."""
     headers = message.headers if isinstance(message.headers, dict) else {}
     delivery = message.delivery_info if isinstance(message.delivery_info, dict) else {}
     call_id, task = headers.get("id"), headers.get("task")
@@ -307,6 +311,14 @@ def check_message(message: Any, app: Celery) -> Poison | None:
     except TypeError as exc:
         return refused(f"arguments do not fit {task}: {exc}")
     argument = next(iter(bound.arguments.values()), None)  # each toolq task has one
+    if signer is not None and task in (RUN_TOOL_TASK, RUN_BATCH_TASK):
+        # Before anything reads the request: a forged call is never decoded, let alone run.
+        queue = poison.queue or app.conf.task_default_queue
+        problem = signer.check(task, poison.call_id, queue, argument, headers)
+        if problem is not None:
+            if task == RUN_BATCH_TASK:
+                poison.chunk_ids = chunk_ids(argument)
+            return refused(problem)
     if task == RUN_TOOL_TASK:
         if not isinstance(argument, dict):
             return refused("the request (args[0]) is not a JSON object")
@@ -358,12 +370,15 @@ def _check_embed(embed: dict[str, Any]) -> str | None:
 
 
 class PoisonSafeConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, with every bad-message path acknowledging and answering."""
+    """Celery's consumer, with every bad-message path acknowledging and answering, and
+    its remote control limited to ``remote_control``'s commands."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if _handler is not None:
             _handler.hostname = str(self.hostname)
+        # What Redis may tell this worker to do (workers/control.py): read-only by default.
+        control.restrict(self, _handler.settings.remote_control if _handler else "inspect")
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         celery_handler = super().create_task_handler(*args, **kwargs)
@@ -371,7 +386,8 @@ class PoisonSafeConsumer(Consumer):  # type: ignore[misc]
 
         def on_task_received(message: Any) -> None:
             try:
-                poison = check_message(message, self.app)
+                signer = _handler.signer if _handler is not None else None
+                poison = check_message(message, self.app, signer)
             except Exception as exc:  # a check must never be what stops the worker
                 poison = Poison(f"unreadable message: {exc!r}")
             if poison is not None:

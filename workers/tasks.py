@@ -32,6 +32,7 @@ from toolq.config.celery_app import (
     RUN_BATCH_TASK,
     RUN_TOOL_TASK,
     broker_priority,
+    call_headers,
     send_call,
     send_chunk,
 )
@@ -85,13 +86,20 @@ def register_tasks(app: Celery, handler: CallHandler, chunks: ChunkRunner | None
             if decision.envelope.get("error"):
                 raise ToolCallFailed(decision.envelope)
             return decision.envelope
+        retry_message = decision.request.to_message(handler.sealer)
+        queue = delivery.queue or app.conf.task_default_queue
         raise self.retry(
-            args=[decision.request.to_message(handler.sealer)],
+            args=[retry_message],
             kwargs={},
+            queue=queue,
             countdown=decision.delay_s,
             priority=broker_priority(decision.request.priority),
             argsrepr=decision.request.describe(),
             kwargsrepr="{}",
+            # Re-signed: the next attempt is a new message (its attempt and history).
+            headers=call_headers(
+                decision.request, retry_message, delivery.call_id, queue, handler.signer
+            ),
         )
 
     if chunks is not None:
@@ -130,7 +138,7 @@ def _register_chunks(app: Celery, chunks: ChunkRunner) -> None:
         )
         report = chunks.run(chunk)
         if report.left:  # out of time before the redelivery timeout: the rest goes back
-            send_chunk(app, report.left, queue)
+            send_chunk(app, report.left, queue, chunks.handler.signer)
             chunks.results.handed_off(chunk.chunk_id, [e.call_id for e in report.left])
         return report.summary()  # Flower's result column, from the task-succeeded event
 
@@ -140,7 +148,15 @@ def retry_publisher(app: Celery, handler: CallHandler) -> Callable[[str, Retry, 
     ``Task.retry`` sends it for a single call."""
 
     def publish(call_id: str, decision: Retry, queue: str | None) -> None:
-        send_call(app, decision.request, call_id, queue, handler.sealer, countdown=decision.delay_s)
+        send_call(
+            app,
+            decision.request,
+            call_id,
+            queue,
+            handler.sealer,
+            signer=handler.signer,
+            countdown=decision.delay_s,
+        )
 
     return publish
 

@@ -18,6 +18,7 @@ from typing import Literal
 from celery import Celery
 from celery.signals import worker_shutdown
 
+from toolq import logsafe
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S, Settings
 from toolq.workers import poison
@@ -83,7 +84,9 @@ def run_worker(
     app = make_celery(settings, worker=True)
     use_worker_backend(app)
     register_tasks(app, parts.handler, chunk_runner(app, parts, pool))
-    poison.install(app, settings)  # bad messages and broker restarts never stop it
+    # Bad messages and broker restarts never stop it; unsigned or forged calls never run.
+    poison.install(app, settings, parts.handler.signer)
+    logsafe.install()  # values read from messages or tools never forge a log line
     if metrics is not None:
         serve(settings.performance.metrics_port, metrics)
     # Celery logs every result at INFO ("succeeded in ...: {...}"); results may be

@@ -27,7 +27,7 @@ from pathlib import Path
 from toolq.permissions import Grant
 from toolq.workers.runtime.bun import WRAPPER
 from toolq.workers.runtime.compat import compozy_environment
-from toolq.workers.runtime.egress import EgressProxy
+from toolq.workers.runtime.egress import Destinations, EgressProxy, Peers
 from toolq.workers.runtime.limits import (
     SETPRIV,
     Cgroup,
@@ -102,6 +102,8 @@ class Launched:
     tmpdir: str | None = None
     """Its private host TMPDIR (unsandboxed only: a sandboxed process has a capped tmpfs
     of its own); removed with the process, as its cgroup is."""
+    peers: Peers | None = None
+    """The egress proxies' record of launched processes (sandboxed only)."""
     _bun_pid: int | None = None
     _oom_killed: bool | None = None
 
@@ -137,12 +139,19 @@ class Launched:
             return self._oom_killed
         return self.cgroup is not None and self.cgroup.oom_killed()
 
+    def end_call(self) -> None:
+        """A call on this process is over: close the network connections it left open."""
+        if self.peers is not None:
+            self.peers.end_call(self.proc.pid)
+
     def stop(self) -> None:
         """SIGKILL the whole group, reap, release pipes, the cgroup and the TMPDIR."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         reaper().untrack(self.proc.pid)
+        if self.peers is not None:
+            self.peers.remove(self.proc.pid)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(OSError):
                 stream.close()  # type: ignore[union-attr]
@@ -200,12 +209,17 @@ class Launcher:
         *,
         sandbox: Sandbox | None = None,
         cgroups: Cgroups | None = None,
+        destinations: Destinations | None = None,
     ) -> None:
+        """``destinations``: what the egress proxies let tools reach (the worker's Redis
+        endpoints among what they never do)."""
         self.bun = bun
         self.entrypoint = entrypoint
         self.project_dir = project_dir
         self.sandbox = sandbox
         self.cgroups = cgroups
+        self.destinations = destinations or Destinations()
+        self.peers = Peers()
         self._egress: dict[tuple[str, ...], EgressProxy] = {}
         self._egress_lock = threading.Lock()
         sweep_tmpdirs()
@@ -213,14 +227,16 @@ class Launcher:
             cgroups.sweep()
 
     def _egress_dir(self, permissions: Permissions) -> str | None:
-        """The host directory of the egress proxy enforcing a scoped --allow-net."""
-        if not isinstance(permissions.net, tuple):
+        """The host directory of the egress proxy for this `--allow-net` grant (one proxy
+        per set of rules; unscoped: the public network)."""
+        if self.sandbox is None or not self.sandbox.uses_egress(permissions):
             return None
-        key = tuple(sorted(str(rule) for rule in permissions.net_rules))
+        rules = permissions.net_rules if isinstance(permissions.net, tuple) else None
+        key = ("*",) if rules is None else tuple(sorted(str(rule) for rule in rules))
         with self._egress_lock:
             proxy = self._egress.get(key)
             if proxy is None or proxy.pid != os.getpid():  # a forked pool process: its own
-                proxy = EgressProxy(permissions.net_rules)
+                proxy = EgressProxy(rules, self.destinations, self.peers)
                 self._egress[key] = proxy
         return proxy.directory
 
@@ -323,8 +339,13 @@ class Launcher:
             for fd in fds:
                 os.close(fd)
         reaper().track(proc.pid)
+        sandboxed = self.sandbox is not None
+        if sandboxed:
+            self.peers.add(proc.pid)  # before Bun can connect to an egress proxy
         if cgroup is None:
             with contextlib.suppress(OSError):
                 nofile = limits.max_open_files
                 resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
-        return Launched(proc, envelope_r, cgroup, self.sandbox is not None, limits, tmpdir)
+        return Launched(
+            proc, envelope_r, cgroup, sandboxed, limits, tmpdir, self.peers if sandboxed else None
+        )
