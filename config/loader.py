@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from toolq.config.settings import Settings
-from toolq.config.tooldefs import ToolDefinition, load_definitions, looks_like_typo, suggest
+from toolq.config.tooldefs import Definitions, load_definitions, looks_like_typo, suggest
 from toolq.errors import ConfigError
 
 PROFILES = ("development", "production")
@@ -96,7 +96,7 @@ def load_settings(
         layers.append(_profile_layer(profile))
 
     config_path = _config_path(config, env)
-    definitions: dict[str, ToolDefinition] = {}
+    definitions = Definitions()
     if config_path is not None:
         project_layers, definitions = _project_layers(config_path, _read_yaml(config_path))
         layers += project_layers
@@ -116,7 +116,9 @@ def load_settings(
         raise _config_error(exc, layers) from None
     project_dir = config_path.parent.resolve() if config_path else Path.cwd().resolve()
     source = str(config_path) if config_path else "defaults"
-    settings = settings.located(project_dir, source).with_definitions(definitions)
+    settings = settings.located(project_dir, source).with_definitions(
+        definitions.tools, tuple(definitions.notes)
+    )
     if not settings.entrypoint_path.is_relative_to(project_dir):
         raise ConfigError(
             f"{source}: runtime.entrypoint: {settings.runtime.entrypoint} resolves to "
@@ -152,7 +154,7 @@ def _profile_layer(name: str) -> Layer:
         return (f"profile {name} ({path.name})", _read_yaml(path))
 
 
-def _project_layers(path: Path, data: dict[str, Any]) -> tuple[list[Layer], dict[str, Any]]:
+def _project_layers(path: Path, data: dict[str, Any]) -> tuple[list[Layer], Definitions]:
     """A Compozy project file as settings layers: its tool definitions' toolq settings
     (lowest), then toolq's own keys; every other key is Compozy's and ignored."""
     source = str(path)
@@ -176,8 +178,9 @@ def _project_layers(path: Path, data: dict[str, Any]) -> tuple[list[Layer], dict
         data.get("autoload"),
         tools if isinstance(tools, list) else None,
         source,
+        project=data,
     )
-    return [*found.layers, (source, own)], found.tools
+    return [*found.layers, (source, own)], found
 
 
 def _compozy_runtime(data: dict[str, Any], source: str) -> dict[str, Any]:

@@ -355,6 +355,7 @@ class Settings(_Strict):
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="defaults")
     _definitions: dict[str, ToolDefinition] = PrivateAttr(default_factory=dict)
+    _definition_notes: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="before")
     @classmethod
@@ -463,9 +464,18 @@ class Settings(_Strict):
         self._source = source
         return self
 
-    def with_definitions(self, definitions: dict[str, ToolDefinition]) -> Settings:
+    def with_definitions(
+        self, definitions: dict[str, ToolDefinition], notes: tuple[str, ...] = ()
+    ) -> Settings:
         self._definitions = dict(definitions)
+        self._definition_notes = tuple(notes)
         return self
+
+    @property
+    def definition_notes(self) -> tuple[str, ...]:
+        """What the loader found but toolq does not run (Deno-era definitions), each a
+        sentence naming the tool and what to do; a worker logs them at start-up."""
+        return self._definition_notes
 
     @property
     def definitions(self) -> dict[str, ToolDefinition]:

@@ -9,6 +9,15 @@ templates, resolved from the *worker's* environment at call time). Its ``timeout
 and any of toolq's per-tool settings written beside it (``hard_timeout``, ``mode``,
 ``retry``…), become a settings layer below the project file's own ``tools.<id>``
 mapping — see :mod:`toolq.config.loader` for the precedence.
+
+Schemas may use Compozy's references, ``$ref: $global::schemas.#(id=="quote")``: a
+path into the project file (``$global::``/``global::``) or into the definition's own
+file (``local::``), with ``#(key=="value")`` selecting from a list. They are resolved
+here, once, into plain JSON Schema (the entry's Compozy ``id`` dropped, keys written
+beside the ``$ref`` kept over the target's). A reference that does not resolve is a
+:class:`ConfigError` naming the file and the schema path; so is any other ``$ref`` that
+is not a pointer into the schema itself (``#/definitions/...``): toolq never fetches a
+schema.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft7Validator
 from jsonschema.exceptions import SchemaError, best_match
+from jsonschema_specifications import REGISTRY as SPECIFICATIONS
 
 from toolq.config.settings import ToolSettings
 from toolq.errors import ConfigError, InvalidInput
@@ -119,7 +129,10 @@ class ToolDefinition:
 def _first_error(validator: Draft7Validator | None, value: Any, root: str) -> str | None:
     if validator is None:
         return None
-    error = best_match(validator.iter_errors(value))
+    try:
+        error = best_match(validator.iter_errors(value))
+    except Exception as exc:  # a schema checked at load never gets here; never a crash
+        return f"{root}: the schema cannot be applied: {type(exc).__name__}: {exc}"
     if error is None:
         return None
     path = [str(part) for part in error.absolute_path]
@@ -140,9 +153,16 @@ class Definitions:
 
     tools: dict[str, ToolDefinition] = field(default_factory=dict)
     layers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Deno-era definitions found and not run, each naming the tool and what to do."""
 
-    def add(self, raw: Mapping[str, Any], source: str) -> None:
-        definition, settings = parse_definition(raw, source)
+    def add(
+        self,
+        raw: Mapping[str, Any],
+        source: str,
+        scopes: Mapping[str, Any] | None = None,
+    ) -> None:
+        definition, settings = parse_definition(raw, source, scopes)
         earlier = self.tools.get(definition.id)
         if earlier is not None:
             raise ConfigError(
@@ -156,15 +176,24 @@ class Definitions:
 
 
 def load_definitions(
-    project_dir: Path, autoload: Any, tools: list[Any] | None, source: str
+    project_dir: Path,
+    autoload: Any,
+    tools: list[Any] | None,
+    source: str,
+    project: Mapping[str, Any] | None = None,
 ) -> Definitions:
     """Definitions from ``autoload`` (files with ``resource: tool``) and the ``tools:``
-    list (objects; bare strings are id selectors and define nothing)."""
+    list (objects; bare strings are id selectors and define nothing). ``project`` is the
+    project file's content, which ``$global::`` schema references point into."""
     found = Definitions()
+    project = project or {}
     for path in autoload_files(project_dir, autoload, source):
         raw = _read(path)
         if isinstance(raw, Mapping) and raw.get("resource") == "tool":
-            found.add(raw, str(path))
+            found.add(raw, str(path), {"global": project, "local": raw})
+            _note_execute(found, raw, str(path))
+        elif isinstance(raw, Mapping) and raw.get("resource") == "workflow":
+            _note_workflow_tools(found, raw, path)
     for index, entry in enumerate(tools or []):
         where = f"{source}: tools[{index}]"
         if isinstance(entry, str):
@@ -175,8 +204,71 @@ def load_definitions(
                 key=f"tools[{index}]",
                 source=source,
             )
-        found.add(entry, where)
+        found.add(entry, where, {"global": project, "local": project})
+        _note_execute(found, entry, where)
+    for path in _workflow_files(project_dir, project.get("workflows")):
+        raw = _read_quietly(path)
+        if isinstance(raw, Mapping):
+            _note_workflow_tools(found, raw, path)
     return found
+
+
+# -- Deno-era definitions (found, reported, not run) -------------------------------------
+
+_PORTING = "see the README, 'Compozy projects', for bringing a Deno-era project over"
+
+
+def _note_execute(found: Definitions, raw: Mapping[str, Any], source: str) -> None:
+    """A definition with ``execute:`` (Compozy's Deno runtime ran one file per tool)."""
+    execute = raw.get("execute")
+    if execute is None:
+        return
+    found.notes.append(
+        f"tool {raw.get('id')} ({source}) has execute: {execute}, a Deno-era tool file "
+        "toolq does not run: toolq runs the tools the entrypoint exports, so import its "
+        f"function there and add it to the default export under {raw.get('id')!r} "
+        f"({_PORTING})"
+    )
+
+
+def _note_workflow_tools(found: Definitions, raw: Mapping[str, Any], path: Path) -> None:
+    """Tool definitions written inside a workflow file (Deno-era projects)."""
+    tools = raw.get("tools")
+    if not isinstance(tools, list):
+        return
+    for entry in tools:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("id"), str):
+            continue
+        if entry["id"] in found.tools:
+            continue  # also defined where toolq reads definitions
+        found.notes.append(
+            f"tool {entry['id']} is defined inside the workflow file {path}, where toolq "
+            f"does not read definitions: move it to tools/{entry['id']}.yaml (resource: "
+            "tool) and export its function from the entrypoint"
+            + (" (its execute: file is not run)" if "execute" in entry else "")
+            + f" ({_PORTING})"
+        )
+
+
+def _workflow_files(project_dir: Path, workflows: Any) -> list[Path]:
+    """The project file's ``workflows: [{source: ...}]`` inside the project."""
+    files = []
+    for entry in workflows if isinstance(workflows, list) else []:
+        source = entry.get("source") if isinstance(entry, Mapping) else None
+        if not isinstance(source, str):
+            continue
+        path = (project_dir / source).resolve()
+        if path.is_relative_to(project_dir) and path.is_file():
+            files.append(path)
+    return files
+
+
+def _read_quietly(path: Path) -> Any:
+    """A file toolq only looks into (a workflow): unreadable is Compozy's business."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def autoload_files(project_dir: Path, autoload: Any, source: str) -> list[Path]:
@@ -227,8 +319,12 @@ def _read(path: Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML{where}", source=str(path)) from None
 
 
-def parse_definition(raw: Mapping[str, Any], source: str) -> tuple[ToolDefinition, dict[str, Any]]:
-    """A definition and the toolq per-tool settings written in it (``timeout`` too)."""
+def parse_definition(
+    raw: Mapping[str, Any], source: str, scopes: Mapping[str, Any] | None = None
+) -> tuple[ToolDefinition, dict[str, Any]]:
+    """A definition and the toolq per-tool settings written in it (``timeout`` too).
+    ``scopes``: what ``$global::`` and ``local::`` schema references read (the project
+    file's content, the definition's file's)."""
 
     def fail(key: str, message: str) -> ConfigError:
         return ConfigError(f"{source}: {key}: {message}", key=key, source=source)
@@ -246,6 +342,7 @@ def parse_definition(raw: Mapping[str, Any], source: str) -> tuple[ToolDefinitio
             raise fail(key, f"unknown key{suggest(key, known)}")
 
     schemas: dict[str, Draft7Validator | None] = {}
+    resolved: dict[str, Any] = {}
     for key in ("input", "output"):
         schema = raw.get(key)
         if schema is None:
@@ -253,12 +350,16 @@ def parse_definition(raw: Mapping[str, Any], source: str) -> tuple[ToolDefinitio
             continue
         if not isinstance(schema, Mapping):
             raise fail(key, "expected a JSON Schema object")
+        schema = resolved[key] = resolve_refs(schema, key, scopes or {}, fail)
         try:
             Draft7Validator.check_schema(schema)
         except SchemaError as exc:
             raise fail(key, f"not a valid JSON Schema (draft 7): {exc.message}") from None
-        # Formats are checked as Compozy's validator does (email, ipv4, date, ...).
-        schemas[key] = Draft7Validator(schema, format_checker=Draft7Validator.FORMAT_CHECKER)
+        # Formats are checked as Compozy's validator does (email, ipv4, date, ...). The
+        # registry holds the specifications only: nothing is ever fetched.
+        schemas[key] = Draft7Validator(
+            schema, format_checker=Draft7Validator.FORMAT_CHECKER, registry=SPECIFICATIONS
+        )
 
     defaults, config = raw.get("with") or {}, raw.get("config") or {}
     if not isinstance(defaults, Mapping):
@@ -270,8 +371,8 @@ def parse_definition(raw: Mapping[str, Any], source: str) -> tuple[ToolDefinitio
         id=tool_id,
         source=source,
         description=description if isinstance(description, str) else None,
-        input_schema=raw.get("input"),
-        output_schema=raw.get("output"),
+        input_schema=resolved.get("input"),
+        output_schema=resolved.get("output"),
         defaults=dict(defaults),
         config=dict(config),
         env=_parse_env(raw.get("env"), fail),
@@ -280,6 +381,140 @@ def parse_definition(raw: Mapping[str, Any], source: str) -> tuple[ToolDefinitio
     )
     settings = {key: raw[key] for key in TOOLQ_TOOL_KEYS if raw.get(key) is not None}
     return definition, settings
+
+
+# -- Compozy's schema references ---------------------------------------------------------
+
+_SCOPES = {"$global": "global", "global": "global", "$local": "local", "local": "local"}
+_SELECTOR = re.compile(r"""#\(\s*([A-Za-z0-9_$-]+)\s*==\s*(?:"([^"]*)"|'([^']*)'|([^)\s]*))\s*\)""")
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+"""Keywords whose values are data, not schemas: a ``$ref`` key there is not a reference."""
+
+
+def resolve_refs(
+    schema: Mapping[str, Any], where: str, scopes: Mapping[str, Any], fail: Any
+) -> Any:
+    """``schema`` with Compozy's ``$global::…``/``local::…`` references replaced by what
+    they point at; other ``$ref`` values must point into the schema itself."""
+
+    def visit(node: Any, path: str, seen: frozenset[str]) -> Any:
+        if isinstance(node, list):
+            return [visit(item, f"{path}[{i}]", seen) for i, item in enumerate(node)]
+        if not isinstance(node, Mapping):
+            return node
+        here = {
+            key: value if key in _DATA_KEYWORDS else visit(value, f"{path}.{key}", seen)
+            for key, value in node.items()
+            if key != "$ref"
+        }
+        ref = node.get("$ref")
+        if ref is None:
+            return here
+        at = f"{path}.$ref"
+        if not isinstance(ref, str):
+            raise fail(at, f"expected a string, got {type(ref).__name__}")
+        scope, separator, target_path = ref.partition("::")
+        if not separator:
+            if not ref.startswith("#"):
+                raise fail(
+                    at,
+                    f"{ref!r}: toolq resolves Compozy's $global::schemas references and "
+                    "pointers into the schema itself (#/...), and never fetches a schema",
+                )
+            here["$ref"] = ref
+            return here
+        if scope not in _SCOPES:
+            raise fail(at, f"{ref!r}: unknown scope {scope!r} (use $global:: or local::)")
+        if ref in seen:
+            raise fail(at, f"{ref!r} refers back to itself")
+        try:
+            target = _walk(scopes.get(_SCOPES[scope]) or {}, target_path)
+        except LookupError as exc:
+            raise fail(at, f"{ref!r} does not resolve: {exc}") from None
+        if not isinstance(target, Mapping):
+            raise fail(at, f"{ref!r} points at a {type(target).__name__}, not a schema")
+        inner = visit({k: v for k, v in target.items() if k != "id"}, path, seen | {ref})
+        return {**inner, **here}
+
+    resolved = visit(schema, where, frozenset())
+    _check_pointers(resolved, resolved, where, fail)
+    return resolved
+
+
+def _check_pointers(node: Any, root: Any, path: str, fail: Any) -> None:
+    """Every remaining ``$ref`` (``#/...``) points at something in ``root``."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_pointers(item, root, f"{path}[{i}]", fail)
+        return
+    if not isinstance(node, Mapping):
+        return
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        target: Any = root
+        for part in ref.removeprefix("#").strip("/").split("/") if ref not in ("#", "#/") else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, Mapping) and part in target:
+                target = target[part]
+            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+            else:
+                raise fail(f"{path}.$ref", f"{ref!r} does not resolve inside the schema")
+    for key, value in node.items():
+        if key != "$ref" and key not in _DATA_KEYWORDS:
+            _check_pointers(value, root, f"{path}.{key}", fail)
+
+
+def _walk(node: Any, path: str) -> Any:
+    """Follow a GJSON-style path (``schemas.#(id=="quote").properties``)."""
+    for part in _split_path(path):
+        selector = _SELECTOR.fullmatch(part)
+        if selector is not None:
+            if not isinstance(node, list):
+                raise LookupError(f"{part} selects from a list, found {type(node).__name__}")
+            key = selector.group(1)
+            value = next(group for group in selector.groups()[1:] if group is not None)
+            found = [
+                item for item in node if isinstance(item, Mapping) and str(item.get(key)) == value
+            ]
+            if not found:
+                ids = [str(item.get(key)) for item in node if isinstance(item, Mapping)]
+                raise LookupError(
+                    f"no entry with {key} == {value!r} (entries: {', '.join(ids) or 'none'})"
+                )
+            node = found[0]
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise LookupError(f"{part!r} not found")
+    return node
+
+
+def _split_path(path: str) -> list[str]:
+    """``a.#(id=="x.y").b`` -> ``["a", '#(id=="x.y")', "b"]``: dots inside a selector stay."""
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, ""
+    for ch in path:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "." and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    if any(not part for part in parts):
+        raise LookupError(f"{path!r} is not a path")
+    return parts
 
 
 def _parse_env(env: Any, fail: Any) -> dict[str, str]:
