@@ -3,13 +3,25 @@ real worker (real Redis, real Celery, real Bun in its sandbox), as the issue fou
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import sys
+import threading
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 
-from tests.conftest import StartWorker, descendants, wait_until
+from tests.conftest import TOOLS_CONFIG, StartWorker, descendants, wait_until
+from toolq.config.loader import load_settings
 from toolq.producers.client import ToolClient
 from toolq.validation import MAX_JSON_DEPTH
+from toolq.workers.process import WorkerProcess
 
 
 def _zombies_below(pid: int) -> list[int]:
@@ -46,3 +58,156 @@ def test_a_deep_result_is_invalid_output_never_retried_and_frees_its_process(
     assert at_the_limit.ok, at_the_limit.error
     assert client.run("nest", {"depth": 3}, queue=queue, wait=60).ok  # warm serves on
     assert wait_until(lambda: not _zombies_below(worker.pid)), _zombies_below(worker.pid)
+
+
+# -- 2. a worker that is not root: its user's files -------------------------------------------
+
+WORKER_UID = 4242  # a uid no one else uses here, as a dedicated worker user would be
+
+
+def _own(path: Path, mode: int) -> None:
+    os.chown(path, WORKER_UID, WORKER_UID)
+    path.chmod(mode)
+
+
+@pytest.fixture
+def worker_user_files() -> Iterator[dict[str, Path]]:
+    """What a non-root worker's user owns: a home with its 0600 secret_key_file and an SSH
+    key, and an application directory of its own under /opt."""
+    if os.geteuid() != 0:
+        pytest.skip("making a second user's files needs root (CI runs the suite as root)")
+    tag = uuid.uuid4().hex[:8]
+    home, app = Path(f"/home/toolq-it-{tag}"), Path(f"/opt/toolq-it-{tag}")
+    for directory in (home, home / ".ssh", app):
+        directory.mkdir(parents=True)
+        _own(directory, 0o700)
+    files = {"home": home, "key": home / "toolq.key", "ssh": home / ".ssh" / "id_ed25519"}
+    files["app"] = app / "credentials"
+    files["key"].write_text(Fernet.generate_key().decode())
+    files["ssh"].write_text("PRIVATE SSH KEY")
+    files["app"].write_text("APP CREDENTIALS")
+    for name in ("key", "ssh", "app"):
+        _own(files[name], 0o600)
+    yield files
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(app, ignore_errors=True)
+
+
+def as_worker_user() -> list[str]:
+    """The command prefix that runs a program as WORKER_UID. This interpreter may live
+    under root's 0700 home (pyenv): a mount namespace of the worker's own then shows
+    it there, and nothing else of /root."""
+    drop = ["setpriv", f"--reuid={WORKER_UID}", f"--regid={WORKER_UID}", "--clear-groups"]
+    real = os.path.realpath(sys.executable)
+    if not real.startswith("/root/"):
+        return drop
+    keep = "/root/" + real.split("/")[2]
+    script = (
+        f'd=$(mktemp -d) && mount --bind {keep} "$d" && mount -t tmpfs -o mode=755 none /root'
+        f' && mkdir -p {keep} && mount --bind "$d" {keep} && exec "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *drop]
+
+
+def test_a_non_root_workers_tools_cannot_read_its_users_files(
+    redis_url: str, worker_user_files: dict[str, Path]
+) -> None:
+    """Tool: with the worker running as an ordinary user, bwrap ran as that user and
+    --allow-read let the tool read its 0600 secret_key_file (and ~/.ssh, everything the
+    user owns). A real worker as uid 4242, its key in its home, a tool granted
+    --allow-read (the test project's profile)."""
+    files = worker_user_files
+    settings = load_settings(
+        TOOLS_CONFIG,
+        environ={},
+        overrides={"redis_url": redis_url, "secret_key_file": str(files["key"])},
+    )
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    with (
+        ToolClient(settings) as keyed,
+        WorkerProcess(
+            config=TOOLS_CONFIG,
+            redis_url=redis_url,
+            queues=[queue],
+            env={"HOME": str(files["home"]), "TOOLQ_SECRET_KEY_FILE": str(files["key"])},
+        ) as process,
+    ):
+        process.argv[:0] = as_worker_user()
+        process.start(keyed.app)
+
+        def read(path: Path | str) -> dict[str, Any]:
+            result = keyed.run("probe", {"action": "read", "path": str(path)}, queue=queue, wait=60)
+            assert result.result is not None, result.error
+            return result.result
+
+        status = keyed.run("self_status", queue=queue, wait=60).result
+        assert status is not None and status["uid"].split()[0] == "65534"
+        assert read("/etc/hostname")["ok"]  # --allow-read still reads the host
+        secret = files["key"].read_text()
+        for name in ("key", "ssh", "app"):
+            seen = read(files[name])
+            assert seen.get("text", "") not in (secret, "PRIVATE SSH KEY", "APP CREDENTIALS")
+            assert seen.get("text", "") == "" or not seen["ok"], seen
+        assert "tools run as this worker's uid 4242" in process.output()
+
+
+# -- 6. host unix sockets under --allow-read --------------------------------------------------
+
+
+class _SocketServer:
+    """A unix socket that says 'hello' to whoever connects (a local database's stand-in)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(mode=0o755, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        path.chmod(0o777)  # anyone may connect, as a database's socket lets them
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"hello")
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()
+
+
+@pytest.fixture
+def host_sockets() -> Iterator[list[Path]]:
+    tag = uuid.uuid4().hex[:8]
+    servers = [
+        _SocketServer(Path(f"/run/toolq-it-{tag}/db.sock")),
+        _SocketServer(Path(f"/var/tmp/toolq-it-{tag}/db.sock")),
+    ]
+    yield [server.path for server in servers]
+    for server in servers:
+        server.close()
+
+
+def test_allow_read_does_not_reach_host_unix_sockets(
+    client: ToolClient, start_worker: StartWorker, host_sockets: list[Path]
+) -> None:
+    """Tool: the default --allow-read (the host's / read-only) reached a local MariaDB's
+    and PostgreSQL's sockets under /run and got their handshakes: a read-only mount does
+    not stop connect(). A socket under /run and one elsewhere (/var/tmp)."""
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    start_worker(queues=[queue])
+    for path in host_sockets:
+        result = client.run("probe", {"action": "unix", "path": str(path)}, queue=queue, wait=60)
+        assert result.result is not None, result.error
+        assert not result.result["ok"], (path, result.result)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
@@ -89,6 +90,18 @@ def build_launcher(settings: Settings) -> Launcher:
         ),
         cgroups=Cgroups.detect(),
     )
+    if launcher.sandbox is not None and settings.secret_key_file is not None:
+        key_file = settings.project_dir / Path(settings.secret_key_file).expanduser()
+        launcher.sandbox.hide_files = (str(key_file),)  # the project dir is in every view
+    if launcher.sandbox is not None and launcher.sandbox.run_as is None:
+        log.warning(
+            "this worker is not root: tools run as this worker's uid %d on the host (65534 "
+            "only inside their user namespace); under --allow-read they see the host without "
+            "%s and the secret key file, but anything else this user owns stays readable: run "
+            "workers as root or as a user that owns nothing else",
+            os.geteuid(),
+            ", ".join(launcher.sandbox.hidden_dirs),
+        )
     if launcher.cgroups is None:
         log.warning(
             "no cgroup can be made here: memory is watched by RSS, processes are not limited"

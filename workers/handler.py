@@ -175,6 +175,8 @@ class CallHandler:
     clock: Callable[[], float] = time.time
     sealer: Sealer | None = None
     """With a secret key: env arrives sealed (plain env is refused) and is dead-lettered sealed."""
+    signer: Signer | None = None
+    """With a secret key: what this worker re-sends (retries, waits) is signed (toolq.signing)."""
     flow: FlowGate | None = None
     cancels: CancelRegistry | None = None
     cache: CacheStore | None = None
@@ -186,8 +188,6 @@ class CallHandler:
         except InvalidInput as refused:
             return self._finish(_Attempt(message, None, delivery, started_at), failed(refused))
         attempt = _Attempt(message, request, delivery, started_at)
-    signer: Signer | None = None
-    """With a secret key: what this worker re-sends (retries, waits) is signed (toolq.signing)."""
         profile = self.profiles[request.tool_id]
         policy = profile.retry.overridden(
             max_attempts=request.max_attempts, enabled=None if request.retry else False

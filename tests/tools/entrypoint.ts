@@ -213,6 +213,25 @@ export default {
           socket.end();
           return { ok: true };
         }
+        case "unix": {
+          // a host unix socket: what its server says first (it writes on connect)
+          const said = await new Promise<string>((resolve, reject) => {
+            Bun.connect({
+              unix: input.path!,
+              socket: {
+                data(socket, data) {
+                  socket.end();
+                  resolve(new TextDecoder().decode(data));
+                },
+                connectError(_socket, error) {
+                  reject(error);
+                },
+              },
+            }).catch(reject);
+            setTimeout(() => reject(new Error("no answer")), 2000);
+          });
+          return { ok: true, said };
+        }
         case "env":
           return { ok: input.name! in process.env, value: process.env[input.name!] ?? null };
         case "run": {

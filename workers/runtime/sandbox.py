@@ -35,6 +35,7 @@ from typing import Literal
 
 from toolq.errors import ConfigError
 from toolq.permissions import Permissions
+from toolq.workers.runtime.hidden import HostSockets, hidden_dirs, resolver_files
 from toolq.workers.runtime.seccomp import (
     filter_fd,
     no_exec_filter,
@@ -81,6 +82,14 @@ class Sandbox:
         self._libraries = _shared_libraries(self.bun)
         self.run_as = host_uid()
         """The host uid bwrap is started as (None: the worker's own)."""
+        worker_uid = None if self.run_as is not None else os.geteuid()
+        self.hidden_dirs = hidden_dirs(worker_uid, os.environ.get("HOME"))
+        """Empty under --allow-read: /run, and a non-root worker's own (:mod:`.hidden`)."""
+        self._resolver_files = resolver_files()
+        self._host_sockets = HostSockets(self.hidden_dirs)
+        self.hide_files: tuple[str, ...] = ()
+        """Host files never in a tool's view (the worker's secret_key_file), set by the
+        worker's assembly: /dev/null where they would be seen."""
         self.filter = sandbox_filter()
         self._no_exec = f"--toolq-no-exec={seccomp_syscall_number()}:{no_exec_filter().hex()}"
 
@@ -112,6 +121,7 @@ class Sandbox:
             args.append("--share-net")
         if permissions.read is True:
             args += ["--ro-bind", "/", "/"]  # Bun, its libraries and programs are in there
+            args += self._hide(permissions)
         elif permissions.run is True:
             args += ["--ro-bind", "/usr", "/usr"]  # programs and every library they need
             for name in ("bin", "sbin", "lib", "lib64"):
@@ -155,10 +165,48 @@ class Sandbox:
             args += ["--ro-bind", egress_dir, EGRESS_DIR]
         if permissions.read is not True:
             args += ["--remount-ro", "/"]
+        args += self._cover(permissions)
         if seccomp_fd is not None:
             args += ["--seccomp", str(seccomp_fd)]
         args += ["--chdir", project, "--"]
         return args + argv
+
+    def _hide(self, permissions: Permissions) -> list[str]:
+        """Under --allow-read, right after the host's /: an empty tmpfs on each hidden
+        directory (what is bound later, the project say, still gets its mount point)."""
+        args = []
+        for path in self.hidden_dirs:
+            args += ["--tmpfs", path]
+        for path in self._resolver_files:
+            args += ["--ro-bind", path, path]
+        return args
+
+    def _cover(self, permissions: Permissions) -> list[str]:
+        """Last: hidden directories read-only, /dev/null over the host's unix sockets
+        (broad --allow-read) and over ``hide_files`` wherever they would be seen."""
+        args = []
+        if permissions.read is True:
+            for path in self.hidden_dirs:
+                args += ["--remount-ro", path]
+        bound = [
+            os.path.realpath(self.project_dir)
+        ]  # bound after the hiding: seen even in a hidden dir
+        granted = [
+            path
+            for grant in (permissions.read, permissions.write)
+            if isinstance(grant, tuple)
+            for path in grant
+        ]
+        covered = [(os.path.realpath(path), [*bound, *granted]) for path in self.hide_files]
+        if permissions.read is True:  # a grant that names a socket's path shows it
+            covered += [(path, bound) for path in self._host_sockets.paths()]
+        for path, roots in covered:
+            hidden = any(_within(path, directory) for directory in self.hidden_dirs)
+            if any(_within(path, root) for root in roots) or (
+                permissions.read is True and not hidden
+            ):
+                args += ["--ro-bind-try", "/dev/null", path]
+        return args
 
     def probe(self) -> str | None:
         """None if a sandboxed Bun runs here, else why not."""
@@ -226,6 +274,10 @@ def make_sandbox(
         )
     log.warning("tools run UNSANDBOXED (runtime.sandbox: auto): %s; %s", problem, INSTALL_HINT)
     return None
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _others_may(path: Path, mode: int) -> bool:
