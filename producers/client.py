@@ -51,8 +51,8 @@ from toolq.producers.cancel import CancelOutcome, cancel_call
 from toolq.producers.collect import collect
 from toolq.protocol import MAX_CHUNK_CALLS, CallRequest, ChunkEntry, new_request, validate
 from toolq.sealing import load_sealer
-
 from toolq.signing import load_signer
+
 log = logging.getLogger("toolq.producer")
 QUEUE_FULL_POLL_S = 0.05
 """How often ``enqueue(block=...)`` looks again at a full queue."""
@@ -218,8 +218,8 @@ class ToolClient:
             settings = load_settings(config, profile, overrides=overrides)
         self.settings = settings
         self._sealer = load_sealer(settings)  # with a secret key, every env goes sealed
-        self.app: Celery = make_celery(settings, name="toolq-producer")
         self._signer = load_signer(settings)  # and every call is signed
+        self.app: Celery = make_celery(settings, name="toolq-producer")
         self._redis_client: redis.Redis | None = None
         self._warned_queues: set[str] = set()
 
@@ -299,12 +299,12 @@ class ToolClient:
                 queue,
                 ", ".join(self.settings.all_queues),
                 queue,
-            )
-        return queue
                 ""
                 if self._signer is None
                 else "; a worker of another project refuses it "
                 f"(calls are signed for project {self._signer.project!r})",
+            )
+        return queue
 
     def queue_length(self, queue: str) -> int:
         """Calls waiting in ``queue`` (all priorities; not those a worker holds)."""

@@ -126,6 +126,14 @@ def build_worker(
     """
     slots = max_concurrent or settings.performance.max_concurrent_tools
     sealer = load_sealer(settings)  # a bad key stops the worker before anything starts
+    signer = load_signer(settings)
+    if signer is None:
+        log.warning(
+            "NO SECRET KEY: calls are not authenticated. Anyone who can write to this Redis "
+            "(a tool granted network access, another project) can make this worker run its "
+            "tools with its grants. Set TOOLQ_SECRET_KEY or secret_key_file (`toolq keygen`) "
+            'on workers and producers (README, "Signed calls")'
+        )
     # Read once: no child (a tool granted --allow-env, a pool process) inherits the key.
     os.environ.pop("TOOLQ_SECRET_KEY", None)
     launcher = build_launcher(settings)
@@ -151,14 +159,6 @@ def build_worker(
         runtimes["warm"] = warm
     runtime = ByMode(runtimes, slots)
     client = redis_client(settings)
-    signer = load_signer(settings)
-    if signer is None:
-        log.warning(
-            "NO SECRET KEY: calls are not authenticated. Anyone who can write to this Redis "
-            "(a tool granted network access, another project) can make this worker run its "
-            "tools with its grants. Set TOOLQ_SECRET_KEY or secret_key_file (`toolq keygen`) "
-            'on workers and producers (README, "Signed calls")'
-        )
     cancels = CancelWatch(client, settings.keys)
     cancels.start()  # cancelled ids loaded before the first call is checked
     handler = CallHandler(
@@ -171,6 +171,7 @@ def build_worker(
         metrics=metrics or Metrics(),
         sandbox="bwrap" if launcher.sandbox is not None else "none",
         sealer=sealer,
+        signer=signer,
         flow=Flow(client, settings.keys),
         cancels=cancels,
         cache=ResultCache(client, settings.keys),
@@ -192,4 +193,3 @@ def _spawn_keys(settings: Settings, profiles: Profiles) -> list[Key]:
         if profile.mode == "spawn" and key not in keys:
             keys.append(key)
     return keys
-        signer=signer,
