@@ -47,6 +47,7 @@ from toolq.errors import (
     ToolCrashed,
     ToolTimeout,
 )
+from toolq.presence import QueueWatch, unserved_warning
 from toolq.producers.cancel import CancelOutcome, cancel_call
 from toolq.producers.collect import collect
 from toolq.protocol import MAX_CHUNK_CALLS, CallRequest, ChunkEntry, new_request, validate
@@ -222,6 +223,7 @@ class ToolClient:
         self.app: Celery = make_celery(settings, name="toolq-producer")
         self._redis_client: redis.Redis | None = None
         self._warned_queues: set[str] = set()
+        self._watch = QueueWatch(lambda: self._redis)
 
     def enqueue(
         self,
@@ -304,6 +306,8 @@ class ToolClient:
                 else "; a worker of another project refuses it "
                 f"(calls are signed for project {self._signer.project!r})",
             )
+        if self._watch.newly_unserved(queue):  # one ZCOUNT per queue per few seconds
+            log.warning("%s", unserved_warning(self.settings, queue))
         return queue
 
     def queue_length(self, queue: str) -> int:

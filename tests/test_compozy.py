@@ -274,7 +274,7 @@ def test_a_project_without_its_dependencies_installed_does_not_start(
         worker.close()
     message = str(info.value)
     assert "tiny-format" in message  # Bun's own error
-    assert f"run `bun install` in {project.resolve()}" in message  # and the fix
+    assert f"run `toolq install {project.resolve()}`" in message  # and the fix
 
 
 @pytest.mark.parametrize("mode", ["spawn", "warm"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -194,6 +195,17 @@ BlockOption = Annotated[
 ]
 
 
+def _show_producer_warnings() -> None:
+    """The client's warnings (a queue no live worker consumes, a queue outside the
+    configuration) as ``toolq: warning: ...`` lines on stderr, once each."""
+    logger = logging.getLogger("toolq.producer")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("toolq: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def _enqueue(
     settings: Settings,
     tool_id: str,
@@ -213,6 +225,7 @@ def _enqueue(
     """`run` and `enqueue`: parse the options, enqueue one call."""
     from toolq.producers import ToolClient
 
+    _show_producer_warnings()
     client = ToolClient(settings)
     payload, env_map = _parse_input(raw_input), _parse_env(env)
     config_map = _parse_tool_config(tool_config)
@@ -312,6 +325,7 @@ def run(
         inputs = _read_batch(batch)
         from toolq.producers import ToolClient
 
+        _show_producer_warnings()
         client = ToolClient(_settings(config, profile))
         calls = _guard(
             lambda: client.enqueue_many(
@@ -660,6 +674,38 @@ def bench(
             say=lambda line: typer.echo(line, err=True),
         )
     )
+
+
+@app.command()
+def install(
+    project: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The project directory (or its compozy.yaml); default: the configured project."
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Install the project's packages (its package.json) with the Bun the workers run.
+
+    Workers run Bun with --no-install: run this once where they run (or in the image).
+    Exit 1 if Bun's install failed, 2 if there is nothing Bun could install."""
+    from toolq.install import install as install_packages
+
+    project_dir = None
+    if project is not None:
+        if not project.exists():
+            _fail(f"{project}: no such project directory or file")
+        project_dir = (project if project.is_dir() else project.parent).resolve()
+        if config is None:
+            own = project if project.is_file() else project_dir / "compozy.yaml"
+            config = own if own.is_file() else None
+    settings = _guard(lambda: load_settings(config, profile))
+    target = project_dir or settings.project_dir
+    done = _guard(lambda: install_packages(target, settings.runtime.bun_path))
+    if done.returncode != 0:
+        _fail(f"bun install in {target} failed (exit code {done.returncode})", EXIT_FAILED)
 
 
 @app.command("config")

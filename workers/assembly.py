@@ -137,7 +137,9 @@ def build_worker(
     # Read once: no child (a tool granted --allow-env, a pool process) inherits the key.
     os.environ.pop("TOOLQ_SECRET_KEY", None)
     launcher = build_launcher(settings)
-    profiles = Profiles(settings, warm_available=settings.uses_warm_mode)
+    profiles = Profiles(
+        settings, warm_available=settings.uses_warm_mode, sandboxed=launcher.sandbox is not None
+    )
     # Load the entrypoint once, as tools will run, before saying ready (either mode).
     exported = check_entrypoint(
         settings, launcher, profiles.default_permissions(), profiles.default_resources()

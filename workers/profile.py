@@ -30,6 +30,7 @@ from toolq.protocol import CallRequest
 from toolq.validation import validate_env
 from toolq.workers.backoff import RetryPolicy
 from toolq.workers.flow import FlowLimits
+from toolq.workers.grants import with_grant_hint
 from toolq.workers.runtime.base import Call, Mode, Outcome
 from toolq.workers.runtime.limits import ResourceLimits
 from toolq.workers.runtime.sandbox import Permissions
@@ -49,6 +50,8 @@ class ToolProfile:
     """warm only where the worker runs warm processes and the tool shares their sandbox."""
     definition: ToolDefinition | None = None
     flow: FlowLimits = field(default_factory=FlowLimits)
+    sandboxed: bool = True
+    """Runs in the sandbox: an error it caused names the missing grant."""
 
     def config_for(self, request: CallRequest) -> dict[str, Any]:
         """The call's config: the definition's, overridden key by key by the call's."""
@@ -79,8 +82,16 @@ class ToolProfile:
         )
 
     def check_output(self, outcome: Outcome) -> Outcome:
-        """A success whose result breaks the definition's output schema is ``invalid_output``."""
-        if self.definition is None or outcome.error is not None:
+        """A success whose result breaks the definition's output schema is ``invalid_output``;
+        a thrown error the sandbox caused names the permission that would grant it."""
+        if outcome.error is not None:
+            error = outcome.error
+            if self.sandboxed and error.kind == "tool_error":
+                message = with_grant_hint(error.message, self.permissions)
+                if message != error.message:
+                    return replace(outcome, error=replace(error, message=message))
+            return outcome
+        if self.definition is None:
             return outcome
         problem = self.definition.output_problem(outcome.result)
         if problem is None:
@@ -96,9 +107,12 @@ class Profiles:
     """Profiles of every tool a worker meets, resolved on first use (thread-safe enough:
     two threads resolving the same tool compute the same frozen value)."""
 
-    def __init__(self, settings: Settings, *, warm_available: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, warm_available: bool = True, sandboxed: bool = True
+    ) -> None:
         self.settings = settings
         self.warm_available = warm_available
+        self.sandboxed = sandboxed
         self._cache: dict[str, ToolProfile] = {}
 
     def __getitem__(self, tool_id: str) -> ToolProfile:
@@ -132,6 +146,7 @@ class Profiles:
             breaker=settings.breaker_settings(tool_id),
             mode=mode,
             definition=settings.definition(tool_id),
+            sandboxed=self.sandboxed,
             flow=FlowLimits(
                 max_concurrency=tool.max_concurrency,
                 key_path=tuple(tool.concurrency_key.split(".")[1:]) if tool.concurrency_key else (),

@@ -14,6 +14,8 @@ import subprocess
 
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
+from toolq.install import install_command, missing_module_hint
+from toolq.workers.grants import missing_grant
 from toolq.workers.runtime.launch import Launcher, base_environment
 from toolq.workers.runtime.limits import ResourceLimits
 from toolq.workers.runtime.sandbox import Permissions
@@ -60,21 +62,32 @@ def check_entrypoint(
         tools = text.rsplit("tools: ", 1)[-1].strip() if "tools: " in text else ""
         return [tool for tool in tools.split(", ") if tool]
     return_error = text[-ERROR_SHOWN:] or f"Bun exited with code {code}"
-    raise _error(settings, return_error, hint=_hint(settings, text))
+    sandboxed = launcher.sandbox is not None
+    raise _error(settings, return_error, hint=_hint(settings, text, permissions, sandboxed))
 
 
-def _hint(settings: Settings, text: str) -> str:
+def _hint(settings: Settings, text: str, permissions: Permissions, sandboxed: bool) -> str:
     project = settings.project_dir
-    has_manifest = (project / "package.json").is_file()
-    if has_manifest and (
-        any(marker in text for marker in _MISSING_MODULE) or not (project / "node_modules").is_dir()
+    missing = missing_module_hint(project, text)
+    if missing is not None:
+        return missing
+    grant = missing_grant(text, permissions) if sandboxed else None
+    if grant is not None:
+        return f"the entrypoint's top-level code was refused: {grant}"
+    if any(marker in text for marker in _MISSING_MODULE) or (
+        (project / "package.json").is_file() and not (project / "node_modules").is_dir()
     ):
         return (
-            f"its dependencies are not installed: run `bun install` in {project} "
-            "(toolq runs Bun with --no-install and never installs packages itself)"
+            f"its dependencies are not installed: run `{install_command(project)}` (the Bun "
+            "the workers run; toolq runs Bun with --no-install and never installs packages "
+            "itself)"
         )
-    if any(marker in text for marker in _MISSING_MODULE):
-        return "an imported module is missing: check the import paths (or add a package.json)"
+    if "needs --allow-ffi" in text:
+        return (
+            "a module the entrypoint imports loads native code as it loads, which the sandbox "
+            "refuses without the grant: add --allow-ffi to runtime.permissions (the native "
+            "code then runs inside the sandbox), or use a package without native code"
+        )
     return "fix the entrypoint (or a module it imports) so that `bun` can load it"
 
 
@@ -89,8 +102,10 @@ def _error(settings: Settings, detail: str, hint: str | None = None) -> ConfigEr
 def report_definitions(
     settings: Settings, exported: list[str], environ: dict[str, str] | None = None
 ) -> None:
-    """Log what would otherwise surface one call at a time: definitions of tools the
-    entrypoint does not export, env templates naming variables this worker lacks."""
+    """Log what would otherwise surface one call at a time: an entrypoint exporting no
+    tools, definitions of tools it does not export, Deno-era definitions toolq does not
+    run (``execute:`` files, definitions inside workflow files), env templates naming
+    variables this worker lacks."""
     env = os.environ if environ is None else environ
     log.info(
         "project %s: entrypoint %s exports %s",
@@ -98,12 +113,25 @@ def report_definitions(
         settings.entrypoint_path,
         ", ".join(exported) or "no tools",
     )
+    if not exported:
+        log.warning(
+            "the entrypoint %s exports no tools: every call will end as not_found; export "
+            "an object whose keys are tool ids and whose values are functions "
+            "(`export default { my_tool }`), or the functions themselves as named exports",
+            settings.entrypoint_path,
+        )
+    for note in settings.definition_notes:
+        log.warning("%s", note)
     for tool_id, definition in sorted(settings.definitions.items()):
-        if exported and tool_id not in exported:
+        if tool_id not in exported:
             log.warning(
-                "tool %s is defined in %s but the entrypoint does not export it",
+                "tool %s is defined in %s but the entrypoint %s does not export it: its calls "
+                "will end as not_found; add its function to the entrypoint's default export "
+                "under %r (or remove the definition)",
                 tool_id,
                 definition.source,
+                settings.entrypoint_path.name,
+                tool_id,
             )
         missing = sorted(name for name in definition.env_variables() if name not in env)
         if missing:

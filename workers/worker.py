@@ -16,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from celery import Celery
-from celery.signals import worker_shutdown
+from celery.signals import heartbeat_sent, worker_shutdown
 
 from toolq import logsafe
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S, Settings
+from toolq.presence import Presence
 from toolq.workers import poison
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.batch import ChunkRunner
@@ -80,6 +81,14 @@ def run_worker(
     )
     if pool == "threads":
         parts.start()
+    consumed = list(queues or settings.all_queues)
+    node = hostname or default_hostname()
+    # Each heartbeat Celery sends also stamps this worker on its queues, so producers
+    # can tell a queue nobody consumes (toolq.presence); it leaves them when it stops,
+    # before its Redis connection closes.
+    presence = Presence(parts.redis, node, consumed)
+    heartbeat_sent.connect(lambda **_: presence.beat(), weak=False)
+    worker_shutdown.connect(lambda **_: presence.leave(), weak=False)
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
     app = make_celery(settings, worker=True)
     use_worker_backend(app)
@@ -96,8 +105,8 @@ def run_worker(
         "worker",
         f"--pool={pool}",
         f"--concurrency={parts.max_concurrent}",
-        f"--queues={','.join(queues or settings.all_queues)}",
-        f"--hostname={hostname or default_hostname()}",
+        f"--queues={','.join(consumed)}",
+        f"--hostname={node}",
         f"--loglevel={loglevel}",
         "--without-mingle",
         "--without-gossip",

@@ -42,6 +42,7 @@ from toolq.workers.runtime.seccomp import (
     sandbox_filter,
     seccomp_syscall_number,
 )
+from toolq.workers.runtime.workspace import linked_packages
 
 __all__ = ["Permissions", "Sandbox", "make_sandbox"]
 
@@ -79,6 +80,8 @@ class Sandbox:
         self.wrapper = wrapper
         self.project_dir = project_dir
         self.entrypoint_dir = entrypoint.resolve().parent
+        self.linked_packages = linked_packages(project_dir)
+        """Workspace packages node_modules links to from outside the project."""
         self._libraries = _shared_libraries(self.bun)
         self.run_as = host_uid()
         """The host uid bwrap is started as (None: the worker's own)."""
@@ -149,6 +152,8 @@ class Sandbox:
         args += ["--bind" if permissions.write is True else "--ro-bind", project, project]
         if not self.entrypoint_dir.is_relative_to(self.project_dir):
             args += ["--ro-bind", str(self.entrypoint_dir), str(self.entrypoint_dir)]
+        for package in self.linked_packages:  # workspace:* dependencies
+            args += ["--ro-bind", package, package]
         for script in (self.wrapper, self.wrapper.with_name("no_ffi.ts")):
             args += ["--ro-bind", str(script), str(script)]
         if isinstance(permissions.read, tuple):
