@@ -391,6 +391,10 @@ def test_docker_compose_file_wires_services_to_real_commands() -> None:
     assert {"redis", "worker", "flower", "producer"} <= set(services)
     redis_command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis_command and "noeviction" in redis_command
+    # Redis always has a password, never on a command line (ps shows those)
+    assert "requirepass" in redis_command and "$$REDIS_PASSWORD" in redis_command
+    required = "${REDIS_PASSWORD:?set REDIS_PASSWORD}"
+    assert services["redis"]["environment"]["REDIS_PASSWORD"] == required
     for name in ("worker", "flower", "producer"):
         service = services[name]
         command = service["command"]
@@ -404,7 +408,7 @@ def test_docker_compose_file_wires_services_to_real_commands() -> None:
         for arg in command[2:]:
             if arg.startswith("--"):
                 assert arg.split("=")[0] in help_text, (name, arg)
-        assert service["environment"]["TOOLQ_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["environment"]["TOOLQ_REDIS_URL"] == f"redis://:{required}@redis:6379/0"
         assert "redis" in service["depends_on"]
         assert service.get("build") == "." or service.get("image")
     assert "deploy" not in services["worker"] or services["worker"]["deploy"].get("replicas")

@@ -322,6 +322,17 @@ def test_allow_env_names_only_those(launcher: Launcher, monkeypatch: pytest.Monk
     assert env == {"WORKER_GRANTED": "yes", "WORKER_SECRET": "no"}
 
 
+def test_the_workers_own_settings_never_reach_a_tool(
+    launcher: Launcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--allow-env handed a tool TOOLQ_REDIS_URL, password and all: the keys to every
+    project's calls on that Redis."""
+    monkeypatch.setenv("TOOLQ_REDIS_URL", "redis://:hunter2@redis:6379/0")
+    keys = {"keys": ["TOOLQ_REDIS_URL"]}
+    for flags in (["--allow-env"], ["--allow-env=TOOLQ_REDIS_URL"]):
+        assert result(launcher, "env", keys, flags)["env"] == {"TOOLQ_REDIS_URL": None}, flags
+
+
 BIG = bytes(range(256)) * (5 * 4096)  # 5 MiB
 BIG_SUM = sum(BIG) % 65521
 

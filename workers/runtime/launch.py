@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolq.config.loader import ENV_PREFIX
 from toolq.permissions import Grant
 from toolq.workers.runtime.bun import WRAPPER
 from toolq.workers.runtime.compat import compozy_environment
@@ -51,16 +52,21 @@ _TMP_NAME = re.compile(rf"^{TMP_PREFIX}(\d+)-")
 
 def base_environment(allow_env: Grant = False) -> dict[str, str]:
     """The worker variables a tool sees: PATH, HOME, LANG — plus those `--allow-env=NAMES`
-    names, or all of them with `--allow-env`."""
+    names, or all of them with `--allow-env`. Never the worker's own ``TOOLQ_*`` settings
+    (the Redis URL and its password among them), whatever the grant."""
     if allow_env is True:
-        return dict(os.environ)
+        return {key: value for key, value in os.environ.items() if not _worker_own(key)}
     env = {key: os.environ[key] for key in _BASE_ENV_KEYS if key in os.environ}
     env.setdefault("PATH", _DEFAULT_PATH)
     env.setdefault("LANG", "C.UTF-8")
     for name in allow_env or ():
-        if name in os.environ:
+        if name in os.environ and not _worker_own(name):
             env[name] = os.environ[name]
     return env
+
+
+def _worker_own(name: str) -> bool:
+    return name.upper().startswith(ENV_PREFIX)
 
 
 def call_tmpdir() -> str:
