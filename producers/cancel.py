@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 from toolq.envelope import ToolResult
 from toolq.errors import Cancelled, ToolCallFailed
 from toolq.keys import CANCELLED_KEEP_S, Keys
+from toolq.validation import validate_call_id
 
 CancelOutcome = Literal["cancelled", "finished"]
 
@@ -28,7 +29,9 @@ CancelOutcome = Literal["cancelled", "finished"]
 def cancel_call(
     client: redis.Redis, app: Celery, keys: Keys, call_id: str, tool_id: str = ""
 ) -> CancelOutcome:
-    """Cancel ``call_id``; ``"finished"`` (nothing done) if it has a result already."""
+    """Cancel ``call_id``; ``"finished"`` (nothing done) if it has a result already.
+    :class:`InvalidInput` for an id that is not a call id (nothing is written)."""
+    validate_call_id(call_id)
     stored = AsyncResult(call_id, app=app)
     if stored.state in states.READY_STATES:
         return "finished"

@@ -19,6 +19,7 @@ from cryptography.fernet import Fernet
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, descendants, wait_until
 from toolq.config.loader import load_settings
+from toolq.errors import InvalidInput
 from toolq.producers.client import ToolClient
 from toolq.validation import MAX_JSON_DEPTH
 from toolq.workers.process import WorkerProcess
@@ -211,3 +212,23 @@ def test_allow_read_does_not_reach_host_unix_sockets(
         result = client.run("probe", {"action": "unix", "path": str(path)}, queue=queue, wait=60)
         assert result.result is not None, result.error
         assert not result.result["ok"], (path, result.result)
+
+
+# -- 3. cancel ids --------------------------------------------------------------------------
+
+
+def test_cancel_accepts_only_call_ids(client: ToolClient, redis_url: str, settings: Any) -> None:
+    """Caller: `toolq cancel 'x*:y'` and 1 MiB ids were accepted; each wrote a result key,
+    a day-long entry in the cancelled set (which every worker holds in memory) and a
+    publish. Refused now, with nothing written."""
+    from tests.test_worker import toolq
+
+    before = client._redis.zcard(settings.keys.cancelled)
+    proc = toolq(redis_url, "cancel", "x*:y")
+    assert proc.returncode == 2 and "invalid call id 'x*:y'" in proc.stderr, proc.stderr
+    for call_id in ("x" * 2**20, "A0B1C2D3-0000-4000-8000-000000000000", " " + str(uuid.uuid4())):
+        with pytest.raises(InvalidInput, match="a call id is a UUID"):
+            client.cancel(call_id)
+    assert client._redis.zcard(settings.keys.cancelled) == before
+    assert client.cancel(str(uuid.uuid4())) == "cancelled"  # a well-formed id is accepted
+    assert client._redis.zcard(settings.keys.cancelled) == before + 1

@@ -86,6 +86,8 @@ FORBIDDEN_ENV_KEYS = frozenset(
         "BUN_CONFIG_PROFILE",
     }
 )
+CALL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+"""A call id as toolq makes them: a UUID, lower-case hex (what `toolq enqueue` prints)."""
 MAX_TOOL_ID_LENGTH = 256
 MAX_JSON_DEPTH = 100
 """Deeper input is refused: no real tool input nests this far, and a deep enough one
@@ -113,6 +115,19 @@ def validate_tool_id(tool_id: Any) -> str:
     if posixpath.normpath(tool_id) != tool_id or unicodedata.normalize("NFC", tool_id) != tool_id:
         raise InvalidInput(f"invalid tool id {tool_id!r}: not in canonical form", "ValidationError")
     return tool_id
+
+
+def validate_call_id(call_id: Any) -> str:
+    """A call id a command may name (``toolq cancel``): only the shape toolq gives ids,
+    so a name cannot grow Redis and every worker's memory (each is kept for a day)."""
+    if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
+        shown = repr(call_id)[:60] + ("..." if len(repr(call_id)) > 60 else "")
+        raise InvalidInput(
+            f"invalid call id {shown}: a call id is a UUID as `toolq enqueue` prints it "
+            "(8-4-4-4-12 lower-case hex digits)",
+            "ValidationError",
+        )
+    return call_id
 
 
 def env_name_refused(key: str) -> str | None:

@@ -23,6 +23,7 @@ from redis.client import PubSub
 from redis.exceptions import RedisError
 
 from toolq.keys import CANCELLED_KEEP_S, Keys
+from toolq.validation import CALL_ID
 from toolq.workers.runtime.base import CancelToken
 
 log = logging.getLogger("toolq.worker")
@@ -80,7 +81,11 @@ class CancelWatch:
             token.close()
 
     def cancelled(self, call_id: str, at: float | None = None) -> None:
-        """Remember the id; stop the call if it runs here."""
+        """Remember the id; stop the call if it runs here. An id toolq never makes
+        (written to Redis by hand, or by an older producer) is ignored: kept, each would
+        hold this worker's memory for a day."""
+        if not CALL_ID.fullmatch(call_id):
+            return
         now = time.time()
         with self._lock:
             self._cancelled[call_id] = now if at is None else at
