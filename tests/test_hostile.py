@@ -18,6 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, descendants, wait_until
+from toolq.config.celery_app import RUN_TOOL_TASK
 from toolq.config.loader import load_settings
 from toolq.errors import InvalidInput
 from toolq.producers.client import ToolClient
@@ -232,3 +233,29 @@ def test_cancel_accepts_only_call_ids(client: ToolClient, redis_url: str, settin
     assert client._redis.zcard(settings.keys.cancelled) == before
     assert client.cancel(str(uuid.uuid4())) == "cancelled"  # a well-formed id is accepted
     assert client._redis.zcard(settings.keys.cancelled) == before + 1
+
+
+# -- 4. a call's env: bounded, and redacted in linear time --------------------------------
+
+
+def test_call_env_is_bounded_at_the_producer_and_the_worker(
+    client: ToolClient, worker: WorkerProcess
+) -> None:
+    """Caller: a message with 20,000 env names was accepted; redacting 10,000 values out
+    of a 3 MB error message then held the worker 136 s for a 115 ms tool (past the
+    visibility timeout: redelivered). Refused at the producer, and at the worker for a
+    message that bypassed it; the worker goes on serving."""
+    many = {f"KEY_{i}": "v" for i in range(20_000)}
+    large = {"BLOB": "x" * (64 * 1024)}
+    for env, words in ((many, "20000 names, over the limit of 128"), (large, "65536 bytes")):
+        with pytest.raises(InvalidInput, match=words):
+            client.enqueue("echo", env=env)
+        call_id = str(uuid.uuid4())
+        client.app.send_task(RUN_TOOL_TASK, args=[{"tool_id": "echo", "env": env}], task_id=call_id)
+        result = client.call(call_id).result(timeout=60)
+        assert result.error is not None and result.error.kind == "invalid_input", result
+        assert words in result.error.message
+    at_the_cap = {f"KEY_{i}": f"value-{i}-{uuid.uuid4().hex}" for i in range(128)}
+    thrown = client.run("throw_env", {"name": "KEY_127"}, env=at_the_cap, wait=60)
+    assert thrown.error is not None and at_the_cap["KEY_127"] not in thrown.error.message
+    assert "***" in thrown.error.message

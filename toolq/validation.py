@@ -93,6 +93,10 @@ MAX_JSON_DEPTH = 100
 """Deeper input is refused: no real tool input nests this far, and a deep enough one
 would exhaust the recursion of every JSON codec on its way (Python's, kombu's)."""
 MAX_INPUT_BYTES = 10 * 1024 * 1024
+MAX_ENV_NAMES = 128
+MAX_ENV_BYTES = 64 * 1024
+"""A call's env is for credentials and settings, not data: more names or bytes than
+these are refused (each value is also looked for in everything a failed call stores)."""
 """A request (input, config, env) larger than this is refused before anything runs."""
 
 
@@ -153,6 +157,11 @@ def validate_env(env: Any) -> dict[str, str]:
         return {}
     if not isinstance(env, Mapping):
         raise InvalidInput("env must be a mapping of names to strings", "ValidationError")
+    if len(env) > MAX_ENV_NAMES:
+        raise InvalidInput(
+            f"env has {len(env)} names, over the limit of {MAX_ENV_NAMES}", "ValidationError"
+        )
+    size = 0
     checked: dict[str, str] = {}
     for key, value in env.items():
         if not isinstance(key, str) or not ENV_KEY.fullmatch(key):
@@ -164,6 +173,12 @@ def validate_env(env: Any) -> dict[str, str]:
             raise InvalidInput(f"env {key} must be a string", "ValidationError")
         if any(ch in value for ch in "\r\n\x00"):
             raise InvalidInput(f"env {key} must not contain CR, LF or NUL", "ValidationError")
+        size += len(key) + len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_ENV_BYTES:
+            raise InvalidInput(
+                f"env is over the limit of {MAX_ENV_BYTES} bytes (names and values)",
+                "ValidationError",
+            )
         checked[key] = value
     return checked
 

@@ -24,6 +24,9 @@ import functools
 import json
 import re
 from collections.abc import Mapping
+from typing import Any
+
+import ahocorasick
 
 from toolq.envelope import ToolErrorInfo
 from toolq.workers.runtime.base import Outcome
@@ -34,11 +37,13 @@ MIN_SUBSTRING = 3
 
 
 def redact_secrets(text: str, env: Mapping[str, str]) -> str:
-    """``text`` with every env value replaced by ``***``."""
+    """``text`` with every env value replaced by ``***``, in time linear in ``text``
+    (one Aho-Corasick pass, however many values: a regex alternation of every value
+    took minutes over a 3 MB message and 10,000 values)."""
     if not text or not env:
         return text
-    pattern = _pattern(tuple(sorted(set(env.values()))))
-    return text if pattern is None else pattern.sub(MASK, text)
+    matcher = _matcher(tuple(sorted(set(env.values()))))
+    return text if matcher is None else matcher.redact(text)
 
 
 def redact_error(error: ToolErrorInfo, env: Mapping[str, str]) -> ToolErrorInfo:
@@ -64,11 +69,55 @@ def redact_outcome(outcome: Outcome, env: Mapping[str, str]) -> Outcome:
     )
 
 
+class _Matcher:
+    """Every form of every value: those of long values replaced anywhere (leftmost,
+    longest first, so a value that contains another is replaced whole), those of short
+    ones only as whole tokens."""
+
+    def __init__(self, anywhere: list[str], tokens: list[str]) -> None:
+        self.anywhere = _automaton(anywhere)
+        self.tokens = _automaton(tokens)
+
+    def redact(self, text: str) -> str:
+        for automaton, whole in ((self.anywhere, False), (self.tokens, True)):
+            if automaton is None:
+                continue
+            pieces, done = [], 0
+            for end, length in automaton.iter_long(text):
+                start = end - length + 1
+                if whole and not _alone(text, start, end + 1):
+                    continue
+                pieces += [text[done:start], MASK]
+                done = end + 1
+            if pieces:
+                text = "".join(pieces) + text[done:]
+        return text
+
+
+def _automaton(forms: list[str]) -> Any:
+    if not forms:
+        return None
+    automaton = ahocorasick.Automaton()
+    for form in forms:
+        automaton.add_word(form, len(form))
+    automaton.make_automaton()
+    return automaton
+
+
+def _alone(text: str, start: int, end: int) -> bool:
+    r"""Not next to a letter, digit or ``_`` (the regex ``(?<!\w)…(?!\w)``)."""
+    before = text[start - 1] if start > 0 else ""
+    after = text[end] if end < len(text) else ""
+    return not (_WORD.match(before) or _WORD.match(after))
+
+
+_WORD = re.compile(r"\w")
+
+
 @functools.lru_cache(maxsize=256)
-def _pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One alternation of every form of every value, longest first (so a value that
-    contains another is replaced whole). Values of only ``*`` are skipped: they are
-    the mask itself, and redacting twice must change nothing."""
+def _matcher(values: tuple[str, ...]) -> _Matcher | None:
+    """The matcher for these values. Values of only ``*`` are skipped: they are the mask
+    itself, and redacting twice must change nothing."""
     forms: dict[str, bool] = {}  # form -> whole tokens only
     for value in values:
         if not value.strip("*"):
@@ -78,8 +127,7 @@ def _pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
             forms[form] = forms.get(form, True) and short
     if not forms:
         return None
-    parts = [
-        rf"(?<!\w){re.escape(form)}(?!\w)" if whole else re.escape(form)
-        for form, whole in sorted(forms.items(), key=lambda item: -len(item[0]))
-    ]
-    return re.compile("|".join(parts))
+    return _Matcher(
+        [form for form, whole in forms.items() if not whole],
+        [form for form, whole in forms.items() if whole],
+    )
