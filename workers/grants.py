@@ -22,7 +22,7 @@ _NO_ROUTE = re.compile(
     r"\bECONNREFUSED\b|Unable to connect|FailedToOpenSocket|ConnectionRefused|ENETUNREACH"
 )
 _WRITE = re.compile(r"\b(EROFS|EACCES)\b[^'\"]*['\"]([^'\"]+)['\"]|\bEROFS\b|read-only file system")
-_SPAWN = re.compile(r"\bEPERM\b[^\n]*\b(?:spawn|exec)\w*\b(?: '?([^\s']+))?")
+_SPAWN = re.compile(r"\bEPERM\b[^\n]*(?:spawn|exec)\w*(?: '([^']+)')?")
 _SCOPE = "runtime.permissions (or tools.<id>.permissions)"
 
 
