@@ -48,6 +48,7 @@ from toolq.errors import (
     ToolTimeout,
 )
 from toolq.presence import QueueWatch, unserved_warning
+from toolq.producers import idempotency
 from toolq.producers.cancel import CancelOutcome, cancel_call
 from toolq.producers.collect import collect
 from toolq.protocol import MAX_CHUNK_CALLS, CallRequest, ChunkEntry, new_request, validate
@@ -278,7 +279,7 @@ class ToolClient:
         queue = self._queue(tool_id, queue)
         self._make_room(queue, block)
         if idempotency_key is not None:
-            first = self._claim(idempotency_key, call_id)
+            first = self._claim(idempotency_key, call_id, request)
             if first is not None:
                 return self.call(first, tool_id)
         try:
@@ -518,17 +519,13 @@ class ToolClient:
             self._redis_client = redis_client(self.settings)
         return self._redis_client
 
-    def _claim(self, idempotency_key: str, call_id: str) -> str | None:
-        """Reserve the key for ``call_id``; return the earlier call's id if there is one."""
-        if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 256:
-            raise InvalidInput("idempotency_key must be 1 to 256 characters", "ValidationError")
+    def _claim(self, idempotency_key: str, call_id: str, request: CallRequest) -> str | None:
+        """Reserve the key for ``call_id``; return the earlier call's id if there is one
+        for the same request (:mod:`toolq.producers.idempotency`; another is refused)."""
         key = self.settings.keys.idempotency(idempotency_key)
         ttl = max(1, int(self.settings.idempotency_ttl_s))
         with _redis_errors(self.settings.redis_url):
-            if self._redis.set(key, call_id, nx=True, ex=ttl):
-                return None
-            first = self._redis.get(key)
-        return first.decode() if isinstance(first, bytes) else None
+            return idempotency.claim(self._redis, key, idempotency_key, call_id, request, ttl)
 
     def __enter__(self) -> ToolClient:
         return self

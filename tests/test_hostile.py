@@ -259,3 +259,27 @@ def test_call_env_is_bounded_at_the_producer_and_the_worker(
     thrown = client.run("throw_env", {"name": "KEY_127"}, env=at_the_cap, wait=60)
     assert thrown.error is not None and at_the_cap["KEY_127"] not in thrown.error.message
     assert "***" in thrown.error.message
+
+
+# -- 5. idempotency keys are bound to the request ------------------------------------------
+
+
+def test_an_idempotency_key_is_bound_to_its_tool_and_input(
+    client: ToolClient, worker: WorkerProcess, redis_url: str
+) -> None:
+    """Caller: `run echo … --idempotency-key order-42`, then another tool with other input
+    under the same key got the first call's result. Now: the same request gets the first
+    call; another tool or other input is refused, naming the key."""
+    from tests.test_worker import toolq
+
+    key = f"order-{uuid.uuid4().hex[:8]}"
+    first = client.run("echo", {"page": "<b>receipt</b>"}, idempotency_key=key, wait=60)
+    assert first.ok
+    again = client.run("echo", {"page": "<b>receipt</b>"}, idempotency_key=key, wait=60)
+    assert again.id == first.id  # the same request: the first call, not run twice
+    with pytest.raises(InvalidInput, match=f"'{key}' was first used for tool 'echo'"):
+        client.enqueue("env", {"amount": 100}, env={"API_KEY": "k"}, idempotency_key=key)
+    with pytest.raises(InvalidInput, match="other input or config"):
+        client.enqueue("echo", {"page": "<b>refund</b>"}, idempotency_key=key)
+    proc = toolq(redis_url, "run", "env", "--input", '{"amount": 100}', "--idempotency-key", key)
+    assert proc.returncode == 2 and "use a new key" in proc.stderr, (proc.stdout, proc.stderr)
