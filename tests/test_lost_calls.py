@@ -1,0 +1,123 @@
+"""No lost calls when a worker dies while waiting for work (issue 31).
+
+Redis hands a call to a waiting worker's pending pop as long as the worker's connection is
+open, however dead or frozen the worker is. kombu's ``BRPOP`` recorded it as unacknowledged
+only once the worker read it, so a worker that never read it lost it for good. The worker
+here is frozen (SIGSTOP) while Redis shows it waiting, the call is sent, the worker is
+SIGKILLed: deterministic, where "SIGKILL, then enqueue at once" loses the call only when
+the enqueue beats the kernel closing the dead worker's socket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import TOOLS, StartWorker, wait_until
+from toolq import ToolClient
+from toolq.config.celery_app import celery_config, queue_lists
+from toolq.config.loader import load_settings
+from toolq.workers.process import WorkerProcess
+
+REDELIVERY_CONFIG = TOOLS / "redelivery.yaml"
+
+
+def socket_ports(pid: int) -> set[int]:
+    """The local TCP ports of ``pid``'s open sockets."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def waiting_in_redis(client: redis.Redis, pid: int) -> bool:
+    """Whether one of ``pid``'s connections is blocked in Redis, waiting for a call."""
+    ports = socket_ports(pid)
+    return any(
+        "b" in entry["flags"] and int(entry["addr"].rsplit(":", 1)[1]) in ports
+        for entry in client.client_list()
+    )
+
+
+def freeze_while_waiting(client: redis.Redis, worker: WorkerProcess) -> None:
+    """SIGSTOP ``worker`` at a moment its pop is pending in Redis (its wait lasts a second
+    at most, so try until the freeze catches one)."""
+    for _ in range(100):
+        os.kill(worker.pid, signal.SIGSTOP)
+        if waiting_in_redis(client, worker.pid):
+            return
+        os.kill(worker.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    pytest.fail("the idle worker was never seen waiting in Redis")
+
+
+def unacked_count(client: redis.Redis, settings: Any) -> int:
+    options = celery_config(settings, worker=True)["broker_transport_options"]
+    return int(client.hlen(options.get("unacked_key", "unacked")))
+
+
+def waiting_count(client: redis.Redis, queue: str) -> int:
+    return sum(int(client.llen(name)) for name in queue_lists(queue))
+
+
+@pytest.mark.parametrize("calls", [1, 40], ids=["one-call", "chunk-of-40"])
+def test_a_call_sent_as_an_idle_worker_dies_runs_once(
+    calls: int, start_worker: StartWorker, tmp_path: Path, redis_url: str
+) -> None:
+    queue = f"lostq-{uuid.uuid4().hex[:8]}"
+    settings = load_settings(
+        REDELIVERY_CONFIG, environ={}, overrides={"redis_url": redis_url, "queue": queue}
+    )
+    # The worker's settings (its queue given by --queues) name its unacked index.
+    worker_settings = load_settings(
+        REDELIVERY_CONFIG, environ={}, overrides={"redis_url": redis_url}
+    )
+    db = redis.Redis.from_url(redis_url)
+    with ToolClient(settings) as client:
+        doomed = start_worker(config=REDELIVERY_CONFIG, queues=[queue], concurrency=1)
+        assert client.run("echo", {}, wait=30).ok  # connections made: the next send is quick
+        for trial in range(10):
+            counters = [tmp_path / f"runs-{trial}-{n}" for n in range(calls)]
+            inputs = [{"counter": str(counter), "succeed_on": 1} for counter in counters]
+            unacked = unacked_count(db, worker_settings)
+            freeze_while_waiting(db, doomed)
+            sent = client.enqueue_many("flaky", inputs, chunk_size=40)
+
+            # Redis hands the message to the frozen worker's pending pop if it is still
+            # pending (it waits a second at most), or keeps it waiting. Either way it must
+            # stay in Redis: waiting, or recorded as unacknowledged.
+            def kept(before: int = unacked) -> bool:
+                return waiting_count(db, queue) + unacked_count(db, worker_settings) > before
+
+            assert wait_until(kept, 2), "the call is in neither the queue nor the unacked index"
+            if unacked_count(db, worker_settings) > unacked:
+                break  # handed to the frozen worker: the case under test
+            os.kill(doomed.pid, signal.SIGCONT)  # it came too late: run it and try again
+            assert all(result.ok for result in client.gather(sent, wait=30))
+        else:
+            pytest.fail("no call reached the frozen worker in 10 trials")
+        doomed.kill()
+        start_worker(config=REDELIVERY_CONFIG, queues=[queue], concurrency=4)
+        results = client.gather(sent, wait=90)  # the visibility timeout (20 s) and sweep
+        assert all(result.ok for result in results), [r.error for r in results if r.error]
+        assert [len(counter.read_text().split()) for counter in counters] == [1] * calls
+    db.close()
