@@ -60,10 +60,10 @@ from typing import Any
 
 import redis
 from kombu.transport import redis as _kombu_redis
-from kombu.transport import virtual
-from kombu.utils.encoding import bytes_to_str
+from kombu.transport import virtual as _virtual
 
 kombu_redis: Any = _kombu_redis  # patched below: typed loosely on purpose
+virtual: Any = _virtual
 
 log = logging.getLogger("toolq.worker")
 
@@ -176,7 +176,8 @@ def _reliable(channel: Any) -> bool:
 def _pop_start(self: Any, timeout: Any = None) -> None:
     """kombu's ``_brpop_start``: sends the pop (after a wait, if the last pop was empty)."""
     if not _reliable(self):
-        return _ORIGINAL_START(self, timeout)
+        _ORIGINAL_START(self, timeout)
+        return None
     queues = self._queue_cycle.consume(len(self.active_queues))
     if not queues:
         return None
@@ -225,9 +226,9 @@ def _pop_read(self: Any, **options: Any) -> bool:
             raise kombu_redis.Empty()
         self.__dict__["_toolq_idle"] = False
         key, entry, recorded = reply
-        dest = bytes_to_str(key).rsplit(self.sep, 1)[0]
+        dest = _text(key).rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(dest)
-        raw = kombu_redis.loads(bytes_to_str(entry))
+        raw = kombu_redis.loads(_text(entry))
         tag = _tag_of(raw) if recorded else None
         if tag is not None:
             self.__dict__.setdefault("_toolq_recorded", set()).add(tag)
@@ -243,6 +244,10 @@ def _pop_read(self: Any, **options: Any) -> bool:
     finally:
         self._in_poll = None
         self._flush_brpop_reauth()
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _tag_of(raw: Any) -> str | None:
