@@ -6,6 +6,7 @@ Overlaps and rates are counted from the tools' own start/end stamps (tests/tools
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -222,6 +223,49 @@ def test_an_urgent_call_overtakes_a_backlog(
     assert order[1:].count("urgent") == 1 and order[-1] != "urgent"
 
 
+def test_an_urgent_call_overtakes_the_waiters_of_a_capped_tool(
+    client: ToolClient, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """Issue 22: a priority-9 call to a capped tool started after all 12 earlier waiters of
+    priority 0 (the waiting list was ordered by first enqueue only)."""
+    queue, log = shared_queue(), tmp_path / "log"
+    for _ in range(2):
+        start_worker(queues=[queue], concurrency=4)
+    backlog = [
+        client.enqueue("capped", {"log": str(log), "ms": 300, "tag": f"low{i}"}, queue=queue)
+        for i in range(12)
+    ]
+    assert wait_until(lambda: len(starts(log)) >= 2, 30)  # the waiting list has formed
+    urgent = client.enqueue(
+        "capped", {"log": str(log), "ms": 300, "tag": "urgent"}, queue=queue, priority=9
+    )
+    assert urgent.result(timeout=90).ok and all(c.result(timeout=90).ok for c in backlog)
+    order = [tag for tag, _ in starts(log)]
+    assert max_overlap(log) == 2
+    # before it: at most the calls running or holding a slot when it came (2, and one
+    # whose grant was on its way)
+    assert len(order) - 1 - order.index("urgent") >= 9, order
+
+
+def test_an_urgent_call_overtakes_the_reserved_tokens_of_a_rated_tool(
+    client: ToolClient, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """Issue 22: a priority-9 call over a tool's rate reserved the token after every
+    earlier reservation; it now takes the first token a less urgent call holds."""
+    queue, log = shared_queue(), tmp_path / "log"
+    for _ in range(2):
+        start_worker(queues=[queue], concurrency=3)
+    backlog = [
+        client.enqueue("rated", {"log": str(log), "tag": f"low{i}"}, queue=queue) for i in range(10)
+    ]
+    assert wait_until(lambda: len(starts(log)) >= 1, 30)
+    urgent = client.enqueue("rated", {"log": str(log), "tag": "urgent"}, queue=queue, priority=9)
+    assert urgent.result(timeout=90).ok and all(c.result(timeout=90).ok for c in backlog)
+    order = [tag for tag, _ in starts(log)]
+    # rated is 5/s: 10 tokens span 1.8 s; those whose time had come stay theirs
+    assert len(order) - 1 - order.index("urgent") >= 6, order
+
+
 # -- cancel ---------------------------------------------------------------------------------
 
 
@@ -436,6 +480,41 @@ def test_slots_go_to_waiters_in_arrival_order(flow: Any) -> None:
     assert not take("late", 3.0).granted  # free, but not its turn
     assert take("early", 2.0).granted
     assert take("early", 2.0).granted  # asking again while holding it renews the lease
+
+
+def test_more_urgent_waiters_go_first(flow: Any) -> None:
+    def take(holder: str, arrival: float, priority: int = 0) -> Any:
+        return flow.acquire(
+            "t", None, holder, limit=1, lease_s=30, arrival=arrival, priority=priority
+        )
+
+    assert take("a", 1.0).granted
+    assert not take("early", 2.0).granted
+    urgent = take("urgent", 3.0, 9)
+    assert (urgent.granted, urgent.rank) == (False, 0)
+    assert take("mid", 4.0, 5).rank == 1
+    assert flow.release("t", None, "a") == 0
+    assert not take("early", 2.0).granted
+    assert not take("mid", 4.0, 5).granted
+    assert take("urgent", 3.0, 9).granted
+
+
+def test_an_urgent_reservation_takes_the_first_less_urgent_token(flow: Any) -> None:
+    def reserve(holder: str, priority: int = 0) -> float:
+        token = flow.token("t", holder, interval_s=1.0, reserve=True, priority=priority)
+        assert token.granted
+        return float(token.wait_s)
+
+    assert reserve("a") == 0
+    assert reserve("b") > 0 and reserve("c") > 0
+    assert reserve("u", 9) == pytest.approx(flow.confirm("t", "b") - 1.0, abs=0.25)
+    assert reserve("v", 9) == pytest.approx(flow.confirm("t", "u") + 1.0, abs=0.25)
+    assert reserve("w", 5) == pytest.approx(flow.confirm("t", "v") + 1.0, abs=0.25)
+    # priority first, then reservation order: u, v (9), w (5), b, c (0), one second apart
+    waits = [flow.confirm("t", holder) for holder in ("u", "v", "w", "b", "c")]
+    assert [round(later - earlier) for earlier, later in itertools.pairwise(waits)] == [1] * 4
+    assert reserve("x") == pytest.approx(waits[-1] + 1.0, abs=0.25)
+    assert flow.confirm("t", "never-reserved") == 0
 
 
 def test_a_lease_runs_out_on_redis_clock(flow: Any) -> None:

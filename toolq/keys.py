@@ -100,6 +100,10 @@ class Keys:
         """Sorted set: call id holding a future rate token -> the token's time."""
         return f"{self.prefix}rate-waiting:{tool_id}"
 
+    def rate_priority(self, tool_id: str) -> str:
+        """Hash: call id holding a future rate token -> its priority (0 .. 9)."""
+        return f"{self.prefix}rate-priority:{tool_id}"
+
     @property
     def cancelled(self) -> str:
         """Sorted set: cancelled call id -> when it was cancelled (trimmed after a day)."""

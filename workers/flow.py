@@ -6,10 +6,12 @@ A tool with neither configured never reaches this module (no Redis round trip).
 set of call id -> lease expiry, on Redis' clock. A lease lasts the call's hard limit
 plus :data:`LEASE_MARGIN_S` — the runtime has killed the call by then — so a worker
 that dies (SIGKILL, OOM) gives its slot back when the lease runs out, without anyone
-cleaning up. A call that finds no free slot joins a waiting list ordered by its first
-arrival (``enqueued_at``) and is re-published with a short countdown: it holds no
-worker slot while it waits. A slot goes to a waiter only if fewer waiters arrived
-before it than there are free slots, so calls start in arrival order. A waiter that
+cleaning up. A call that finds no free slot joins a waiting list ordered by its
+priority, then its first arrival (``enqueued_at``; :func:`waiter_order`), and is
+re-published with a short countdown: it holds no worker slot while it waits. A slot goes
+to a waiter only if fewer waiters are ahead of it than there are free slots, so calls
+start in that order: a more urgent call passes every less urgent waiter, and within a
+priority a call passes fewer earlier ones than there are slots. A waiter that
 stops asking (its message lost, its worker gone) drops out of the list after
 :data:`WAITER_STALE_S` past its next expected poll.
 
@@ -17,6 +19,10 @@ stops asking (its message lost, its worker gone) drops out of the list after
 interval, on Redis' clock. In ``queue`` mode a call over the rate *reserves* the next
 free token and is re-published to run at exactly its time (so waiting calls keep
 their order and never take two tokens); in ``reject`` mode it ends as ``rate_limited``.
+A reservation is ordered by priority too: a call takes the token time of the first
+holder of a lower priority, which moves (with every later holder) one interval back;
+a holder back at its token's time confirms it (:meth:`Flow.confirm`) and waits again if
+it was moved.
 
 Each decision is one Lua script: one round trip to take, one to give back.
 """
@@ -30,6 +36,7 @@ from typing import Any
 import redis
 
 from toolq.keys import Keys
+from toolq.protocol import MAX_PRIORITY
 
 LEASE_MARGIN_S = 2.0
 """A slot's lease outlives its call's hard limit by this much."""
@@ -39,6 +46,9 @@ MAX_SLOT_POLL_S = 2.0
 """Waiters far back ask less often (the head ones will get the free slots first)."""
 WAITER_STALE_S = 3.0
 """A waiter that has not asked again this long after it was due drops out of the list."""
+_PRIORITY_STEP_S = 1e10
+"""Waiters of one priority sort before all of the next: an arrival is an epoch time
+(~2e9 s); a float keeps ~15 µs at this size (ties: by call id)."""
 _KEY_TTL_MARGIN_MS = 60_000
 
 _ACQUIRE = """
@@ -81,28 +91,66 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return redis.call('ZCARD', KEYS[1])
 """
 
-_TOKEN = """
+_TOKEN_DUE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('HDEL', KEYS[3], member)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+"""
+"""Holders whose token's time has come leave the reservations (both scripts start so)."""
+
+_TOKEN = (
+    _TOKEN_DUE
+    + """
 local interval, reserve, holder = tonumber(ARGV[1]), ARGV[2] == '1', ARGV[3]
+local priority = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - now
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if wait > 0 and not reserve then
   return {0, tostring(wait), redis.call('ZCARD', KEYS[2])}
+end
+local at = tat
+if wait > 0 then
+  local held = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #held, 2 do
+    if tonumber(redis.call('HGET', KEYS[3], held[i]) or '0') < priority then
+      at = tonumber(held[i + 1])
+      for j = #held - 1, i, -2 do
+        redis.call('ZADD', KEYS[2], tonumber(held[j + 1]) + interval, held[j])
+      end
+      break
+    end
+  end
 end
 local ttl = math.ceil((tat + interval - now) * 1000) + 1000
 redis.call('SET', KEYS[1], tostring(tat + interval), 'PX', ttl)
 if wait > 0 then
-  redis.call('ZADD', KEYS[2], tat, holder)
+  redis.call('ZADD', KEYS[2], at, holder)
+  redis.call('HSET', KEYS[3], holder, priority)
   redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
 end
-return {1, tostring(wait), redis.call('ZCARD', KEYS[2])}
+return {1, tostring(at - now), redis.call('ZCARD', KEYS[2])}
 """
-"""GCRA, burst one. KEYS: tat, rate-waiting. ARGV: interval_s, reserve (1/0), holder.
+)
+"""GCRA, burst one; a reservation goes ahead of every holder of a lower priority. KEYS:
+tat, rate-waiting, rate-priority. ARGV: interval_s, reserve (1/0), holder, priority.
 Returns granted, wait (s, as text: Lua numbers become integers), holders of a future
 token."""
+
+_CONFIRM = (
+    _TOKEN_DUE
+    + """
+local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not at then return '0' end
+return tostring(tonumber(at) - now)
+"""
+)
+"""KEYS: tat, rate-waiting, rate-priority. ARGV: holder. Returns how long until its
+token's time (s, as text): 0 once due (or never reserved)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +180,11 @@ class FlowLimits:
         if value is None:
             return ""
         return value if isinstance(value, str) else repr(value)
+
+
+def waiter_order(priority: int | None, arrival: float) -> float:
+    """A waiter's place in a slot's waiting list: more urgent first, then first arrival."""
+    return (MAX_PRIORITY - (priority or 0)) * _PRIORITY_STEP_S + arrival
 
 
 def slot_poll_s(rank: int, limit: int) -> float:
@@ -166,6 +219,7 @@ class Flow:
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._token = client.register_script(_TOKEN)
+        self._confirm = client.register_script(_CONFIRM)
 
     def _slot_keys(self, tool_id: str, key: str | None) -> list[str]:
         k = self.keys
@@ -184,9 +238,11 @@ class Flow:
         limit: int,
         lease_s: float,
         arrival: float,
+        priority: int | None = None,
     ) -> SlotGrant:
-        """Take a slot, or join (stay on) the waiting list, keeping its place until it is
-        due to ask again (:func:`slot_poll_s`) plus :data:`WAITER_STALE_S`; one round trip."""
+        """Take a slot, or join (stay on) the waiting list in :func:`waiter_order`, keeping
+        its place until it is due to ask again (:func:`slot_poll_s`) plus
+        :data:`WAITER_STALE_S`; one round trip."""
         ttl_ms = int(max(lease_s, MAX_SLOT_POLL_S + WAITER_STALE_S) * 1000) + _KEY_TTL_MARGIN_MS
         granted, rank, in_use, waiting = self._acquire(
             keys=self._slot_keys(tool_id, key),
@@ -194,7 +250,7 @@ class Flow:
                 holder,
                 limit,
                 lease_s,
-                repr(arrival),
+                repr(waiter_order(priority, arrival)),
                 WAITER_STALE_S,
                 ttl_ms,
                 SLOT_POLL_S,
@@ -207,10 +263,28 @@ class Flow:
         """Give the slot back (or leave the waiting list); returns slots still in use."""
         return int(self._release(keys=self._slot_keys(tool_id, key), args=[holder]))
 
-    def token(self, tool_id: str, holder: str, *, interval_s: float, reserve: bool) -> Token:
-        """A rate token now, or (``reserve``) the next free one; one round trip."""
+    def _rate_keys(self, tool_id: str) -> list[str]:
+        k = self.keys
+        return [k.rate(tool_id), k.rate_waiting(tool_id), k.rate_priority(tool_id)]
+
+    def token(
+        self,
+        tool_id: str,
+        holder: str,
+        *,
+        interval_s: float,
+        reserve: bool,
+        priority: int | None = None,
+    ) -> Token:
+        """A rate token now, or (``reserve``) the next free one, ahead of every reserved
+        token of a less urgent call; one round trip."""
         granted, wait, waiting = self._token(
-            keys=[self.keys.rate(tool_id), self.keys.rate_waiting(tool_id)],
-            args=[repr(interval_s), "1" if reserve else "0", holder],
+            keys=self._rate_keys(tool_id),
+            args=[repr(interval_s), "1" if reserve else "0", holder, priority or 0],
         )
         return Token(bool(granted), max(0.0, float(wait)), int(waiting))
+
+    def confirm(self, tool_id: str, holder: str) -> float:
+        """How long the holder of a reserved token still waits: 0 once its time has come,
+        more if a more urgent call took its place; one round trip."""
+        return max(0.0, float(self._confirm(keys=self._rate_keys(tool_id), args=[holder])))

@@ -84,11 +84,22 @@ class FlowGate(Protocol):
         limit: int,
         lease_s: float,
         arrival: float,
+        priority: int | None = None,
     ) -> SlotGrant: ...
 
     def release(self, tool_id: str, key: str | None, holder: str) -> int: ...
 
-    def token(self, tool_id: str, holder: str, *, interval_s: float, reserve: bool) -> Token: ...
+    def token(
+        self,
+        tool_id: str,
+        holder: str,
+        *,
+        interval_s: float,
+        reserve: bool,
+        priority: int | None = None,
+    ) -> Token: ...
+
+    def confirm(self, tool_id: str, holder: str) -> float: ...
 
 
 class CancelRegistry(Protocol):
@@ -308,15 +319,23 @@ class CallHandler:
         self, attempt: _Attempt, request: CallRequest, profile: ToolProfile
     ) -> Decision | float | None:
         """The time of the call's rate token (None: the tool has no rate limit), or the
-        decision to wait for the reserved one or to refuse the call."""
+        decision to wait for the reserved one (again, if a more urgent call took its
+        place) or to refuse the call."""
         interval_s, tool_id = profile.flow.rate_interval_s, request.tool_id
-        if interval_s is None or request.rate_token_at is not None:
-            return request.rate_token_at
+        if interval_s is None:
+            return None
+        if request.rate_token_at is not None:
+            moved_s = self.flow_gate.confirm(tool_id, attempt.delivery.call_id)
+            if moved_s <= 0:
+                return request.rate_token_at
+            token_at = self.clock() + moved_s
+            return Retry(replace(request, rate_token_at=token_at, waits=request.waits + 1), moved_s)
         token = self.flow_gate.token(
             tool_id,
             attempt.delivery.call_id,
             interval_s=interval_s,
             reserve=not profile.flow.reject_over_rate,
+            priority=request.priority,
         )
         self.metrics.waiting_calls.labels(tool_id, "rate").set(token.waiting)
         if not token.granted:
@@ -352,6 +371,7 @@ class CallHandler:
             limit=limit,
             lease_s=hard_s + LEASE_MARGIN_S,
             arrival=request.enqueued_at or attempt.started_at,
+            priority=request.priority,
         )
         self.metrics.slots_in_use.labels(tool_id).set(grant.in_use)
         self.metrics.waiting_calls.labels(tool_id, "slot").set(grant.waiting)

@@ -17,7 +17,7 @@ from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo
 from toolq.workers.breaker import Admission, Verdict
 from toolq.workers.cache import Cached
-from toolq.workers.flow import SlotGrant, Token
+from toolq.workers.flow import SlotGrant, Token, waiter_order
 from toolq.workers.handler import CallHandler
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles
@@ -95,6 +95,8 @@ class FakeFlow:
     waiting: dict[tuple[str, str | None], dict[str, float]] = field(default_factory=dict)
     token_wait: list[float] = field(default_factory=list)
     """Scripted waits for the next tokens (0 when empty)."""
+    moved: list[float] = field(default_factory=list)
+    """Scripted answers of the next confirms: how far a reserved token moved (0 when empty)."""
     calls: list[str] = field(default_factory=list)
     broken: bool = False
     leases: list[float] = field(default_factory=list)
@@ -108,6 +110,7 @@ class FakeFlow:
         limit: int,
         lease_s: float,
         arrival: float,
+        priority: int | None = None,
     ) -> SlotGrant:
         self.calls.append("acquire")
         if self.broken:
@@ -117,7 +120,7 @@ class FakeFlow:
         waiting = self.waiting.setdefault((tool_id, key), {})
         if holder in held:
             return SlotGrant(True, 0, len(held), len(waiting))
-        waiting.setdefault(holder, arrival)
+        waiting.setdefault(holder, waiter_order(priority, arrival))
         rank = sorted(waiting, key=lambda h: (waiting[h], h)).index(holder)
         if rank < limit - len(held):
             del waiting[holder]
@@ -132,7 +135,15 @@ class FakeFlow:
         self.waiting.setdefault((tool_id, key), {}).pop(holder, None)
         return len(held)
 
-    def token(self, tool_id: str, holder: str, *, interval_s: float, reserve: bool) -> Token:
+    def token(
+        self,
+        tool_id: str,
+        holder: str,
+        *,
+        interval_s: float,
+        reserve: bool,
+        priority: int | None = None,
+    ) -> Token:
         self.calls.append("token")
         if self.broken:
             raise ConnectionError("redis is down")
@@ -140,6 +151,10 @@ class FakeFlow:
         if wait > 0 and not reserve:
             return Token(False, wait, 0)
         return Token(True, wait, 1 if wait > 0 else 0)
+
+    def confirm(self, tool_id: str, holder: str) -> float:
+        self.calls.append("confirm")
+        return self.moved.pop(0) if self.moved else 0.0
 
 
 @dataclass

@@ -12,7 +12,14 @@ from tests.fast.fakes import FakeFlow, ok, rig
 from toolq.config.settings import Settings, parse_rate
 from toolq.errors import InvalidInput
 from toolq.protocol import CallRequest, new_request, validate
-from toolq.workers.flow import LEASE_MARGIN_S, MAX_SLOT_POLL_S, SLOT_POLL_S, FlowLimits, slot_poll_s
+from toolq.workers.flow import (
+    LEASE_MARGIN_S,
+    MAX_SLOT_POLL_S,
+    SLOT_POLL_S,
+    FlowLimits,
+    slot_poll_s,
+    waiter_order,
+)
 from toolq.workers.handler import Delivery, Final, Retry
 from toolq.workers.runtime.base import Call, Outcome
 
@@ -96,6 +103,26 @@ def test_waiters_get_free_slots_in_arrival_order() -> None:
     envelope(r.handler.handle(message("capped", 2.0), delivery("middle")))
 
 
+def test_more_urgent_waiters_get_free_slots_first() -> None:
+    flow = FakeFlow()
+    flow.held[("capped", None)] = {"running"}
+    r = rig([ok()], TOOLS, flow=flow)
+    for call_id, arrived, priority in (("early", 1.0, 0), ("urgent", 3.0, 9), ("mid", 2.0, 5)):
+        waiting = message("capped", arrived, priority=priority)
+        assert isinstance(r.handler.handle(waiting, delivery(call_id)), Retry)
+    flow.release("capped", None, "running")
+    assert isinstance(r.handler.handle(message("capped", 1.0), delivery("early")), Retry)
+    assert isinstance(r.handler.handle(message("capped", 2.0, priority=5), delivery("mid")), Retry)
+    envelope(r.handler.handle(message("capped", 3.0, priority=9), delivery("urgent")))
+
+
+def test_waiter_order_is_priority_then_arrival() -> None:
+    now = 1.8e9
+    assert waiter_order(9, now + 3600) < waiter_order(8, now) < waiter_order(None, now)
+    assert waiter_order(0, now) < waiter_order(0, now + 1e-4) < waiter_order(0, now + 1e6)
+    assert waiter_order(None, now) == waiter_order(0, now)
+
+
 def test_waiters_further_back_ask_less_often() -> None:
     assert slot_poll_s(0, 2) == slot_poll_s(1, 2) == SLOT_POLL_S
     assert slot_poll_s(2, 2) == 2 * SLOT_POLL_S
@@ -143,10 +170,23 @@ def test_over_the_rate_the_call_waits_exactly_for_its_reserved_token() -> None:
     decision = r.handler.handle(message("rated"), delivery("c1"))
     assert isinstance(decision, Retry) and decision.delay_s == pytest.approx(0.37)
     assert decision.request.rate_token_at == pytest.approx(r.clock.now + 0.37)
-    # back at its token's time it runs without asking for another one
+    # back at its token's time it confirms the token (not moved) and runs: no second token
     back = decision.request.to_message()
     envelope(r.handler.handle(back, delivery("c1")))
-    assert flow.calls == ["token"]
+    assert flow.calls == ["token", "confirm"]
+
+
+def test_a_token_a_more_urgent_call_took_is_waited_for_again() -> None:
+    flow = FakeFlow(token_wait=[0.37], moved=[0.2])
+    r = rig([ok()], TOOLS, flow=flow)
+    first = r.handler.handle(message("rated"), delivery("c1"))
+    assert isinstance(first, Retry)
+    again = r.handler.handle(first.request.to_message(), delivery("c1"))
+    assert isinstance(again, Retry) and again.delay_s == pytest.approx(0.2)
+    assert again.request.rate_token_at == pytest.approx(r.clock.now + 0.2)
+    assert r.runtime.calls == []
+    envelope(r.handler.handle(again.request.to_message(), delivery("c1")))
+    assert flow.calls == ["token", "confirm", "confirm"]
 
 
 def test_a_call_holding_a_token_keeps_it_while_it_waits_for_a_slot() -> None:
