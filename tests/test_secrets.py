@@ -142,11 +142,13 @@ def test_with_a_key_no_env_value_is_anywhere_in_redis(
     log = worker.output()
     assert "using ***" in log and secret not in log
 
-    # A dead letter replays with its sealed env passed on unopened (no key in the CLI).
+    # A dead letter replays with its sealed env passed on unopened; the CLI needs the key
+    # only to sign the call (a worker with a key runs signed calls only: "Signed calls").
     cli_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TOOLQ_")},
         "TOOLQ_REDIS_URL": redis_url,
         "TOOLQ_CONFIG": str(TOOLS_CONFIG),
+        "TOOLQ_SECRET_KEY": KEY,
     }
     replayed = subprocess.run(
         [sys.executable, "-m", "toolq", "dlq", "replay", calls["digest"].id],
@@ -163,17 +165,21 @@ def test_with_a_key_no_env_value_is_anywhere_in_redis(
 
 
 def test_a_worker_with_a_key_refuses_plain_env(
-    client: ToolClient, start_worker: StartWorker, redis_url: str
+    client: ToolClient,
+    sealed_client: ToolClient,
+    start_worker: StartWorker,
+    redis_url: str,
 ) -> None:
     secret = f"plain-{uuid.uuid4().hex}"
     worker = start_worker(env={"TOOLQ_SECRET_KEY": KEY})
     queue = worker.argv[-1].split("=", 1)[1]
+    # a producer without the key: refused before its env is read (it is not signed either)
     refused = client.enqueue("hold_env", {"ms": 10}, {"API_KEY": secret}, queue=queue)
     error = refused.result(timeout=60).error
     assert error is not None and error.kind == "invalid_input"
-    assert "plain env refused" in error.message and "secret_key" in error.message
+    assert "unsigned call refused" in error.message and "TOOLQ_SECRET_KEY" in error.message
     # an empty env needs no sealing
-    fine = client.enqueue("hold_env", {"ms": 10}, queue=queue).result(timeout=60)
+    fine = sealed_client.enqueue("hold_env", {"ms": 10}, queue=queue).result(timeout=60)
     assert fine.result == {"has_key": False}
     # the refused call's env is dead-lettered sealed, not as it came
     entry = redis.Redis.from_url(redis_url).hget(TEST_KEYS.dead_letters, refused.id)

@@ -43,6 +43,7 @@ from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import InvalidInput
 from toolq.protocol import chunk_from_message, chunk_ids
+from toolq.sealing import SEALED_FIELD, Sealer, env_fields
 from toolq.signing import Signer
 from toolq.workers import brokerfix, control
 
@@ -72,10 +73,13 @@ class Poison:
 class _Handler:
     """What a refused message needs: the app (result backend) and the dead-letter list."""
 
-    def __init__(self, app: Celery, settings: Settings, signer: Signer | None) -> None:
+    def __init__(
+        self, app: Celery, settings: Settings, signer: Signer | None, sealer: Sealer | None
+    ) -> None:
         self.app = app
         self.settings = settings
         self.signer = signer
+        self.sealer = sealer
         self.hostname = ""
         self._dead_letters: Any = None
 
@@ -137,12 +141,17 @@ class _Handler:
                 redis_client(self.settings), self.settings
             )
         request = poison.request or {}
-        env = request.get("env")
+        env, token = request.get("env"), request.get(SEALED_FIELD)
         entry: dict[str, Any] = {
             "id": poison.call_id or f"poison-{uuid.uuid4()}",
             "tool_id": result.tool_id,
             "input": request.get("input"),
-            "env": env if isinstance(env, dict) else {},
+            # sealed whenever this worker has a key, as the handler's dead letters
+            **env_fields(
+                env if isinstance(env, dict) else {},
+                token if isinstance(token, str) else None,
+                self.sealer,
+            ),
             "timeout": request.get("timeout"),
             "queue": poison.queue,
             "error": result.error.to_dict() if result.error else None,
@@ -163,11 +172,14 @@ class _Handler:
 _handler: _Handler | None = None
 
 
-def install(app: Celery, settings: Settings, signer: Signer | None = None) -> None:
+def install(
+    app: Celery, settings: Settings, signer: Signer | None = None, sealer: Sealer | None = None
+) -> None:
     """Make ``app``'s workers poison-safe (and broker-restart-safe: see brokerfix); with a
-    ``signer`` (a secret key), a call without a valid signature is poison too."""
+    ``signer`` (a secret key), a call without a valid signature is poison too, and with a
+    ``sealer`` a refused call's env is dead-lettered sealed."""
     global _handler
-    _handler = _Handler(app, settings, signer)
+    _handler = _Handler(app, settings, signer, sealer)
     brokerfix.install()
     kombu_redis.loads = _tolerant_loads
     if kombu_redis.Transport._deliver is not _deliver:
@@ -316,8 +328,11 @@ def check_message(message: Any, app: Celery, signer: Signer | None = None) -> Po
         queue = poison.queue or app.conf.task_default_queue
         problem = signer.check(task, poison.call_id, queue, argument, headers)
         if problem is not None:
+            poison.body = None  # it may hold a plain env: the dead letter seals the request's
             if task == RUN_BATCH_TASK:
                 poison.chunk_ids = chunk_ids(argument)
+            elif isinstance(argument, dict):
+                poison.request = argument
             return refused(problem)
     if task == RUN_TOOL_TASK:
         if not isinstance(argument, dict):

@@ -94,7 +94,7 @@ def run_worker(
     use_worker_backend(app)
     register_tasks(app, parts.handler, chunk_runner(app, parts, pool))
     # Bad messages and broker restarts never stop it; unsigned or forged calls never run.
-    poison.install(app, settings, parts.handler.signer)
+    poison.install(app, settings, parts.handler.signer, parts.handler.sealer)
     logsafe.install()  # values read from messages or tools never forge a log line
     if metrics is not None:
         serve(settings.performance.metrics_port, metrics)
