@@ -283,3 +283,29 @@ def test_an_idempotency_key_is_bound_to_its_tool_and_input(
         client.enqueue("echo", {"page": "<b>refund</b>"}, idempotency_key=key)
     proc = toolq(redis_url, "run", "env", "--input", '{"amount": 100}', "--idempotency-key", key)
     assert proc.returncode == 2 and "use a new key" in proc.stderr, (proc.stdout, proc.stderr)
+
+
+# -- 8. TOOLQ_SECRET_KEY stays in /proc/<worker>/environ -------------------------------------
+
+
+def test_a_worker_given_its_key_in_the_environment_says_where_it_stays(redis_url: str) -> None:
+    """Operator: a worker drops TOOLQ_SECRET_KEY from os.environ, but the kernel keeps the
+    environment it started with in /proc/<pid>/environ. The worker says so and points at
+    secret_key_file; one given the key in a file has no such copy."""
+    key = Fernet.generate_key().decode()
+    settings = load_settings(
+        TOOLS_CONFIG, environ={}, overrides={"redis_url": redis_url, "secret_key": key}
+    )
+    with ToolClient(settings) as keyed:
+        queue = f"q-{uuid.uuid4().hex[:8]}"
+        process = WorkerProcess(
+            config=TOOLS_CONFIG, redis_url=redis_url, queues=[queue], env={"TOOLQ_SECRET_KEY": key}
+        )
+        try:
+            process.start(keyed.app)
+            with open(f"/proc/{process.pid}/environ", "rb") as environ:
+                assert f"TOOLQ_SECRET_KEY={key}".encode() in environ.read()  # the kernel's copy
+            assert f"stays readable in /proc/{process.pid}/environ" in process.output()
+            assert "prefer secret_key_file" in process.output()
+        finally:
+            process.close()

@@ -135,7 +135,13 @@ def build_worker(
             'on workers and producers (README, "Signed calls")'
         )
     # Read once: no child (a tool granted --allow-env, a pool process) inherits the key.
-    os.environ.pop("TOOLQ_SECRET_KEY", None)
+    if os.environ.pop("TOOLQ_SECRET_KEY", None) is not None:
+        log.warning(
+            "TOOLQ_SECRET_KEY stays readable in /proc/%d/environ (to this worker's user and "
+            "root) for the worker's whole life, though dropped from its environment: prefer "
+            'secret_key_file on workers (README, "Secrets")',
+            os.getpid(),
+        )
     launcher = build_launcher(settings)
     profiles = Profiles(
         settings, warm_available=settings.uses_warm_mode, sandboxed=launcher.sandbox is not None
