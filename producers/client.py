@@ -318,16 +318,17 @@ class ToolClient:
                 pipe.llen(name)
             return sum(int(n) for n in pipe.execute())
 
-    def _make_room(self, queue: str, block: Duration | None) -> None:
-        """Backpressure: one look at the queue's length when it has a cap (none otherwise).
-        Producers racing for the last places may overshoot the cap by their number."""
+    def _make_room(self, queue: str, block: Duration | None, needed: int = 1) -> None:
+        """Backpressure: one look at the queue's length when it has a cap (none otherwise),
+        for room for ``needed`` messages at once. Producers racing for the last places may
+        overshoot the cap by their number."""
         cap = self.settings.queue_cap(queue)
         if cap is None:
             return
         deadline = time.monotonic() + (0.0 if block is None else _seconds(block, "block"))
-        while (length := self.queue_length(queue)) >= cap:
-            if time.monotonic() >= deadline:
-                raise QueueFull(queue, length, cap)
+        while (length := self.queue_length(queue)) + needed > cap:
+            if needed > cap or time.monotonic() >= deadline:  # (more than the cap: never)
+                raise QueueFull(queue, length, cap, needed)
             time.sleep(QUEUE_FULL_POLL_S)
 
     def cancel(self, call_id: str, tool_id: str = "") -> CancelOutcome:
@@ -415,7 +416,9 @@ class ToolClient:
         :data:`MAX_AUTO_CHUNK` calls, smaller for short lists so that at least
         :data:`MIN_CHUNKS` messages spread over the workers. Every input is validated
         before anything is sent (:class:`InvalidInput` names the first bad one). A chunk
-        counts as one message towards ``max_queue_length``. If Redis goes away part-way,
+        counts as one message towards ``max_queue_length``; on a capped queue all chunks
+        are sent or none: :class:`QueueFull` (after ``block``) means nothing was enqueued,
+        also when the chunks outnumber the cap. If Redis goes away part-way,
         :class:`BrokerUnavailable` is raised and the chunks already sent still run.
         """
         requests = []
@@ -446,8 +449,9 @@ class ToolClient:
             entry = ChunkEntry(str(uuid.uuid4()), message)
             entries.append((entry, nbytes))
             by_id[entry.call_id] = request
-        for chunk in _chunks(entries, size, CHUNK_MAX_BYTES):
-            self._make_room(queue, block)
+        chunks = list(_chunks(entries, size, CHUNK_MAX_BYTES))
+        self._make_room(queue, block, len(chunks))  # all or nothing: room for every chunk
+        for chunk in chunks:
             if len(chunk) == 1:  # a call alone is sent as a single call
                 self._send(by_id[chunk[0].call_id], chunk[0].call_id, queue)
             else:

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import TOOLS, StartWorker, wait_until
-from toolq import ToolClient
+from toolq import QueueFull, ToolClient
 from toolq.config.celery_app import celery_config, queue_lists
 from toolq.config.loader import load_settings
 from toolq.workers.process import WorkerProcess
@@ -120,3 +120,30 @@ def test_a_call_sent_as_an_idle_worker_dies_runs_once(
         logs = doomed.output() + survivor.output()  # one line per run: "call <id> echo: ..."
         assert [logs.count(f"call {call.id} echo:") for call in sent] == [1] * calls
     db.close()
+
+
+# -- all-or-nothing bulk enqueue ------------------------------------------------------------
+
+
+def test_a_bulk_enqueue_on_a_capped_queue_sends_all_or_nothing(
+    client: ToolClient, redis_url: str
+) -> None:
+    queue = "toolq-test-full"  # capped at 3 messages in tests/tools/compozy.yaml; never read
+    store = redis.Redis.from_url(redis_url)
+    try:
+        store.delete(*queue_lists(queue))
+        client.enqueue("echo", {}, queue=queue)
+        inputs = [{"n": n} for n in range(10)]
+        with pytest.raises(QueueFull) as refused:  # 5 chunks of 2, room for 2
+            client.enqueue_many("echo", inputs, queue=queue, chunk_size=2)
+        assert refused.value.needed == 5 and refused.value.length == 1
+        assert "nothing was enqueued" in str(refused.value)
+        assert client.queue_length(queue) == 1  # not one chunk of them
+        with pytest.raises(QueueFull):  # more chunks than the cap: refused at once
+            client.enqueue_many("echo", inputs, queue=queue, chunk_size=2, block=30)
+        assert client.queue_length(queue) == 1
+        sent = client.enqueue_many("echo", inputs, queue=queue, chunk_size=5)  # 2 chunks fit
+        assert len(sent) == 10 and client.queue_length(queue) == 3
+    finally:
+        store.delete(*queue_lists(queue))
+        store.close()

@@ -53,15 +53,22 @@ class BrokerUnavailable(ToolqError, ConnectionError):
 
 
 class QueueFull(ToolqError):
-    """Backpressure: the queue already holds its ``max_queue_length``; nothing was enqueued."""
+    """Backpressure: the queue has no room for what was sent (``needed`` messages: a bulk
+    enqueue needs room for all its chunks at once); nothing was enqueued."""
 
-    def __init__(self, queue: str, length: int, cap: int) -> None:
-        super().__init__(queue, length, cap)
+    def __init__(self, queue: str, length: int, cap: int, needed: int = 1) -> None:
+        super().__init__(queue, length, cap, needed)
         self.queue = queue
         self.length = length
         self.cap = cap
+        self.needed = needed
 
     def __str__(self) -> str:
+        if self.needed > 1:
+            return (
+                f"queue {self.queue!r} has no room for {self.needed} messages ({self.length} "
+                f"waiting, max_queue_length {self.cap}): nothing was enqueued"
+            )
         return f"queue {self.queue!r} is full ({self.length} calls, max_queue_length {self.cap})"
 
 
