@@ -733,7 +733,8 @@ def show_config(config: ConfigOption = None, profile: ProfileOption = None) -> N
 
 @app.command()
 def keygen() -> None:
-    """Print a new secret key for TOOLQ_SECRET_KEY (see README, "Secrets")."""
+    """Print a new secret key for TOOLQ_SECRET_KEY: it seals call env and signs calls
+    (a worker with a key runs only signed calls; see README, "Secrets")."""
     from cryptography.fernet import Fernet
 
     typer.echo(Fernet.generate_key().decode())
