@@ -2,12 +2,14 @@
 FROM python:3.11-slim
 WORKDIR /app
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nodejs npm bubblewrap \
+    && apt-get install -y --no-install-recommends nodejs npm bubblewrap gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 # Bun from npm (package.json pins it), installed where the runner looks: ./node_modules.
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund && node_modules/.bin/bun --version
 COPY . .
-RUN pip install --no-cache-dir .
+# The raw-socket route through the egress proxy (README, "Network"), shipped in the package.
+RUN cc -O2 -shared -fPIC -o workers/runtime/netshim.so workers/runtime/netshim.c -ldl -lpthread \
+    && pip install --no-cache-dir .
 # exec form: SIGTERM reaches the worker, which finishes running calls (warm shutdown).
 CMD ["toolq", "worker"]

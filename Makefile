@@ -4,10 +4,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 BUN := node_modules/.bin/bun
+NETSHIM := workers/runtime/netshim.so
 
 .PHONY: setup sandbox sandbox-access demo test test-fast lint typecheck format bench soak clean
 
-setup: $(VENV)/.installed $(BUN) sandbox sandbox-access
+setup: $(VENV)/.installed $(BUN) $(NETSHIM) sandbox sandbox-access
+
+# The route for raw TCP sockets (Bun.connect, node:net, node:http) of tools granted
+# --allow-net, through the egress proxy (README, "Network"); without a C compiler they
+# have no route and fetch alone works.
+$(NETSHIM): workers/runtime/netshim.c
+	@if command -v cc >/dev/null 2>&1; then cc -O2 -Wall -Wextra -shared -fPIC -o $@ $< -ldl -lpthread; \
+	  else echo "no C compiler (cc): $@ not built; raw TCP sockets of tools have no route"; fi
 
 # Tools run in a bubblewrap sandbox (runtime.sandbox); install it where we can (root on
 # Debian/Ubuntu). Elsewhere `auto` runs unsandboxed with a warning and the sandbox tests fail.
@@ -75,4 +83,4 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) node_modules .typecheck .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) node_modules $(NETSHIM) .typecheck .pytest_cache .mypy_cache .ruff_cache *.egg-info

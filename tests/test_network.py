@@ -242,6 +242,36 @@ def test_unscoped_net_reaches_a_public_host(
     assert hits == []
 
 
+@pytest.mark.parametrize("mode", ["spawn", "warm"])
+def test_raw_sockets_and_node_http_go_through_the_proxy(
+    launcher: Launcher, public_host: dict[str, Any], loopback: tuple[int, list[str]], mode: str
+) -> None:
+    """Bun.connect, node:net and node:http (axios's Node adapter, got, database drivers)
+    had no route under --allow-net: netshim.c carries them to the egress proxy, which
+    decides as it does for fetch."""
+    if launcher.sandbox is None or launcher.sandbox.netshim is None:
+        pytest.fail("workers/runtime/netshim.so is not built (make setup builds it)")
+    routes = call(
+        launcher,
+        mode,
+        "every_route",
+        {"host": public_host["address"], "port": public_host["port"]},
+        ["--allow-net"],
+    )
+    assert routes["node_http"] == {"ok": True, "status": 200, "body": "public /node"}, routes
+    for raw in ("connect", "node_net"):  # PING is not HTTP: the server answers 400
+        assert routes[raw]["ok"] and "400" in routes[raw]["reply"], (raw, routes[raw])
+    assert not routes["udp"]["ok"], routes["udp"]  # no route for UDP
+    port, hits = loopback
+    for target in ({"host": "localhost.", "port": port}, {"host": "127.0.0.1", "port": port}):
+        refused = call(launcher, mode, "every_route", target, ["--allow-net"])
+        for route in ("connect", "node_net", "node_http"):
+            assert not refused[route]["ok"], (target, route, refused[route])
+        if target["host"] == "localhost.":  # a name: the proxy resolved it, then refused
+            assert "loopback" in refused["fetch"]["body"], refused
+    assert hits == []
+
+
 def test_a_call_cannot_starve_the_proxy_for_the_next(
     launcher: Launcher, loopback: tuple[int, list[str]]
 ) -> None:

@@ -207,7 +207,7 @@ def _literal(host: str) -> bool:
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:
-    host = host.strip("[]")
+    host = host.strip("[]").rstrip(".")
     if _literal(host):
         return [ipaddress.ip_address(host)]
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -62,6 +62,19 @@ INSTALL_HINT = (
     "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install "
     "bubblewrap) and allow unprivileged user namespaces, or set runtime.sandbox: auto|off"
 )
+USERNS_HINT = (
+    "allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
+    "user.max_user_namespaces > 0; in a container: --security-opt seccomp=unconfined or a "
+    "privileged container), or set runtime.sandbox: off"
+)
+
+
+NETSHIM = Path(__file__).resolve().with_name("netshim.so")
+
+
+def netshim() -> Path | None:
+    """The built network shim (``make setup`` compiles workers/runtime/netshim.c)."""
+    return NETSHIM if NETSHIM.is_file() else None
 
 
 def host_uid() -> int | None:
@@ -73,9 +86,21 @@ class Sandbox:
     """Builds bwrap command lines; :meth:`probe` checks once that they work here."""
 
     def __init__(
-        self, bwrap: str, bun: Path, wrapper: Path, project_dir: Path, entrypoint: Path
+        self,
+        bwrap: str,
+        bun: Path,
+        wrapper: Path,
+        project_dir: Path,
+        entrypoint: Path,
+        *,
+        unsafe_share_host_network: bool = False,
     ) -> None:
         self.bwrap = bwrap
+        self.netshim = netshim()
+        """The preloaded route for raw TCP sockets (None: not built, they have no route)."""
+        self.unsafe_share_host_network = unsafe_share_host_network
+        """Unscoped --allow-net as the host's own network (the operator's opt-in to the
+        risk: the worker's Redis, loopback services and cloud metadata in reach)."""
         self.bun = bun.resolve()
         self.wrapper = wrapper
         self.project_dir = project_dir
@@ -103,9 +128,16 @@ class Sandbox:
     def wrapper_options(self, permissions: Permissions) -> list[str]:
         """What the wrapper sets up before the tool's module loads."""
         options = [] if permissions.run else [self._no_exec]
-        if isinstance(permissions.net, tuple):
+        if self.uses_egress(permissions):
             options.append(f"--toolq-egress={EGRESS_DIR}/egress.sock")
         return options
+
+    def uses_egress(self, permissions: Permissions) -> bool:
+        """Whether the network goes through the egress proxy: every `--allow-net` grant,
+        unless the operator shares the host's network for unscoped ones."""
+        if permissions.net is True:
+            return not self.unsafe_share_host_network
+        return bool(permissions.net)
 
     def command(
         self,
@@ -120,7 +152,7 @@ class Sandbox:
         uid = str(TOOL_UID)
         args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
         args += ["--uid", uid, "--gid", uid, "--cap-drop", "ALL"]
-        if permissions.net is True:
+        if permissions.net is True and self.unsafe_share_host_network:
             args.append("--share-net")
         if permissions.read is True:
             args += ["--ro-bind", "/", "/"]  # Bun, its libraries and programs are in there
@@ -168,6 +200,9 @@ class Sandbox:
             args += ["--tmpfs", "/sys", "--remount-ro", "/sys"]
         if egress_dir is not None:
             args += ["--ro-bind", egress_dir, EGRESS_DIR]
+            if self.netshim is not None:  # raw TCP through the proxy too (netshim.c)
+                shim = str(self.netshim)
+                args += ["--ro-bind", shim, shim, "--setenv", "LD_PRELOAD", shim]
         if permissions.read is not True:
             args += ["--remount-ro", "/"]
         args += self._cover(permissions)

@@ -11,8 +11,9 @@
 //                               applies before it executes Bun itself.
 //   --toolq-no-ffi              no --allow-ffi: load no_ffi.ts (bun:ffi, Bun.FFI,
 //                               process.dlopen throw, also in Workers).
-//   --toolq-egress=<socket>     scoped --allow-net: relay 127.0.0.1:<port> to the egress
-//                               proxy's unix socket and point HTTP(S)_PROXY at it.
+//   --toolq-egress=<socket>     --allow-net: relay 127.0.0.1:<port> to the egress proxy's
+//                               unix socket and point HTTP(S)_PROXY at it (netshim.so,
+//                               when preloaded, takes raw TCP connections to the socket).
 //
 // The call's env arrives in the request (never in the environment bwrap and the
 // loader see) and is set here, just before the tool runs: in both modes the
@@ -64,8 +65,8 @@ function denyExec(spec: string): void {
   if (status !== 0n) throw new Error(`toolq: cannot install the no-exec seccomp filter (${status})`);
 }
 
-// Scoped --allow-net: the sandbox has only its loopback; fetch goes through the worker's
-// egress proxy, which enforces the allow-list. Each side queues what its socket did not
+// --allow-net: the sandbox has only its loopback; fetch goes through the worker's
+// egress proxy, which decides what a tool may reach. Each side queues what its socket did not
 // take yet and sends it on `drain`, so large bodies pass whole.
 type Writable = { write(data: Uint8Array): number; end(): void };
 type Side = { socket?: Writable; queued: Uint8Array[]; ending: boolean };
@@ -143,6 +144,28 @@ function relayEgress(socketPath: string): void {
   });
   const url = `http://127.0.0.1:${server.port}`;
   for (const name of ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]) process.env[name] = url;
+  resolveThroughShim();
+}
+
+// Bun.connect resolves names with c-ares, which has no route here; netshim.c answers
+// the system resolver (getaddrinfo) with a placeholder address it turns back into the
+// name for the proxy. So a name goes through the system resolver first (TLS keeps the
+// name for SNI and the certificate). A route, not a guard: the proxy decides.
+function resolveThroughShim(): void {
+  const connect = Bun.connect;
+  type Options = Parameters<typeof connect>[0] & { hostname?: string; tls?: unknown };
+  Bun.connect = ((options: Options) => {
+    const host = options?.hostname;
+    if (typeof host !== "string" || "unix" in options || require("node:net").isIP(host)) {
+      return connect(options);
+    }
+    return Bun.dns.lookup(host, { backend: "system" }).then((found) => {
+      const tls = options.tls === true ? {} : options.tls;
+      const resolved = { ...options, hostname: found[0].address } as Options;
+      if (tls && typeof tls === "object") resolved.tls = { serverName: host, ...tls };
+      return connect(resolved);
+    });
+  }) as typeof connect;
 }
 
 if (options.has("--toolq-no-exec")) denyExec(options.get("--toolq-no-exec")!);

@@ -1,6 +1,7 @@
 // Every way a tool may try to reach a host: fetch, raw TCP (Bun.connect, node:net), UDP
 // (node:dgram). Each answers {ok, ...} or {ok: false, error}: a refusal is data, not a throw.
 import dgram from "node:dgram";
+import http from "node:http";
 import net from "node:net";
 
 type Target = { host: string; port: number };
@@ -72,6 +73,19 @@ function viaNodeNet({ host, port }: Target): Promise<Record<string, unknown>> {
   });
 }
 
+// node:http ignores HTTP_PROXY in Bun: it reaches the proxy only through netshim.
+function viaNodeHttp(url: string): Promise<Record<string, unknown>> {
+  return new Promise((resolve) => {
+    const request = http.get(url, { timeout: 8000 }, (response) => {
+      let body = "";
+      response.on("data", (chunk) => (body += chunk));
+      response.on("end", () => resolve({ ok: true, status: response.statusCode, body: body.slice(0, 500) }));
+    });
+    request.on("error", (e) => resolve({ ok: false, error: String(e) }));
+    request.on("timeout", () => request.destroy(new Error("timeout")));
+  });
+}
+
 function viaUdp({ host, port }: Target): Promise<Record<string, unknown>> {
   return new Promise((resolve) => {
     const socket = dgram.createSocket(host.includes(":") ? "udp6" : "udp4");
@@ -139,6 +153,7 @@ export default {
     return { answers };
   },
   connect: (input: Target) => viaBunConnect(input),
+  node_http: (input: { url: string }) => viaNodeHttp(input.url),
   node_net: (input: Target) => viaNodeNet(input),
   udp: (input: Target) => viaUdp(input),
   // One call, every route to one host:port.
@@ -147,6 +162,7 @@ export default {
     fetch_https: await viaFetch(`https://${bracket(input.host)}:${input.port}/`),
     connect: await viaBunConnect(input),
     node_net: await viaNodeNet(input),
+    node_http: await viaNodeHttp(`http://${bracket(input.host)}:${input.port}/node`),
     udp: await viaUdp(input),
   }),
   hold_tunnels: holdTunnels,
