@@ -15,14 +15,13 @@ and for a worker's start-up check alike:
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from toolq.errors import ConfigError
 from toolq.workers.runtime.bun import find_bun
+from toolq.workers.runtime.workspace import manifest, workspace_root
 
 INSTALL_TIMEOUT_S = 600.0
 _DENO_IMPORT = re.compile(r"""Cannot find (?:package|module) ['"]((?:npm|jsr):[^'"]+)['"]""")
@@ -32,15 +31,6 @@ _MISSING = re.compile(r"""Cannot find (?:package|module) ['"]([^'"]+)['"]""")
 def install_command(project_dir: Path) -> str:
     """The command that installs this project's packages, for messages."""
     return f"toolq install {project_dir}"
-
-
-def manifest(project_dir: Path) -> dict[str, Any] | None:
-    """The project's ``package.json`` (None: none, or not a JSON object)."""
-    try:
-        data = json.loads((project_dir / "package.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def workspace_dependencies(project_dir: Path) -> dict[str, str]:
@@ -58,25 +48,6 @@ def workspace_dependencies(project_dir: Path) -> dict[str, str]:
                 }
             )
     return found
-
-
-def workspace_root(project_dir: Path) -> Path | None:
-    """The nearest directory above the project whose package.json lists workspaces that
-    include it (Bun installs a member from there), or None."""
-    project = project_dir.resolve()
-    for directory in project.parents:
-        data = manifest(directory)
-        if data is None:
-            continue
-        patterns = data.get("workspaces")
-        if isinstance(patterns, dict):  # {"packages": [...]} (yarn's form)
-            patterns = patterns.get("packages")
-        if isinstance(patterns, list) and any(
-            isinstance(pattern, str) and project.match(str(directory / pattern))
-            for pattern in patterns
-        ):
-            return directory
-    return None
 
 
 def workspace_problem(project_dir: Path) -> str | None:

@@ -5,6 +5,8 @@ tests/test_first_hour.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jsonschema import Draft7Validator
 from jsonschema_specifications import REGISTRY
 
@@ -12,6 +14,7 @@ from toolq.config.tooldefs import ToolDefinition
 from toolq.permissions import Permissions
 from toolq.workers.grants import missing_grant
 from toolq.workers.runtime.base import Outcome
+from toolq.workers.runtime.workspace import linked_packages
 
 
 def test_an_output_schema_that_cannot_be_applied_is_invalid_output_not_a_crash() -> None:
@@ -56,3 +59,21 @@ def test_the_grant_is_named_only_when_it_is_missing() -> None:
     assert hint is not None and "--allow-run=git" in hint
     assert missing_grant(spawn, Permissions.parse(["--allow-run"])) is None
     assert missing_grant("TypeError: x is not a function", none) is None
+
+
+def test_only_the_workspace_packages_node_modules_links_to_are_shown(tmp_path: Path) -> None:
+    root = tmp_path / "mono"
+    (root / "packages" / "p").mkdir(parents=True)
+    (root / "packages" / "p" / "package.json").write_text('{"name": "@m/p"}')
+    (root / "package.json").write_text('{"workspaces": ["packages/*", "app"]}')
+    modules = root / "app" / "node_modules"
+    (modules / "@m").mkdir(parents=True)
+    (modules / "@m" / "p").symlink_to(root / "packages" / "p")
+    outside = tmp_path / "home"  # what an install script could link to
+    outside.mkdir()
+    (outside / "package.json").write_text("{}")
+    (modules / "sneaky").symlink_to(outside)
+    (modules / "docs").symlink_to(root)  # inside the workspace, not a package
+    assert linked_packages(root / "app") == [str((root / "packages" / "p").resolve())]
+    (root / "package.json").write_text('{"workspaces": ["packages/*"]}')  # app not a member
+    assert linked_packages(root / "app") == []
