@@ -6,7 +6,9 @@ not skip, without it — a sandbox that silently does not run is the failure to 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,3 +245,69 @@ def test_project_under_tmp_with_entrypoint_elsewhere(bun: Path) -> None:
         assert outcome.result == {"echo": {"from": "tmp"}}, outcome.error
     finally:
         project.rmdir()
+
+
+# -- sandbox: auto never downgrades for a fixable reason (issue 22) -------------------------
+
+MINIMAL_TOOL = "export default { async echo(input: unknown) { return { echo: input }; } };\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root worker runs tools as uid 65534")
+def test_auto_refuses_a_project_the_tools_uid_cannot_read(
+    client: Any, start_worker: Any, redis_url: str
+) -> None:
+    """Issue 22: under the default `sandbox: auto`, a root worker whose project is in a
+    `mktemp -d` directory (0700) started with no sandbox at all, its log telling the user to
+    install bubblewrap (installed). It now refuses to start, naming the path and the chmod;
+    so does a grant the tools' uid cannot use (each call failed in bwrap before); once
+    fixed it runs tools sandboxed, and `toolq status` says so per worker (and says so of a
+    worker with sandbox off)."""
+    import tempfile
+
+    from tests.test_resilience import toolq
+
+    project = Path(tempfile.mkdtemp(prefix="toolq-0700-"))  # 0700, as mktemp -d makes it
+    closed = Path(tempfile.mkdtemp(prefix="toolq-closed-"))
+    try:
+        (project / "entrypoint.ts").write_text(MINIMAL_TOOL)
+        config = project / "compozy.yaml"
+        grant, absent = closed / "out", f"/nonexistent-{uuid.uuid4().hex[:8]}"
+        grant.mkdir()
+        config.write_text(
+            "name: toolq-test-tools\nruntime:\n  entrypoint: ./entrypoint.ts\n"
+            f"  permissions: [--allow-write={grant}, --allow-read={absent}]\n"
+        )
+        (project / "off.yaml").write_text(
+            "name: toolq-test-tools\nruntime:\n  entrypoint: ./entrypoint.ts\n  sandbox: off\n"
+        )
+        queue = f"q-{uuid.uuid4().hex[:8]}"
+        with pytest.raises(RuntimeError) as refused:
+            start_worker(config=config, queues=[queue])
+        said = str(refused.value)
+        assert f"cannot read {project}" in said and f"chmod o+rX {project}" in said, said
+        assert "UNSANDBOXED" not in said and "apt-get install" not in said, said
+
+        project.chmod(0o755)
+        with pytest.raises(RuntimeError) as refused:
+            start_worker(config=config, queues=[queue])
+        said = str(refused.value)
+        assert f"--allow-write={grant}: the tools' uid 65534 cannot write it" in said, said
+        assert f"chmod o+x {closed} && chown 65534 {grant}" in said, said
+
+        closed.chmod(0o711)
+        os.chown(grant, 65534, 65534)
+        worker = start_worker(config=config, queues=[queue])
+        assert f"--allow-read={absent}: does not exist on this worker" in worker.output()
+        result = client.run("echo", {"a": 1}, queue=queue, wait=60)
+        assert result.ok and result.metadata["sandbox"] == "bwrap", result
+        unsandboxed = start_worker(config=project / "off.yaml", queues=[f"{queue}-off"])
+
+        report = json.loads(toolq(redis_url, "status", "--json").stdout)
+        nodes = {node["name"]: node for node in report["workers"]}
+        assert nodes[worker.hostname]["sandboxed"] is True, nodes
+        assert nodes[unsandboxed.hostname]["sandboxed"] is False, nodes
+        table = toolq(redis_url, "status").stdout
+        assert "NO (runtime.sandbox: off)" in table and "yes (bwrap)" in table, table
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+        shutil.rmtree(closed, ignore_errors=True)

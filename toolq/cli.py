@@ -506,6 +506,17 @@ def flower(
     app.start(argv)
 
 
+def _sandbox_cell(node: dict[str, Any]) -> str:
+    """Whether a worker's tools run sandboxed, as `toolq status` shows it."""
+    if node.get("sandboxed") is None:
+        return "?"
+    if node["sandboxed"]:
+        return "yes (bwrap)"
+    if node.get("sandbox_mode") == "off":
+        return "NO (runtime.sandbox: off)"
+    return "NO (this host cannot sandbox: see the worker's log)"
+
+
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -537,9 +548,15 @@ def status(
         title="queues",
     )
     _print_table(
-        ["worker", "queues", "running", "reserved"],
+        ["worker", "queues", "running", "reserved", "sandbox"],
         [
-            [node["name"], ",".join(node["queues"]), str(node["running"]), str(node["reserved"])]
+            [
+                node["name"],
+                ",".join(node["queues"]),
+                str(node["running"]),
+                str(node["reserved"]),
+                _sandbox_cell(node),
+            ]
             for node in report["workers"]
         ],
         empty="no workers online",

@@ -118,6 +118,12 @@ class Keys:
         """String: a cached successful result (JSON), expiring after the tool's cache ttl."""
         return f"{self.prefix}cache:{digest}"
 
+    @property
+    def worker_info(self) -> str:
+        """Hash: worker node name -> what it tells ``toolq status`` about itself (JSON:
+        whether its tools run sandboxed); :mod:`toolq.workers.info`."""
+        return f"{self.prefix}worker-info"
+
 
 def _keyed(key: str | None) -> str:
     """A concurrency key's value as a key suffix (quoted: a value may hold ``:``)."""

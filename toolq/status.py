@@ -10,6 +10,7 @@ import redis
 from toolq.config.celery_app import make_celery, queue_lists
 from toolq.config.connections import close_redis, redis_client
 from toolq.config.settings import Settings
+from toolq.workers import info
 from toolq.workers.breaker import Breakers
 from toolq.workers.deadletter import DeadLetters
 
@@ -35,6 +36,12 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
             }
             for name in sorted(set(active) | set(reserved) | set(consumed))
         ]
+        described = info.read(client, settings.keys, [worker["name"] for worker in workers])
+        for worker in workers:
+            # None: a worker that does not say (one of an older toolq)
+            told = described.get(worker["name"], {})
+            worker["sandboxed"] = told.get("sandboxed")
+            worker["sandbox_mode"] = told.get("sandbox_mode")
         names = list(settings.all_queues)
         names += [q for q in settings.max_queue_lengths if q not in names]
         for worker in workers:

@@ -8,33 +8,37 @@ touches the machine at start-up happens here, once per worker process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
-from toolq.config.connections import close_redis, redis_client
+from toolq.config.connections import close_redis, redis_client, redis_endpoints
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
 from toolq.sealing import load_sealer
-from toolq.workers.breaker import Breakers
 from toolq.signing import load_signer
+from toolq.workers.breaker import Breakers
 from toolq.workers.cache import ResultCache
 from toolq.workers.cancel import CancelWatch
 from toolq.workers.deadletter import DeadLetters
 from toolq.workers.flow import Flow
 from toolq.workers.handler import MAX_DELIVERIES, CallHandler
+from toolq.workers.info import sandbox_info
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles
 from toolq.workers.redelivery import Deliveries
 from toolq.workers.runtime.base import Mode, Runtime
 from toolq.workers.runtime.bun import WRAPPER, find_bun
+from toolq.workers.runtime.egress import Destinations
 from toolq.workers.runtime.launch import Launcher
 from toolq.workers.runtime.limits import Cgroups
 from toolq.workers.runtime.routing import ByMode
-from toolq.workers.runtime.sandbox import make_sandbox
+from toolq.workers.runtime.sandbox import Sandbox, make_sandbox
 from toolq.workers.runtime.spawn import Key, SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 from toolq.workers.startup import check_entrypoint, report_definitions
@@ -62,6 +66,11 @@ class WorkerParts:
             self.warm.start()
         self.spawn.start(self.spawn_keys)
 
+    @property
+    def sandbox_info(self) -> dict[str, object]:
+        """Whether its tools run sandboxed, for ``toolq status`` (:mod:`toolq.workers.info`)."""
+        return sandbox_info(self.handler.sandbox, self.handler.settings.runtime.sandbox)
+
     def close(self) -> None:
         """Stop the Bun processes (warm and started ahead), the cancel watch and the Redis
         connection."""
@@ -86,9 +95,15 @@ def build_launcher(settings: Settings) -> Launcher:
         entrypoint,
         settings.project_dir,
         sandbox=make_sandbox(
-            settings.runtime.sandbox, bun, WRAPPER, settings.project_dir, entrypoint
+            settings.runtime.sandbox,
+            bun,
+            WRAPPER,
+            settings.project_dir,
+            entrypoint,
+            unsafe_share_host_network=settings.runtime.unsafe_share_host_network,
         ),
         cgroups=Cgroups.detect(),
+        destinations=Destinations(redis_endpoints(settings)),
     )
     if launcher.sandbox is not None and settings.secret_key_file is not None:
         key_file = settings.project_dir / Path(settings.secret_key_file).expanduser()
@@ -102,11 +117,38 @@ def build_launcher(settings: Settings) -> Launcher:
             os.geteuid(),
             ", ".join(launcher.sandbox.hidden_dirs),
         )
+    _warn_if_project_holds_redis_password(settings)
+    if launcher.sandbox is not None and launcher.sandbox.netshim is None:
+        log.warning(
+            "workers/runtime/netshim.so is not built (make setup compiles it): tools granted "
+            "--allow-net reach the network through fetch only, raw TCP sockets have no route"
+        )
+    if settings.runtime.unsafe_share_host_network:
+        log.warning(
+            "runtime.unsafe_share_host_network: tools granted --allow-net reach the host's "
+            "network, this worker's Redis and cloud metadata included"
+        )
     if launcher.cgroups is None:
         log.warning(
             "no cgroup can be made here: memory is watched by RSS, processes are not limited"
         )
     return launcher
+
+
+def _warn_if_project_holds_redis_password(settings: Settings) -> None:
+    """Tools may read the project directory (every profile grants it): a Redis password
+    written in its configuration file is every tool's (README, "Redis credentials")."""
+    password = urlsplit(settings.redis_url.split(";")[0]).password
+    source = Path(settings.source)
+    if not password or not source.is_file() or not source.is_relative_to(settings.project_dir):
+        return
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if password in source.read_text():
+            log.warning(
+                "%s holds the Redis password, and tools may read the project directory: "
+                "set it in TOOLQ_REDIS_URL (or a secret that sets it) instead",
+                source,
+            )
 
 
 def build_worker(
@@ -146,6 +188,8 @@ def build_worker(
     profiles = Profiles(
         settings, warm_available=settings.uses_warm_mode, sandboxed=launcher.sandbox is not None
     )
+    if launcher.sandbox is not None:
+        _check_grants(launcher.sandbox, settings, profiles)
     # Load the entrypoint once, as tools will run, before saying ready (either mode).
     exported = check_entrypoint(
         settings, launcher, profiles.default_permissions(), profiles.default_resources()
@@ -187,6 +231,30 @@ def build_worker(
     return WorkerParts(
         handler, runtime, warm, spawn, _spawn_keys(settings, profiles), client, slots, cancels
     )
+
+
+def _check_grants(sandbox: Sandbox, settings: Settings, profiles: Profiles) -> None:
+    """An ``--allow-read=PATH``/``--allow-write=PATH`` its tools' uid cannot use is said at
+    start, naming the path and the fix, instead of failing each call of the tool (bwrap
+    cannot mount a path behind a closed directory; past that, EACCES): a path whose mode
+    bars that uid refuses the start, one that does not exist (yet) is a warning (README,
+    "Sandbox")."""
+    barred: list[str] = []
+    missing: list[str] = []
+    grants = [profiles.default_permissions(), *(profiles[t].permissions for t in settings.tools)]
+    for permissions in grants:
+        bars, gaps = sandbox.grant_problems(permissions)
+        barred += [problem for problem in bars if problem not in barred]
+        missing += [problem for problem in gaps if problem not in missing]
+    for problem in missing:
+        log.warning("a grant its tools cannot use yet: %s (the sandbox leaves it out)", problem)
+    if barred:
+        raise ConfigError(
+            f"{settings.source}: runtime.permissions: a grant its tools cannot use: "
+            + "; ".join(barred),
+            key="runtime.permissions",
+            source=settings.source,
+        )
 
 
 def _spawn_keys(settings: Settings, profiles: Profiles) -> list[Key]:

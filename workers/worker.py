@@ -22,7 +22,7 @@ from toolq import logsafe
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S, Settings
 from toolq.presence import Presence
-from toolq.workers import poison
+from toolq.workers import info, poison
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.batch import ChunkRunner
 from toolq.workers.metrics import Metrics, serve, use_multiprocess_dir
@@ -89,6 +89,10 @@ def run_worker(
     presence = Presence(parts.redis, node, consumed)
     heartbeat_sent.connect(lambda **_: presence.beat(), weak=False)
     worker_shutdown.connect(lambda **_: presence.leave(), weak=False)
+    # Whether its tools run sandboxed, for `toolq status` (toolq.workers.info).
+    keys = parts.handler.settings.keys
+    info.publish(parts.redis, keys, node, parts.sandbox_info)
+    worker_shutdown.connect(lambda **_: info.remove(parts.redis, keys, node), weak=False)
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
     app = make_celery(settings, worker=True)
     use_worker_backend(app)

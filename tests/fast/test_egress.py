@@ -61,3 +61,23 @@ def test_a_public_address_is_reached_and_the_hosts_own_are_not() -> None:
     own = ipaddress.ip_address("127.0.0.1")
     assert egress.is_own_address(own)
     assert not egress.is_own_address(ipaddress.ip_address("203.0.113.7"))
+
+
+def test_a_redis_password_in_the_project_file_is_called_out(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tools may read the project directory: a password written there is theirs."""
+    from toolq.config.loader import load_settings
+    from toolq.workers.assembly import _warn_if_project_holds_redis_password
+
+    project = tmp_path / "compozy.yaml"
+    project.write_text("name: p\nredis_url: redis://:s3cret@redis.internal:6379/0\n")
+    with caplog.at_level("WARNING", logger="toolq.worker"):
+        _warn_if_project_holds_redis_password(load_settings(project, environ={}))
+    assert "holds the Redis password" in caplog.text and "s3cret" not in caplog.text
+    caplog.clear()
+    environ = {"TOOLQ_REDIS_URL": "redis://:s3cret@redis.internal:6379/0"}
+    project.write_text("name: p\n")
+    with caplog.at_level("WARNING", logger="toolq.worker"):
+        _warn_if_project_holds_redis_password(load_settings(project, environ=environ))
+    assert caplog.text == ""

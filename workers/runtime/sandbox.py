@@ -248,24 +248,63 @@ class Sandbox:
                 args += ["--ro-bind-try", "/dev/null", path]
         return args
 
+    def access_problem(self) -> str | None:
+        """Why the tools' uid cannot reach Bun, the wrapper or the project (a root worker
+        runs tools as uid 65534), with the exact chmod that fixes it; None if it can."""
+        if self.run_as is None:
+            return None
+        needed = [
+            (self.bun, os.R_OK | os.X_OK),
+            (self.wrapper, os.R_OK),
+            (self.wrapper.with_name("no_ffi.ts"), os.R_OK),
+            (self.project_dir, os.R_OK | os.X_OK),
+            (self.entrypoint_dir, os.R_OK | os.X_OK),
+        ]
+        for path, mode in needed:
+            fix = access_fix(path, mode)
+            if fix is not None:
+                verb = "run" if path == self.bun else "read"
+                return (
+                    f"the tools' uid {self.run_as} cannot {verb} {path} (a root worker runs "
+                    f"tools as uid {self.run_as}, which is neither owner nor group): {fix}"
+                )
+        return None
+
+    def grant_problems(self, permissions: Permissions) -> tuple[list[str], list[str]]:
+        """Each ``--allow-read=PATH`` / ``--allow-write=PATH`` the tools' uid cannot use
+        here, said with the fix: (paths whose mode bars that uid, missing paths)."""
+        barred: list[str] = []
+        missing: list[str] = []
+        for flag, paths, mode in (
+            ("--allow-read", permissions.read, os.R_OK),
+            ("--allow-write", permissions.write, os.W_OK),
+        ):
+            for path in paths if isinstance(paths, tuple) else ():
+                if not Path(path).exists():
+                    missing.append(f"{flag}={path}: does not exist on this worker")
+                    continue
+                problem = self._grant_problem(Path(path), mode)
+                if problem is not None:
+                    barred.append(f"{flag}={path}: {problem}")
+        return barred, missing
+
+    def _grant_problem(self, path: Path, mode: int) -> str | None:
+        needed = mode | (os.X_OK if path.is_dir() else 0)
+        verb = "write" if mode == os.W_OK else "read"
+        if self.run_as is None:  # bwrap runs as this worker's own uid
+            if os.access(path, needed):
+                return None
+            return f"this worker's uid {os.geteuid()}, which its tools run as, cannot {verb} it"
+        fix = access_fix(path, needed)
+        if fix is None:
+            return None
+        return f"the tools' uid {self.run_as} cannot {verb} it: {fix}"
+
     def probe(self) -> str | None:
-        """None if a sandboxed Bun runs here, else why not."""
-        if self.run_as is not None:
-            needed = [
-                (self.bun, os.X_OK),
-                (self.wrapper, os.R_OK),
-                (self.wrapper.with_name("no_ffi.ts"), os.R_OK),
-                (self.project_dir, os.R_OK | os.X_OK),
-                (self.entrypoint_dir, os.R_OK | os.X_OK),
-            ]
-            for path, mode in needed:
-                if not _others_may(path, mode):
-                    verb = "run" if mode == os.X_OK else "read"
-                    return (
-                        f"the tools' uid {self.run_as} cannot {verb} {path} "
-                        "(a root worker drops to it): make it and its parent "
-                        "directories readable and searchable by others (chmod o+rX)"
-                    )
+        """None if a sandboxed Bun runs here, else why not (:meth:`access_problem` first)."""
+        problem = self.access_problem()
+        if problem is not None:
+            return problem
         fd = self.seccomp_fd()
         uid = self.run_as
         try:
@@ -294,45 +333,95 @@ def make_sandbox(
     wrapper: Path,
     project_dir: Path,
     entrypoint: Path | None = None,
+    *,
+    unsafe_share_host_network: bool = False,
 ) -> Sandbox | None:
-    """The sandbox to use, None when off; `required` refuses to start without one."""
+    """The sandbox to use, None when off; `required` refuses to start without one.
+
+    ``auto`` runs tools unsandboxed only when this host cannot sandbox at all (no
+    bubblewrap, or bwrap cannot start here: no user namespaces); a path the tools' uid
+    cannot read is a fixable mistake, and refuses to start in every mode but ``off``."""
     if mode == "off":
         return None
     bwrap = shutil.which("bwrap")
-    problem = "bubblewrap (bwrap) is not installed" if bwrap is None else None
+    if bwrap is None:
+        _cannot_sandbox(mode, "bubblewrap (bwrap) is not installed", INSTALL_HINT)
+        return None
     sandbox = None
     if bwrap is not None:
-        sandbox = Sandbox(bwrap, bun, wrapper, project_dir, entrypoint or project_dir / "x")
+        sandbox = Sandbox(
+            bwrap,
+            bun,
+            wrapper,
+            project_dir,
+            entrypoint or project_dir / "x",
+            unsafe_share_host_network=unsafe_share_host_network,
+        )
+        access = sandbox.access_problem()
+        if access is not None:
+            raise ConfigError(
+                f"tools cannot be sandboxed with this project where it is: {access} "
+                f"(runtime.sandbox: {mode} never runs them unsandboxed for this)",
+                key="runtime.sandbox",
+            )
         problem = sandbox.probe()
     if problem is None:
         return sandbox
+    _cannot_sandbox(mode, f"bubblewrap cannot start a sandbox here: {problem}", USERNS_HINT)
+    return None
+
+
+def _cannot_sandbox(mode: SandboxMode, problem: str, hint: str) -> None:
+    """This host cannot sandbox: `required` refuses to start, `auto` warns."""
     if mode == "required":
         raise ConfigError(
-            f"runtime.sandbox is required but tools cannot be sandboxed here: {problem}; "
-            + INSTALL_HINT,
+            f"runtime.sandbox is required but tools cannot be sandboxed here: {problem}; " + hint,
             key="runtime.sandbox",
         )
-    log.warning("tools run UNSANDBOXED (runtime.sandbox: auto): %s; %s", problem, INSTALL_HINT)
-    return None
+    log.warning("tools run UNSANDBOXED (runtime.sandbox: auto): %s; %s", problem, hint)
+
+
+def _tool_bits(st: os.stat_result) -> int:
+    """The rwx bits (as "others" bits) the tools' uid gets on a file: its owner's or its
+    group's if it is that owner or group (it has no other groups), else others'."""
+    if st.st_uid == TOOL_UID:
+        return (st.st_mode >> 6) & 0o7
+    if st.st_gid == TOOL_UID:
+        return (st.st_mode >> 3) & 0o7
+    return st.st_mode & 0o7
+
+
+def access_fix(path: Path, mode: int) -> str | None:
+    """The chmod that lets the tools' uid 65534 reach ``path`` with ``mode`` (every parent
+    searchable, then the bits ``mode`` needs); None if it may already. Write access is
+    better given to uid 65534 alone than to everyone, so the fix for it says how."""
+    try:
+        target = path.resolve()
+        closed = [str(p) for p in reversed(target.parents) if not _tool_bits(os.stat(p)) & 0o1]
+        bits = _tool_bits(os.stat(target))
+    except OSError as exc:
+        return f"cannot inspect it ({exc.strerror})"
+    missing = "".join(
+        letter
+        for flag, bit, letter in (
+            (os.R_OK, 0o004, "r"),
+            (os.W_OK, 0o002, "w"),
+            (os.X_OK, 0o001, "x"),
+        )
+        if mode & flag and not bits & bit
+    )
+    fixes = [f"chmod o+x {' '.join(closed)}"] if closed else []
+    if "w" in missing:
+        fixes.append(f"chown {TOOL_UID} {target} (or setfacl -m u:{TOOL_UID}:rwX {target})")
+        missing = missing.replace("w", "")
+    if missing:
+        letters = "rX" if target.is_dir() and "r" in missing else missing
+        fixes.append(f"chmod o+{letters} {target}")
+    return " && ".join(fixes) if fixes else None
 
 
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _others_may(path: Path, mode: int) -> bool:
-    """Whether a uid that is neither owner nor in the group may reach ``path`` with ``mode``
-    (every parent searchable) — what the tool's uid 65534 gets on a root-owned tree."""
-    bits = {os.R_OK: 0o004, os.W_OK: 0o002, os.X_OK: 0o001}
-    try:
-        target = path.resolve()
-        for parent in reversed(target.parents):
-            if not os.stat(parent).st_mode & 0o001:
-                return False
-        st_mode = os.stat(target).st_mode
-    except OSError:
-        return False
-    return all(st_mode & bit for flag, bit in bits.items() if mode & flag)
 
 
 @functools.lru_cache(maxsize=64)
