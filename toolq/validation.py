@@ -242,6 +242,8 @@ def text_nests_deeper(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
         if len(shorter) == len(brackets):
             break
         brackets, removed = shorter, removed + 1
+    if removed > limit:
+        return True
     depth = 0
     for run in _RUN.finditer(brackets):
         length = run.end() - run.start()

@@ -72,7 +72,8 @@ def redact_outcome(outcome: Outcome, env: Mapping[str, str]) -> Outcome:
 class _Matcher:
     """Every form of every value: those of long values replaced anywhere (leftmost,
     longest first, so a value that contains another is replaced whole), those of short
-    ones only as whole tokens."""
+    ones only as whole tokens, looked for after the long ones are masked (so next to a
+    mask a short value may be hidden where it touched a letter before: more, never less)."""
 
     def __init__(self, anywhere: list[str], tokens: list[str]) -> None:
         self.anywhere = _automaton(anywhere)
