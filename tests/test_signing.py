@@ -179,6 +179,25 @@ def test_retries_and_chunks_are_signed_by_the_worker_that_resends_them(
     assert [a.result for a in echoes] == [{"echo": {"n": n}} for n in range(12)]
 
 
+def test_a_chunks_remainder_put_back_by_the_worker_is_signed(
+    start_worker: StartWorker, redis_url: str
+) -> None:
+    """redelivery.yaml: a chunk may start a call only within 5 s of its start (visibility
+    20 s less Celery's margins) and a call's hard limit is 4 s, so after its first 1.5 s
+    call a chunk puts the rest back on the queue as a new chunk, which the worker signs."""
+    config = TOOLS_CONFIG.parent / "redelivery.yaml"
+    worker = start_worker(config=config, concurrency=1, env={"TOOLQ_SECRET_KEY": BETA_KEY})
+    settings = load_settings(
+        config, environ={"TOOLQ_SECRET_KEY": BETA_KEY}, overrides={"redis_url": redis_url}
+    )
+    with ToolClient(settings) as client:
+        calls = client.enqueue_many(
+            "sleep", [{"ms": 1500}] * 3, queue=queue_of(worker), chunk_size=3
+        )
+        answers = client.gather(calls, wait=90)
+    assert all(a.ok for a in answers), [a.error for a in answers]
+
+
 def test_remote_control_cannot_stop_a_worker_or_move_its_queues(
     client: ToolClient, start_worker: StartWorker
 ) -> None:
