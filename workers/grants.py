@@ -23,7 +23,7 @@ _NO_ROUTE = re.compile(
 )
 _WRITE = re.compile(r"\b(EROFS|EACCES)\b[^'\"]*['\"]([^'\"]+)['\"]|\bEROFS\b|read-only file system")
 _SPAWN = re.compile(r"\bEPERM\b[^\n]*(?:spawn|exec)\w*(?: '([^']+)')?")
-_SCOPE = "runtime.permissions (or tools.<id>.permissions)"
+_SCOPE = "runtime.permissions or tools.<id>.permissions"
 
 
 def missing_grant(text: str, permissions: Permissions) -> str | None:
@@ -34,8 +34,8 @@ def missing_grant(text: str, permissions: Permissions) -> str | None:
         if dns is not None or _NO_ROUTE.search(text):
             host = dns.group(1) if dns is not None else "HOST"
             return (
-                "the sandbox gives this tool no network (it has no --allow-net): grant it "
-                f"in {_SCOPE}, e.g. --allow-net={host}"
+                "the sandbox gives this tool no network, as it has no --allow-net; grant "
+                f"it in {_SCOPE}, e.g. --allow-net={host}"
             )
     if permissions.write is not True:
         write = _WRITE.search(text)
@@ -59,7 +59,7 @@ def missing_grant(text: str, permissions: Permissions) -> str | None:
         if spawn is not None:
             program = spawn.group(1) or "PROGRAM"
             return (
-                "the sandbox lets this tool start no programs (it has no --allow-run): "
+                "the sandbox lets this tool start no programs, as it has no --allow-run; "
                 f"grant --allow-run={os.path.basename(program)} in {_SCOPE}"
             )
     return None
