@@ -125,16 +125,16 @@ class Keys:
         return f"{self.prefix}worker-info"
 
 
-def _keyed(key: str | None) -> str:
-    """A concurrency key's value as a key suffix (quoted: a value may hold ``:``)."""
-    return "" if key is None else ":" + quote(key, safe="")
-
 def queue_workers(queue: str) -> str:
     """Sorted set: hostname of a worker consuming ``queue`` -> its last heartbeat (Redis
     time); :mod:`toolq.presence`. Keyed by queue name alone: queue names are per project
     already, and a worker of any project may consume any queue."""
     return f"{PREFIX}queue-workers:{queue}"
 
+
+def _keyed(key: str | None) -> str:
+    """A concurrency key's value as a key suffix (quoted: a value may hold ``:``)."""
+    return "" if key is None else ":" + quote(key, safe="")
 
 
 DEFAULT = Keys()
