@@ -17,13 +17,20 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from tests.conftest import TOOLS_CONFIG, StartWorker, descendants, wait_until
+from tests.conftest import TOOLS, TOOLS_CONFIG, StartWorker, descendants, wait_until
 from toolq.config.celery_app import RUN_TOOL_TASK
 from toolq.config.loader import load_settings
+from toolq.config.settings import TimeLimits
 from toolq.errors import InvalidInput
+from toolq.permissions import Permissions
 from toolq.producers.client import ToolClient
 from toolq.validation import MAX_JSON_DEPTH
 from toolq.workers.process import WorkerProcess
+from toolq.workers.runtime.base import Call
+from toolq.workers.runtime.bun import WRAPPER
+from toolq.workers.runtime.launch import Launcher
+from toolq.workers.runtime.sandbox import make_sandbox
+from toolq.workers.runtime.spawn import SpawnRuntime
 
 
 def _zombies_below(pid: int) -> list[int]:
@@ -177,8 +184,11 @@ class _SocketServer:
                 conn, _ = self.sock.accept()
             except TimeoutError:
                 continue
-            with conn:
-                conn.sendall(b"hello")
+            with conn:  # open until the client closes: a peer gone at once reads as a reset
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"hello")
+                    conn.recv(1)
 
     def close(self) -> None:
         self.stopped.set()
@@ -213,6 +223,23 @@ def test_allow_read_does_not_reach_host_unix_sockets(
         result = client.run("probe", {"action": "unix", "path": str(path)}, queue=queue, wait=60)
         assert result.result is not None, result.error
         assert not result.result["ok"], (path, result.result)
+
+
+def test_a_grant_that_names_a_socket_reaches_it(host_sockets: list[Path], bun: Path) -> None:
+    """A socket stays reachable where a grant names its directory (`--allow-read=/run/x`)."""
+    sandbox = make_sandbox("required", bun, WRAPPER, TOOLS)
+    launcher = Launcher(bun, TOOLS / "entrypoint.ts", TOOLS, sandbox=sandbox)
+    for path in host_sockets:
+        call = Call(
+            "probe",
+            str(uuid.uuid4()),
+            {"action": "unix", "path": str(path)},
+            {},
+            TimeLimits(10, 12),
+            permissions=Permissions.parse([f"--allow-read={path.parent}"]),
+        )
+        outcome = SpawnRuntime(launcher).run(call)
+        assert outcome.result == {"ok": True, "said": "hello"}, (outcome.error, outcome.stderr)
 
 
 # -- 3. cancel ids --------------------------------------------------------------------------
