@@ -70,17 +70,21 @@ def toolq(redis_url: str, *args: str, env: dict[str, str] | None = None) -> Any:
 
 
 @pytest.fixture
-def flower(redis_url: str) -> Iterator[tuple[str, str]]:
+def flower(redis_url: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
     port = free_port()
     auth = "ops:s3cret"
+    secret = tmp_path / "flower-auth"
+    secret.write_text(auth + "\n")
     env = {**os.environ, "TOOLQ_REDIS_URL": redis_url, "TOOLQ_CONFIG": str(TOOLS_CONFIG)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "toolq", "flower", f"--port={port}", f"--basic-auth={auth}"],
+        [sys.executable, "-m", "toolq", "flower", f"--port={port}", f"--basic-auth-file={secret}"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
+    with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+        assert b"s3cret" not in cmdline.read()  # the password is not in the process list
 
     def up() -> bool:
         try:
@@ -95,6 +99,24 @@ def flower(redis_url: str) -> Iterator[tuple[str, str]]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_flower_answers_only_its_own_host_names(flower: tuple[str, str]) -> None:
+    """A Flower on 127.0.0.1 answered any Host: a page elsewhere whose name resolves to
+    127.0.0.1 (DNS rebinding) could drive its API from the operator's browser."""
+    base, _ = flower
+
+    def status(host: str) -> int:
+        request = urllib.request.Request(f"{base}/healthcheck", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status("localhost:5555") == 200 and status("127.0.0.1") == 200
+    assert status("rebind.attacker.example:5555") == 403
+    assert status("evil.localhost.example") == 403
 
 
 def test_flower_shows_workers_calls_and_queues(
@@ -412,6 +434,14 @@ def test_docker_compose_file_wires_services_to_real_commands() -> None:
         assert "redis" in service["depends_on"]
         assert service.get("build") == "." or service.get("image")
     assert "deploy" not in services["worker"] or services["worker"]["deploy"].get("replicas")
+    # sealing and signing on in the shipped deployment, secrets from files only
+    for name in ("worker", "producer"):
+        service = services[name]
+        assert service["environment"]["TOOLQ_SECRET_KEY_FILE"] == "/run/secrets/toolq_secret_key"
+        assert "toolq_secret_key" in service["secrets"], name
+    assert "flower_auth" in services["flower"]["secrets"]
+    assert not any("--basic-auth=" in arg for arg in services["flower"]["command"])
+    assert set(compose["secrets"]) == {"toolq_secret_key", "flower_auth"}
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "npm ci" in dockerfile and "pip install" in dockerfile
 

@@ -471,7 +471,22 @@ def flower(
     ] = "127.0.0.1",
     basic_auth: Annotated[
         str | None,
-        typer.Option(help="user:password (comma-separate several); required beyond localhost."),
+        typer.Option(
+            help="user:password (comma-separate several); required beyond localhost. "
+            "Visible to every local user in the process list: prefer --basic-auth-file."
+        ),
+    ] = None,
+    basic_auth_file: Annotated[
+        Path | None,
+        typer.Option(help="A file holding user:password (a secret mount), one per line."),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A host name Flower is served as (a proxy's, an ingress's); repeatable. "
+            "Local names, the listen address and this host's name are always allowed; "
+            "any other Host gets 403 (DNS rebinding)."
+        ),
     ] = None,
     max_tasks: Annotated[
         int, typer.Option(min=100, help="Finished calls Flower keeps in memory.")
@@ -482,9 +497,17 @@ def flower(
     """Start Flower on the toolq app: workers, calls (toolq:<tool id>; FAILURE when the tool
     failed) and queue lengths."""
     from toolq.config.celery_app import make_celery
+    from toolq.flower_hosts import allowed_hosts, restrict_hosts
 
+    if basic_auth_file is not None:
+        try:
+            lines = basic_auth_file.read_text().split()
+        except OSError as exc:
+            _fail(f"--basic-auth-file: cannot read {basic_auth_file}: {exc.strerror}")
+        basic_auth = ",".join(line for line in lines if line)
     if address not in ("127.0.0.1", "localhost", "::1") and not basic_auth:
-        _fail("Flower on a non-local address needs --basic-auth user:password")
+        _fail("Flower on a non-local address needs --basic-auth-file (or --basic-auth)")
+    restrict_hosts(allowed_hosts(address, allowed_host or ()))
     settings = _settings(config, profile)
     argv = [
         "flower",
