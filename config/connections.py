@@ -17,9 +17,11 @@ from redis.sentinel import Sentinel
 from toolq.config.settings import Settings
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    # Refused connections (a restart) are retried for a few seconds; a timeout (a hung
-    # Redis) is not: it already took `redis_socket_timeout`, and callers must fail fast.
+def redis_client(settings: Settings, *, ride_out_restarts: bool = True) -> redis.Redis:
+    """A client for toolq's keys. Refused connections (a restart) are retried for a few
+    seconds (about 9 s in all) unless ``ride_out_restarts`` is False (operator commands:
+    one line at once); a timeout (a hung Redis) is not: it already took
+    ``redis_socket_timeout``, and callers must fail fast."""
     timeout = settings.redis_socket_timeout_s
     options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
@@ -27,7 +29,7 @@ def redis_client(settings: Settings) -> redis.Redis:
         "health_check_interval": 25,
         "retry": Retry(
             ExponentialBackoff(cap=2.0, base=0.05),
-            retries=8,
+            retries=8 if ride_out_restarts else 0,
             supported_errors=(redis.ConnectionError,),
         ),
         "retry_on_error": [redis.ConnectionError],

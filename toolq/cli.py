@@ -68,7 +68,7 @@ def _guard(action: Callable[[], T]) -> T:
         _fail(str(exc))
     except QueueFull as exc:
         _fail(f"{exc}; nothing was enqueued")
-    except RedisError as exc:  # operator commands talk to Redis directly
+    except (RedisError, OperationalError) as exc:  # operator commands talk to Redis directly
         _fail(f"cannot reach Redis: {exc}")
 
 
@@ -936,14 +936,15 @@ def _breakers(settings: Settings) -> Breakers:
     from toolq.config.connections import redis_client
     from toolq.workers.breaker import Breakers
 
-    return Breakers(redis_client(settings), settings.breaker_settings, settings.keys)
+    client = redis_client(settings, ride_out_restarts=False)
+    return Breakers(client, settings.breaker_settings, settings.keys)
 
 
 def _dead_letters(settings: Settings) -> DeadLetters:
     from toolq.config.connections import redis_client
     from toolq.workers.deadletter import DeadLetters
 
-    return DeadLetters.from_settings(redis_client(settings), settings)
+    return DeadLetters.from_settings(redis_client(settings, ride_out_restarts=False), settings)
 
 
 def main() -> None:

@@ -20,8 +20,13 @@ INSPECT_TIMEOUT_S = 1.0
 def cluster_status(settings: Settings) -> dict[str, Any]:
     """The project (None: un-namespaced), queues (configured and consumed) with lengths
     and caps, workers, the project's breakers and dead letters, and flow control."""
+    client = redis_client(settings, ride_out_restarts=False)
+    try:
+        client.ping()  # Redis away: one error now (RedisError), before Celery's retries
+    except BaseException:
+        close_redis(client)
+        raise
     app = make_celery(settings, name="toolq-status")
-    client = redis_client(settings)
     try:
         inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
         active = inspect.active() or {}
