@@ -289,7 +289,7 @@ def test_a_call_cannot_starve_the_proxy_for_the_next(
             Call(
                 "hold_tunnels",
                 "a",
-                {"count": 34, "target": f"127.0.0.1:{port}"},
+                {"count": 66, "target": f"127.0.0.1:{port}"},
                 {},
                 limits,
                 permissions=permissions,
