@@ -5,10 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUN := node_modules/.bin/bun
 NETSHIM := workers/runtime/netshim.so
+CORPUS := tests/corpus
 
 .PHONY: setup sandbox sandbox-access demo test test-fast lint typecheck format bench soak clean
 
-setup: $(VENV)/.installed $(BUN) $(NETSHIM) sandbox sandbox-access
+setup: $(VENV)/.installed $(BUN) $(NETSHIM) $(CORPUS)/node_modules/.installed sandbox sandbox-access
 
 # The route for raw TCP sockets (Bun.connect, node:net, node:http) of tools granted
 # --allow-net, through the egress proxy (README, "Network"); without a C compiler they
@@ -47,6 +48,12 @@ $(BUN): package.json package-lock.json
 	$(BUN) --version >/dev/null 2>&1 || node node_modules/bun/install.js
 	$(BUN) --version
 	touch -h $@
+
+# The corpus tier's npm packages (tests/test_corpus.py), pinned in its bun.lock, installed
+# with the pinned Bun from the npm registry; again only when the lockfile or Bun changes.
+$(CORPUS)/node_modules/.installed: $(CORPUS)/package.json $(CORPUS)/bun.lock $(BUN)
+	cd $(CORPUS) && ../../$(BUN) install --frozen-lockfile --no-progress >/dev/null
+	touch $@
 
 demo: setup
 	$(BIN)/toolq demo

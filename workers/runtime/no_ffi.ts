@@ -14,8 +14,12 @@
 // code that copies, spreads or enumerates `process` or `bun:ffi` (chalk, commander,
 // prettier and got do, at import) sees a function that throws when called.
 
+const REFUSAL = "toolq: native code (bun:ffi, Bun.FFI, process.dlopen, SQLite extensions) needs --allow-ffi";
 const refuse = (): never => {
-  throw new Error("toolq: native code (bun:ffi, Bun.FFI, process.dlopen, SQLite extensions) needs --allow-ffi");
+  // Recorded for the wrapper: a package that wraps this error in its own ("Cannot find
+  // native binding") still tells its user which grant was missing.
+  (globalThis as Record<symbol, unknown>)[Symbol.for("toolq.nativeRefused")] = REFUSAL;
+  throw new Error(REFUSAL);
 };
 
 // What stands in for `value`: functions (and classes) throw when called or constructed,

@@ -233,12 +233,20 @@ async function send(result: unknown, error: ErrorInfo | null, exiting = false): 
   await Bun.write(out, `${call.nonce}${body}\n`);
 }
 
+// no_ffi.ts records its refusal: a package may wrap it in an error of its own.
+const NATIVE_REFUSED = Symbol.for("toolq.nativeRefused");
+function withRefusal(message: string): string {
+  const refused = (globalThis as Record<symbol, unknown>)[NATIVE_REFUSED];
+  if (typeof refused !== "string" || message.includes(refused)) return message;
+  return `${message} (${refused}: a module tried to load native code)`;
+}
+
 function describe(e: unknown, kind: string, message?: string): ErrorInfo {
   const err = e instanceof Error ? e : null;
   const info: ErrorInfo = {
     kind,
     name: err?.name ?? "Error",
-    message: message ?? (err ? err.message : String(e)),
+    message: message ?? withRefusal(err ? err.message : String(e)),
     stack: err?.stack ?? null,
   };
   const retryable = (e as { retryable?: unknown } | null)?.retryable;
@@ -264,7 +272,7 @@ function load(): Promise<Record<string, unknown> | Error> {
       const exported = module.default;
       return (exported && typeof exported === "object" ? exported : module) as Record<string, unknown>;
     },
-    (e) => new Error(`failed to load entrypoint ${entrypoint}: ${loadProblem(e)}`),
+    (e) => new Error(withRefusal(`failed to load entrypoint ${entrypoint}: ${loadProblem(e)}`)),
   );
   return loading;
 }
@@ -379,6 +387,7 @@ async function handle(line: string): Promise<void> {
     callRunning = true;
   }
   active.started = performance.now();
+  delete (globalThis as Record<symbol, unknown>)[NATIVE_REFUSED]; // this call's own, if any
   try {
     const result = await (async () => {
       try {
