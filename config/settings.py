@@ -189,6 +189,10 @@ class ToolSettings(_Strict):
     """``"10/s"``, ``/m`` or ``/h``: calls started, on all workers together (GCRA)."""
     rate_limit_mode: Literal["queue", "reject"] = "queue"
     cache: CacheSettings | None = None
+    lock_definition: bool = False
+    """Calls may not override the keys of the tool definition's ``config`` nor the names of
+    its ``env`` (a definition that takes a worker secret: a caller could otherwise point its
+    ``base_url`` elsewhere and receive the secret)."""
 
     _check_permissions = field_validator("permissions")(_check_permissions)
 

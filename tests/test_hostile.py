@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -336,3 +337,85 @@ def test_a_worker_given_its_key_in_the_environment_says_where_it_stays(redis_url
             assert "prefer secret_key_file" in process.output()
         finally:
             process.close()
+
+
+# -- 10. what a caller controls: a deployment can lock a definition's config and env ------
+
+LOCKED_PROJECT = """
+name: locked-desk-{tag}
+runtime:
+  type: bun
+  entrypoint: ./entrypoint.ts
+  permissions: [--allow-read]
+max_attempts: 1
+tools:
+  - id: charge
+    description: Calls a payment API with the worker's key
+    config: {{base_url: "https://payments.example"}}
+    env: {{PAYMENTS_KEY: "{{{{ .env.WORKER_PAYMENTS_KEY }}}}", REGION: eu}}
+    lock_definition: true
+  - id: charge_open
+    description: The same, unlocked
+    config: {{base_url: "https://payments.example"}}
+    env: {{PAYMENTS_KEY: "{{{{ .env.WORKER_PAYMENTS_KEY }}}}"}}
+"""
+LOCKED_ENTRYPOINT = """
+const charge = async (input: unknown, config: { base_url: string }) => ({
+  would_send_key_to: config.base_url,
+  region: process.env.REGION ?? null,
+  has_key: Boolean(process.env.PAYMENTS_KEY),
+});
+export default { charge, charge_open: charge };
+"""
+
+
+@pytest.fixture
+def locked_project() -> Iterator[Path]:
+    """A project of its own outside pytest's basetemp (another run's start empties that)."""
+    project = Path(tempfile.mkdtemp(prefix="toolq-locked-", dir="/var/tmp"))
+    project.chmod(0o755)  # the tools' uid reads it
+    (project / "compozy.yaml").write_text(LOCKED_PROJECT.format(tag=uuid.uuid4().hex[:8]))
+    (project / "entrypoint.ts").write_text(LOCKED_ENTRYPOINT)
+    yield project
+    shutil.rmtree(project, ignore_errors=True)
+
+
+def test_a_locked_definition_keeps_its_config_and_env_from_callers(
+    locked_project: Path, redis_url: str
+) -> None:
+    """Caller: config= overrides a definition key by key, so a caller of a tool whose
+    definition takes a worker secret could point its base_url at a server of its own and
+    receive the secret. With lock_definition the call is refused, by the producer and by
+    the worker (a forged message); the tool's own settings still apply; an unlocked tool
+    keeps Compozy's override."""
+    config = locked_project / "compozy.yaml"
+    settings = load_settings(config, environ={}, overrides={"redis_url": redis_url})
+    evil = {"base_url": "https://attacker.example"}
+    with (
+        ToolClient(settings) as locked_client,
+        WorkerProcess(
+            config=config, redis_url=redis_url, env={"WORKER_PAYMENTS_KEY": "sk_live_1"}
+        ) as process,
+    ):
+        process.start(locked_client.app)
+        plain = locked_client.run("charge", {"amount": 1}, wait=60)
+        assert plain.result == {
+            "would_send_key_to": "https://payments.example",
+            "region": "eu",
+            "has_key": True,
+        }, plain.error
+        with pytest.raises(InvalidInput, match="may not override its definition's config base_url"):
+            locked_client.enqueue("charge", {"amount": 1}, config=evil)
+        with pytest.raises(InvalidInput, match="env REGION"):
+            locked_client.enqueue("charge", {"amount": 1}, env={"REGION": "us"})
+        call_id = str(uuid.uuid4())
+        forged = {"tool_id": "charge", "input": {"amount": 1}, "config": evil}
+        locked_client.app.send_task(
+            RUN_TOOL_TASK, args=[forged], task_id=call_id, queue=settings.queue_for("charge")
+        )
+        refused = locked_client.call(call_id).result(timeout=60)
+        assert refused.error is not None and refused.error.kind == "invalid_input", refused
+        assert "lock_definition" in refused.error.message
+        unlocked = locked_client.run("charge_open", {"amount": 1}, config=evil, wait=60)
+        assert unlocked.result is not None
+        assert unlocked.result["would_send_key_to"] == "https://attacker.example"

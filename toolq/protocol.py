@@ -260,7 +260,30 @@ def validate(request: CallRequest, settings: Settings) -> CallRequest:
     check_input_size(size)
     if definition is not None:
         definition.check_input(tool_input)
+        if settings.tool(request.tool_id).lock_definition:
+            _check_locked(request.tool_id, definition.config, definition.env, request.config, env)
     return replace(request, input=tool_input, env=env, timeout_s=timeout_s)
+
+
+def _check_locked(
+    tool_id: str,
+    config: Mapping[str, Any],
+    env: Mapping[str, str],
+    call_config: Mapping[str, Any] | None,
+    call_env: Mapping[str, str],
+) -> None:
+    """A tool with ``lock_definition``: refuse a call that overrides its definition's
+    config keys or env names (naming them; no value is shown)."""
+    keys = sorted(set(call_config or {}) & set(config))
+    names = sorted(set(call_env) & set(env))
+    if keys or names:
+        what = [f"config {', '.join(keys)}"] if keys else []
+        what += [f"env {', '.join(names)}"] if names else []
+        raise InvalidInput(
+            f"tool {tool_id} has lock_definition: a call may not override its definition's "
+            f"{' and '.join(what)}",
+            "ValidationError",
+        )
 
 
 MAX_CHUNK_CALLS = 1000
