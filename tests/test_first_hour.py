@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,19 +41,38 @@ def toolq(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
+def own_directory() -> Iterator[Path]:
+    """A directory of the test's own under /tmp, readable by the sandboxed tools' uid as
+    a deployed project is. Not pytest's basetemp: a pytest session started meanwhile
+    (another checkout's run) clears that, and with it a project a worker is using."""
+    path = Path(tempfile.mkdtemp(prefix="toolq-first-hour-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    yield from own_directory()
+
+
 @pytest.fixture(scope="module")
-def desk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def desk() -> Iterator[Path]:
     """The monorepo copied as a user has it; the desk's packages installed the way the
     README says, `toolq install` (the workers' pinned Bun; `bun` is not on PATH)."""
-    parent = tmp_path_factory.mktemp("first-hour")
-    for directory in (tmp_path_factory.getbasetemp(), parent):
-        directory.chmod(0o755)  # the sandboxed tools' uid reads the project, as in production
+    for parent in own_directory():
+        yield from _installed(parent)
+
+
+def _installed(parent: Path) -> Iterator[Path]:
     root = parent / "market_monorepo"
     shutil.copytree(MONOREPO, root)
     installed = toolq("install", str(root / "desk"))
     assert installed.returncode == 0, installed.stderr
     assert (root / "desk" / "node_modules" / "@market" / "pricing").is_dir()
-    return root / "desk"
+    yield root / "desk"
 
 
 @pytest.fixture(scope="module")
@@ -117,22 +137,22 @@ def write_project(directory: Path, output: str, extra: str = "") -> Path:
     ],
 )
 def test_a_reference_that_does_not_resolve_is_refused_at_load_with_its_location(
-    tmp_path: Path, output: str, named: str
+    scratch: Path, output: str, named: str
 ) -> None:
-    config = write_project(tmp_path, output)
+    config = write_project(scratch, output)
     with pytest.raises(ConfigError) as info:
         load_settings(config, environ={})
     message = str(info.value)
-    assert str(tmp_path / "tools" / "t.yaml") in message and "output" in message
+    assert str(scratch / "tools" / "t.yaml") in message and "output" in message
     assert named in message
 
 
-def test_references_work_in_list_entries_and_local_scope(tmp_path: Path) -> None:
+def test_references_work_in_list_entries_and_local_scope(scratch: Path) -> None:
     extra = (
         "tools:\n  - id: inline\n    input:\n"
         "      $ref: local::schemas.#(id=='quote')\n      required: [x]\n"
     )
-    config = write_project(tmp_path, '  $ref: $global::schemas.#(id=="quote")', extra)
+    config = write_project(scratch, '  $ref: $global::schemas.#(id=="quote")', extra)
     settings = load_settings(config, environ={})
     assert settings.definitions["t"].output_schema == {"type": "object"}
     inline = settings.definitions["inline"]
@@ -143,9 +163,9 @@ def test_references_work_in_list_entries_and_local_scope(tmp_path: Path) -> None
 
 
 def test_a_workspace_dependency_outside_its_workspace_is_named(
-    tmp_path: Path, desk_client: ToolClient, redis_url: str
+    scratch: Path, desk_client: ToolClient, redis_url: str
 ) -> None:
-    alone = tmp_path / "desk"
+    alone = scratch / "desk"
     shutil.copytree(MONOREPO / "desk", alone)  # taken out of its monorepo
     installed = toolq("install", str(alone))
     assert installed.returncode == 2
@@ -163,14 +183,12 @@ def test_a_workspace_dependency_outside_its_workspace_is_named(
     assert "bun install" not in str(info.value)
 
 
-def test_a_deno_npm_import_is_named(
-    tmp_path: Path, desk_client: ToolClient, redis_url: str
-) -> None:
-    (tmp_path / "compozy.yaml").write_text("name: deno-era\n")
-    (tmp_path / "entrypoint.ts").write_text(
+def test_a_deno_npm_import_is_named(scratch: Path, desk_client: ToolClient, redis_url: str) -> None:
+    (scratch / "compozy.yaml").write_text("name: deno-era\n")
+    (scratch / "entrypoint.ts").write_text(
         'import { z } from "npm:zod@3.23";\nexport default { check: () => z };\n'
     )
-    worker = WorkerProcess(config=tmp_path / "compozy.yaml", redis_url=redis_url)
+    worker = WorkerProcess(config=scratch / "compozy.yaml", redis_url=redis_url)
     try:
         with pytest.raises(RuntimeError, match="exited with code 2") as info:
             worker.start(desk_client.app)
@@ -181,8 +199,8 @@ def test_a_deno_npm_import_is_named(
     assert "import 'zod' instead" in message and "toolq install" in message
 
 
-def test_install_needs_a_package_json(tmp_path: Path) -> None:
-    result = toolq("install", str(tmp_path))
+def test_install_needs_a_package_json(scratch: Path) -> None:
+    result = toolq("install", str(scratch))
     assert result.returncode == 2 and "no package.json" in result.stderr
 
 
@@ -204,13 +222,13 @@ def test_what_the_sandbox_refused_names_the_grant(
 
 
 def test_the_start_up_check_names_the_grant(
-    tmp_path: Path, desk_client: ToolClient, redis_url: str
+    scratch: Path, desk_client: ToolClient, redis_url: str
 ) -> None:
-    (tmp_path / "compozy.yaml").write_text("name: eager\n")
-    (tmp_path / "entrypoint.ts").write_text(
+    (scratch / "compozy.yaml").write_text("name: eager\n")
+    (scratch / "entrypoint.ts").write_text(
         'await fetch("https://config.example.com/flags");\nexport default { a: () => 1 };\n'
     )
-    worker = WorkerProcess(config=tmp_path / "compozy.yaml", redis_url=redis_url)
+    worker = WorkerProcess(config=scratch / "compozy.yaml", redis_url=redis_url)
     try:
         with pytest.raises(RuntimeError, match="exited with code 2") as info:
             worker.start(desk_client.app)
@@ -293,11 +311,11 @@ def test_the_worker_warns_about_what_it_will_not_run(desk_worker: WorkerProcess)
 
 
 def test_an_entrypoint_exporting_no_tools_is_a_warning(
-    tmp_path: Path, desk_client: ToolClient, redis_url: str
+    scratch: Path, desk_client: ToolClient, redis_url: str
 ) -> None:
-    (tmp_path / "compozy.yaml").write_text("name: empty-desk\n")
-    (tmp_path / "entrypoint.ts").write_text("export const VERSION = '1.0';\n")
-    with WorkerProcess(config=tmp_path / "compozy.yaml", redis_url=redis_url) as worker:
+    (scratch / "compozy.yaml").write_text("name: empty-desk\n")
+    (scratch / "entrypoint.ts").write_text("export const VERSION = '1.0';\n")
+    with WorkerProcess(config=scratch / "compozy.yaml", redis_url=redis_url) as worker:
         worker.start(desk_client.app)
         assert "exports no tools" in worker.output()
         assert "export default { my_tool }" in worker.output()
