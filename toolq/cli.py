@@ -265,6 +265,10 @@ def worker(
         str, typer.Option(help="Celery pool: threads (default) or prefork.")
     ] = "threads",
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+    health_file: Annotated[
+        Path | None,
+        typer.Option(help="Keep a heartbeat file here for `toolq health` (container probes)."),
+    ] = None,
 ) -> None:
     """Start a worker that runs tool calls with Bun, at most max_concurrent_tools at once."""
     if pool not in ("threads", "prefork"):
@@ -281,8 +285,33 @@ def worker(
             hostname=hostname,
             pool=pool,  # type: ignore[arg-type]
             loglevel=loglevel,
+            health_file=health_file,
         )
     )
+
+
+@app.command()
+def health(
+    file: Annotated[Path, typer.Option("--file", help="The worker's --health-file.")],
+    ready: Annotated[
+        bool, typer.Option("--ready", help="Readiness: also ready and not stopping.")
+    ] = False,
+    max_age: Annotated[
+        str, typer.Option(help="Liveness fails when the last heartbeat is older than this.")
+    ] = "30s",
+) -> None:
+    """Probe a worker from its heartbeat file (exit 0 live/ready, 1 not): no Redis, no
+    broadcast to the fleet."""
+    from toolq.config.durations import parse_duration
+    from toolq.health import check
+
+    try:
+        max_age_s = parse_duration(max_age)
+    except ValueError as exc:
+        _fail(f"--max-age: {exc}")
+    problem = check(file, ready=ready, max_age_s=max_age_s)
+    if problem is not None:
+        _fail(problem, EXIT_FAILED)
 
 
 @app.command()
@@ -614,6 +643,39 @@ def status(
             empty="",
             title="rate limits",
         )
+
+
+@app.command()
+def exporter(
+    port: Annotated[int, typer.Option(help="HTTP port of /metrics.")] = 9541,
+    address: Annotated[
+        str, typer.Option(help="Listen address (default: this host only).")
+    ] = "127.0.0.1",
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues (default: every configured one).")
+    ] = None,
+    min_interval: Annotated[
+        str, typer.Option(help="Read Redis at most this often, however often scraped.")
+    ] = "5s",
+    config: ConfigOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Serve the true backlog per queue (calls, not messages, over every priority, and
+    calls waiting on flow control) as Prometheus metrics, for autoscaling."""
+    from toolq.config.durations import parse_duration
+    from toolq.exporter import serve_forever
+
+    settings = _settings(config, profile)
+    try:
+        interval_s = parse_duration(min_interval)
+    except ValueError as exc:
+        _fail(f"--min-interval: {exc}")
+    queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    _guard(
+        lambda: serve_forever(
+            settings, port=port, address=address, queues=queue_list, min_interval_s=interval_s
+        )
+    )
 
 
 @app.command()

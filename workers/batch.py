@@ -107,6 +107,9 @@ class ChunkRunner:
     budget_s: float
     """How long after it starts a chunk may still be running a call (see module doc)."""
     clock: Callable[[], float] = time.monotonic
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set when the worker starts its warm shutdown: a chunk then starts no more calls
+    and hands the rest back to the queue, so a drain takes one hard limit at most."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _hard_limits: dict[str | None, float] = field(default_factory=dict)
 
@@ -135,6 +138,8 @@ class ChunkRunner:
                     return None
                 if started[0] and self.clock() + self._hard_limit_s(todo[0]) > ends_at:
                     return None  # the first call always runs: a chunk always progresses
+                if started[0] and self.stopping.is_set():
+                    return None  # the worker is draining: the rest goes back on the queue
                 started[0] = True
                 return todo.popleft()
 

@@ -13,14 +13,16 @@ import os
 import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Literal
 
 from celery import Celery
-from celery.signals import heartbeat_sent, worker_shutdown
+from celery.signals import heartbeat_sent, worker_ready, worker_shutdown, worker_shutting_down
 
 from toolq import logsafe
 from toolq.config.celery_app import make_celery
 from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S, Settings
+from toolq.health import HealthFile, drain_budget_s
 from toolq.presence import Presence
 from toolq.workers import info, poison
 from toolq.workers.assembly import WorkerParts, build_worker
@@ -63,8 +65,10 @@ def run_worker(
     hostname: str | None = None,
     pool: Pool = "threads",
     loglevel: str = "INFO",
+    health_file: Path | None = None,
 ) -> None:
-    """Run a worker in this process until it is told to stop (SIGTERM: warm shutdown)."""
+    """Run a worker in this process until it is told to stop (SIGTERM: warm shutdown);
+    with ``health_file``, keep it current for container probes (:mod:`toolq.health`)."""
     # prefork: each pool process runs one call at a time, so it keeps one warm Bun
     # process (started lazily after the fork); threads: one shared pool, filled now.
     metrics = None
@@ -96,7 +100,15 @@ def run_worker(
     worker_shutdown.connect(lambda **_: parts.close(), weak=False)
     app = make_celery(settings, worker=True)
     use_worker_backend(app)
-    register_tasks(app, parts.handler, chunk_runner(app, parts, pool))
+    chunks = chunk_runner(app, parts, pool)
+    register_tasks(app, parts.handler, chunks)
+    worker_shutting_down.connect(lambda **_: chunks.stopping.set(), weak=False)
+    if health_file is not None:
+        health = HealthFile(health_file, drain_budget_s(settings))
+        health.beat()
+        worker_ready.connect(lambda **_: health.ready(), weak=False)
+        heartbeat_sent.connect(lambda **_: health.beat(), weak=False)
+        worker_shutting_down.connect(lambda **_: health.stopping(), weak=False)
     # Bad messages and broker restarts never stop it; unsigned or forged calls never run.
     poison.install(app, settings, parts.handler.signer, parts.handler.sealer)
     logsafe.install()  # values read from messages or tools never forge a log line
