@@ -319,3 +319,22 @@ def test_an_entrypoint_exporting_no_tools_is_a_warning(
         worker.start(desk_client.app)
         assert "exports no tools" in worker.output()
         assert "export default { my_tool }" in worker.output()
+
+
+def test_native_code_at_import_names_allow_ffi(
+    scratch: Path, desk_client: ToolClient, redis_url: str
+) -> None:
+    (scratch / "compozy.yaml").write_text("name: native\n")
+    (scratch / "entrypoint.ts").write_text(
+        'import { dlopen } from "bun:ffi";\n'
+        'const libc = dlopen("libc.so.6", { getpid: { returns: "i32" } });\n'
+        "export default { pid: () => libc.symbols.getpid() };\n"
+    )
+    worker = WorkerProcess(config=scratch / "compozy.yaml", redis_url=redis_url)
+    try:
+        with pytest.raises(RuntimeError, match="exited with code 2") as info:
+            worker.start(desk_client.app)
+    finally:
+        worker.close()
+    assert "fix: a module the entrypoint imports loads native code" in str(info.value)
+    assert "add --allow-ffi to runtime.permissions" in str(info.value)
