@@ -67,7 +67,8 @@ class Keys:
         return f"{self.prefix}breaker:{tool_id}"
 
     def idempotency(self, key: str) -> str:
-        """String: the call id first enqueued under this idempotency key (expires)."""
+        """String: the call first enqueued under this idempotency key, as JSON ``{"id",
+        "tool_id", "hash"}`` (:mod:`toolq.producers.idempotency`; expires)."""
         return f"{self.prefix}idem:{key}"
 
     def chunk_handed_off(self, chunk_id: str) -> str:
