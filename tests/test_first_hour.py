@@ -338,3 +338,13 @@ def test_native_code_at_import_names_allow_ffi(
         worker.close()
     assert "fix: a module the entrypoint imports loads native code" in str(info.value)
     assert "add --allow-ffi to runtime.permissions" in str(info.value)
+
+
+def test_a_default_exported_function_is_a_warning(
+    scratch: Path, desk_client: ToolClient, redis_url: str
+) -> None:
+    (scratch / "compozy.yaml").write_text("name: one-tool\n")
+    (scratch / "entrypoint.ts").write_text("export default async function quote() {}\n")
+    with WorkerProcess(config=scratch / "compozy.yaml", redis_url=redis_url) as worker:
+        worker.start(desk_client.app)
+        assert "default-exports a function, so its one tool is named 'default'" in (worker.output())

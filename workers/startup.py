@@ -120,6 +120,13 @@ def report_definitions(
             "(`export default { my_tool }`), or the functions themselves as named exports",
             settings.entrypoint_path,
         )
+    if "default" in exported and "default" not in settings.definitions:
+        log.warning(
+            "the entrypoint %s default-exports a function, so its one tool is named "
+            "'default': default-export an object whose keys are the tool ids instead "
+            "(`export default { my_tool }`)",
+            settings.entrypoint_path,
+        )
     for note in settings.definition_notes:
         log.warning("%s", note)
     for tool_id, definition in sorted(settings.definitions.items()):
