@@ -179,6 +179,17 @@ def test_retries_and_chunks_are_signed_by_the_worker_that_resends_them(
     assert [a.result for a in echoes] == [{"echo": {"n": n}} for n in range(12)]
 
 
+def test_a_prefork_pool_process_signs_the_retries_it_sends(
+    start_worker: StartWorker, redis_url: str, tmp_path: Path
+) -> None:
+    worker = start_worker(pool="prefork", concurrency=1, env={"TOOLQ_SECRET_KEY": BETA_KEY})
+    with producer(redis_url, BETA_KEY) as beta:
+        answer = beta.run(
+            "flaky", {"counter": str(tmp_path / "c")}, queue=queue_of(worker), wait=60
+        )
+    assert answer.ok and answer.metadata["attempts"] == 3, answer
+
+
 def test_a_chunks_remainder_put_back_by_the_worker_is_signed(
     start_worker: StartWorker, redis_url: str
 ) -> None:
@@ -196,6 +207,27 @@ def test_a_chunks_remainder_put_back_by_the_worker_is_signed(
         )
         answers = client.gather(calls, wait=90)
     assert all(a.ok for a in answers), [a.error for a in answers]
+
+
+def test_a_signed_call_redelivered_after_its_worker_died_still_runs(
+    start_worker: StartWorker, redis_url: str, tmp_path: Path
+) -> None:
+    """kombu restores a dead worker's call as it was sent: its signature still holds (20 s
+    visibility timeout in redelivery.yaml)."""
+    config = TOOLS_CONFIG.parent / "redelivery.yaml"
+    queue = f"redeliver-{uuid.uuid4().hex[:8]}"
+    keyed = {"TOOLQ_SECRET_KEY": BETA_KEY}
+    doomed = start_worker(config=config, queues=[queue], concurrency=1, env=keyed)
+    settings = load_settings(config, environ=keyed, overrides={"redis_url": redis_url})
+    marker = tmp_path / "started"
+    with ToolClient(settings) as client:
+        call = client.enqueue("marked_sleep", {"marker": str(marker), "ms": 2500}, queue=queue)
+        assert wait_until(marker.exists, 30)
+        doomed.kill()
+        survivor = start_worker(config=config, queues=[queue], concurrency=1, env=keyed)
+        answer = call.result(timeout=90)
+    assert answer.ok, answer.error
+    assert answer.metadata["worker"] == survivor.hostname
 
 
 def test_remote_control_cannot_stop_a_worker_or_move_its_queues(

@@ -93,12 +93,12 @@ class Signer:
         claimed = headers.get(PROJECT_HEADER)
         if isinstance(claimed, str) and claimed != self.project:
             return (
-                f"call signature refused: the call was sent for project {claimed!r}, this "
-                f"worker serves project {self.project!r}; a worker runs only its own "
+                f"call signature refused: the call was sent for {_project(claimed)}, this "
+                f"worker serves {_project(self.project)}; a worker runs only its own "
                 "project's calls"
             )
         return (
-            f"call signature refused: not signed with project {self.project!r}'s key for "
+            f"call signature refused: not signed with {_project(self.project)}'s key for "
             "this call and queue (a different key, a key rotated out, or a message forged "
             "or altered in Redis)"
         )
@@ -109,6 +109,11 @@ class Signer:
             SIGNATURE_HEADER: self.sign(task, call_id, queue, argument),
             PROJECT_HEADER: self.project,
         }
+
+
+def _project(name: str) -> str:
+    """A project as a refusal names it (a claimed name is the sender's: kept short)."""
+    return f"project {name[:100]!r}" if name else "the unnamed project"
 
 
 def _mac(key: bytes, data: bytes) -> str:
