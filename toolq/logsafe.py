@@ -26,6 +26,7 @@ WORKER_LOGGERS = (
     "toolq.worker",
     "toolq.tool",
     "toolq.slow",
+    "toolq.presence",  # queue names
     "celery.worker.strategy",  # "Task toolq:<tool id>[<id>] received"
     "celery.app.trace",
     "celery.worker.request",
