@@ -85,7 +85,7 @@ class Signer:
             return "call signature refused: it is not a string"
         try:
             data = _canonical(task, call_id, queue, self.project, argument)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return "call signature refused: the message is not plain JSON"
         given = signature.encode("utf-8", "replace")
         if any(hmac.compare_digest(_mac(key, data).encode(), given) for key in self._keys):
