@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import TOOLS, StartWorker, wait_until
+from tests.conftest import TOOLS, StartWorker
 from toolq import QueueFull, ToolClient
 from toolq.config.celery_app import celery_config, queue_lists
 from toolq.config.loader import load_settings
@@ -69,13 +69,17 @@ def freeze_while_waiting(client: redis.Redis, worker: WorkerProcess) -> None:
     pytest.fail("the idle worker was never seen waiting in Redis")
 
 
-def unacked_count(client: redis.Redis, settings: Any) -> int:
+def where_is(client: redis.Redis, settings: Any, queue: str, call_id: str) -> str | None:
+    """Where in Redis the message naming ``call_id`` is: "waiting", "unacked" or None (a
+    chunk names its first call in its headers' argsrepr, a single call in its id)."""
     options = celery_config(settings, worker=True)["broker_transport_options"]
-    return int(client.hlen(options.get("unacked_key", "unacked")))
-
-
-def waiting_count(client: redis.Redis, queue: str) -> int:
-    return sum(int(client.llen(name)) for name in queue_lists(queue))
+    unacked = client.hvals(options.get("unacked_key", "unacked"))
+    if any(call_id.encode() in entry for entry in unacked):
+        return "unacked"
+    for name in queue_lists(queue):
+        if any(call_id.encode() in entry for entry in client.lrange(name, 0, -1)):
+            return "waiting"
+    return None
 
 
 @pytest.mark.parametrize("calls", [1, 40], ids=["one-call", "chunk-of-40"])
@@ -96,18 +100,14 @@ def test_a_call_sent_as_an_idle_worker_dies_runs_once(
         assert client.run("echo", {}, wait=30).ok  # connections made: the next send is quick
         for trial in range(10):
             inputs = [{"trial": trial, "n": n} for n in range(calls)]
-            unacked = unacked_count(db, worker_settings)
             freeze_while_waiting(db, doomed)
             sent = client.enqueue_many("echo", inputs, chunk_size=40)
-
             # Redis hands the message to the frozen worker's pending pop if it is still
             # pending (it waits a second at most), or keeps it waiting. Either way it must
             # stay in Redis: waiting, or recorded as unacknowledged.
-            def kept(before: int = unacked) -> bool:
-                return waiting_count(db, queue) + unacked_count(db, worker_settings) > before
-
-            assert wait_until(kept, 2), "the call is in neither the queue nor the unacked index"
-            if unacked_count(db, worker_settings) > unacked:
+            place = where_is(db, worker_settings, queue, sent[0].id)
+            assert place is not None, "the call is in neither the queue nor the unacked index"
+            if place == "unacked":
                 break  # handed to the frozen worker: the case under test
             os.kill(doomed.pid, signal.SIGCONT)  # it came too late: run it and try again
             assert all(result.ok for result in client.gather(sent, wait=30))
@@ -119,6 +119,11 @@ def test_a_call_sent_as_an_idle_worker_dies_runs_once(
         assert all(result.ok for result in results), [r.error for r in results if r.error]
         logs = doomed.output() + survivor.output()  # one line per run: "call <id> echo: ..."
         assert [logs.count(f"call {call.id} echo:") for call in sent] == [1] * calls
+        # The lost delivery is in each call's history, and counts as an attempt.
+        for result in results:
+            assert result.metadata["attempts"] == 2
+            [lost] = result.metadata["attempt_history"]
+            assert lost["name"] == "WorkerLost" and lost["redeliveries"] == 1
     db.close()
 
 

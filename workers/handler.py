@@ -210,13 +210,18 @@ class CallHandler:
             stopped = Cancelled("the call was cancelled before it ran", "Cancelled")
             return self._finish(attempt, failed(stopped))
 
-        if delivery.redelivered and self._redelivered_too_often(delivery, request):
-            lost = ToolCrashed(
-                f"this call was redelivered {MAX_DELIVERIES} times (its worker died or was "
-                "stopped while running it); giving up",
-                "WorkerLost",
-            )
-            return self._finish(_with_stop(attempt, "max_deliveries"), failed(lost))
+        if delivery.redelivered:
+            redeliveries = self._count_redelivery(delivery, request)
+            if redeliveries >= MAX_DELIVERIES:
+                lost = ToolCrashed(
+                    f"this call was redelivered {MAX_DELIVERIES} times (its worker died or was "
+                    "stopped while running it); giving up",
+                    "WorkerLost",
+                )
+                return self._finish(_with_stop(attempt, "max_deliveries"), failed(lost))
+            # The lost delivery goes into the attempt history (and the count of attempts).
+            request = _with_redelivery(request, redeliveries, self.clock())
+            attempt = _Attempt(message, request, delivery, started_at)
 
         digest = self._digest(request, profile)
         if digest is not None:
@@ -398,13 +403,14 @@ class CallHandler:
         if profile.flow.max_concurrency is not None and self.flow is not None:
             self._release(request.tool_id, profile.flow.slot_key(request.input), call_id)
 
-    def _redelivered_too_often(self, delivery: Delivery, request: CallRequest) -> bool:
-        """A call that kills its worker must not loop through every worker forever."""
+    def _count_redelivery(self, delivery: Delivery, request: CallRequest) -> int:
+        """This attempt's redeliveries so far, this one included (a call that kills its
+        worker must not loop through every worker forever)."""
         try:
-            return self.deliveries.count(delivery.call_id, request.attempt) >= MAX_DELIVERIES
+            return self.deliveries.count(delivery.call_id, request.attempt)
         except Exception:  # counting is best effort: without Redis, run the call
             log.warning("cannot count deliveries of %s; running it", delivery.call_id)
-            return False
+            return 1
 
     def _admit(self, profile: ToolProfile) -> Admission:
         if not profile.breaker.enabled:
@@ -511,7 +517,7 @@ class CallHandler:
             "tool_exec_id": delivery.call_id,
             "execution_time": outcome.execution_time_ms,
             "total_time": outcome.total_time_ms,
-            "attempts": request.attempt if request is not None else 1,
+            "attempts": _attempts(request),
             "attempt_history": [dict(h) for h in request.history] if request else [],
             "worker": delivery.worker,
             "sandbox": self.sandbox,
@@ -601,6 +607,37 @@ class CallHandler:
                     }
                 )
             )
+
+
+def _with_redelivery(request: CallRequest, redeliveries: int, now: float) -> CallRequest:
+    """``request`` with its lost deliveries in its history: one entry per attempt, saying
+    how many times the attempt was delivered again after its worker was lost."""
+    entry = {
+        "attempt": request.attempt,
+        "kind": "crashed",
+        "name": "WorkerLost",
+        "message": (
+            "the worker this attempt was delivered to was lost before it ended (killed, "
+            "frozen or cut off from Redis); Redis delivered it again"
+        ),
+        "redeliveries": redeliveries,
+        "at": now,
+    }
+    kept = [
+        h
+        for h in request.history
+        if not (h.get("redeliveries") and h.get("attempt") == request.attempt)
+    ]
+    return replace(request, history=(*kept, entry))
+
+
+def _attempts(request: CallRequest | None) -> int:
+    """How many times the call was tried: its attempts, and their deliveries lost with a
+    worker (a redelivered attempt ran, or may have run, more than once)."""
+    if request is None:
+        return 1
+    lost = sum(int(h.get("redeliveries") or 0) for h in request.history)
+    return request.attempt + lost
 
 
 def _with_stop(attempt: _Attempt, stop: str | None) -> _Attempt:
