@@ -587,11 +587,12 @@ def status(
     project = report["project"]
     typer.echo(f"project: {project}" if project else "project: (none: shared toolq keys)")
     _print_table(
-        ["queue", "waiting", "cap"],
+        ["queue", "messages waiting", "calls waiting", "cap (messages)"],
         [
             [
                 queue["name"],
                 str(queue["length"]),
+                str(queue["calls"]),
                 "-" if queue["cap"] is None else str(queue["cap"]),
             ]
             for queue in report["queues"]

@@ -52,7 +52,12 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
         for worker in workers:
             names += [q for q in worker["queues"] if q not in names]
         queues = [
-            {"name": name, "length": _length(client, name), "cap": settings.queue_cap(name)}
+            {
+                "name": name,
+                "length": _length(client, name),
+                "calls": queued_calls(client, name),
+                "cap": settings.queue_cap(name),
+            }
             for name in names
         ]
         flow = flow_status(client, settings)
@@ -74,8 +79,38 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
     }
 
 
+CALLS_SCRIPT = """
+-- KEYS[1] a queue's list; ARGV[1], ARGV[2] a range of it. The calls its messages hold:
+-- a chunk (toolq.run_batch) says how many in its argsrepr, any other message is one.
+local n = 0
+for _, entry in ipairs(redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])) do
+  local calls = string.match(entry, '"argsrepr": "%((%d+) calls: ')
+  n = n + (tonumber(calls) or 1)
+end
+return n
+"""
+"""Counted in Redis, a page at a time: no message leaves Redis, none is decoded."""
+
+CALLS_PAGE = 1000
+
+
+def queued_calls(client: redis.Redis, queue: str) -> int:
+    """Calls waiting in a queue (a chunk of N calls is one message and N calls)."""
+    count = client.register_script(CALLS_SCRIPT)
+    total = 0
+    for name in queue_lists(queue):
+        start = 0
+        while True:
+            stop = start + CALLS_PAGE - 1
+            total += int(count(keys=[name], args=[start, stop]))
+            if start + CALLS_PAGE >= int(client.llen(name)):
+                break
+            start += CALLS_PAGE
+    return total
+
+
 def _length(client: redis.Redis, queue: str) -> int:
-    """Calls waiting in a queue, over its priority lists."""
+    """Messages waiting in a queue, over its priority lists (a chunk is one)."""
     with client.pipeline(transaction=False) as pipe:
         for name in queue_lists(queue):
             pipe.llen(name)

@@ -1,11 +1,12 @@
-"""Operator commands against a Redis that is away (issue 31): one line, exit 2, at once.
-
-`toolq status` exited 1 with a 150-line kombu traceback on a refused connection; `dlq
-list` and `breakers` said "cannot reach Redis" only after ~10 s of reconnect backoff.
+"""Operator commands (issue 31): against a Redis that is away, one line, exit 2, at once
+(`toolq status` exited 1 with a 150-line kombu traceback on a refused connection; `dlq
+list` and `breakers` said "cannot reach Redis" only after ~10 s of reconnect backoff);
+`toolq status` counts calls as well as messages (a chunk is one message, many calls).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,8 +15,11 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tests.test_operations import free_port, toolq
+from toolq import ToolClient
+from toolq.config.celery_app import queue_lists
 from toolq.devredis import RedisServer
 
 COMMANDS = [["status"], ["dlq", "list"], ["breakers"]]
@@ -80,3 +84,26 @@ def test_on_a_frozen_redis_one_line_exit_2_after_one_socket_timeout() -> None:
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
         server.close()
+
+
+def test_status_counts_the_calls_in_chunks_as_well_as_messages(
+    client: ToolClient, redis_url: str
+) -> None:
+    queue = "toolq-test-full"  # listed in the test project (its cap: 3 messages); never read
+    store = redis.Redis.from_url(redis_url)
+    try:
+        store.delete(*queue_lists(queue))
+        client.enqueue_many("echo", [{"n": n} for n in range(95)], queue=queue, chunk_size=48)
+        client.enqueue("echo", {}, queue=queue, priority=5)  # another priority's list
+        proc = toolq(redis_url, "status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        [shown] = [q for q in json.loads(proc.stdout)["queues"] if q["name"] == queue]
+        assert (shown["length"], shown["calls"], shown["cap"]) == (3, 96, 3)
+        table = toolq(redis_url, "status").stdout
+        assert "calls waiting" in table
+        assert [line.split() for line in table.splitlines() if line.startswith(queue)] == [
+            [queue, "3", "96", "3"]
+        ]
+    finally:
+        store.delete(*queue_lists(queue))
+        store.close()
