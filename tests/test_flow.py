@@ -239,7 +239,8 @@ def test_an_urgent_call_overtakes_the_waiters_of_a_capped_tool(
     urgent = client.enqueue(
         "capped", {"log": str(log), "ms": 300, "tag": "urgent"}, queue=queue, priority=9
     )
-    assert urgent.result(timeout=90).ok and all(c.result(timeout=90).ok for c in backlog)
+    results = [call.result(timeout=90) for call in [urgent, *backlog]]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     order = [tag for tag, _ in starts(log)]
     assert max_overlap(log) == 2
     # before it: at most the calls running or holding a slot when it came (2, and one
@@ -260,7 +261,8 @@ def test_an_urgent_call_overtakes_the_reserved_tokens_of_a_rated_tool(
     ]
     assert wait_until(lambda: len(starts(log)) >= 1, 30)
     urgent = client.enqueue("rated", {"log": str(log), "tag": "urgent"}, queue=queue, priority=9)
-    assert urgent.result(timeout=90).ok and all(c.result(timeout=90).ok for c in backlog)
+    results = [call.result(timeout=90) for call in [urgent, *backlog]]
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     order = [tag for tag, _ in starts(log)]
     # rated is 5/s: 10 tokens span 1.8 s; those whose time had come stay theirs
     assert len(order) - 1 - order.index("urgent") >= 6, order
