@@ -7,7 +7,7 @@ BUN := node_modules/.bin/bun
 NETSHIM := workers/runtime/netshim.so
 CORPUS := tests/corpus
 
-.PHONY: setup sandbox sandbox-access demo test test-fast lint typecheck format bench soak clean
+.PHONY: setup sandbox sandbox-access k8s-validate demo test test-fast lint typecheck format bench soak clean
 
 setup: $(VENV)/.installed $(BUN) $(NETSHIM) $(CORPUS)/node_modules/.installed sandbox sandbox-access
 
@@ -59,8 +59,28 @@ demo: setup
 	$(BIN)/toolq demo
 
 # Everything: the fast tier, then behaviour tests with real Redis, Celery workers and Bun.
-test: setup lint
+test: setup lint k8s-validate
 	$(BIN)/python -m pytest
+
+# The Kubernetes manifests (deploy/kubernetes), offline: every overlay rendered by
+# kustomize (kubectl's, v5: this project's machines ship kubectl; Debian's
+# kubernetes-client is too old for components), checked against the schemas of a current
+# Kubernetes release (kubernetes-validate from PyPI, schemas inside the package) and the
+# KEDA / Prometheus Operator CRDs (npm), every command, flag, port, path, setting and
+# metric name against toolq (tests/fast/test_kubernetes_manifests.py).
+K8S_CRDS := deploy/kubernetes/validate/node_modules/.installed
+k8s-validate: $(VENV)/.k8s-validate $(K8S_CRDS)
+	@command -v kubectl >/dev/null 2>&1 || { echo "k8s-validate: needs kubectl >= 1.27 \
+	  (kustomize v5) on PATH"; exit 2; }
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/fast/test_kubernetes_manifests.py
+
+$(VENV)/.k8s-validate: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'kubernetes-validate==1.37.0'
+	touch $@
+
+$(K8S_CRDS): deploy/kubernetes/validate/package.json deploy/kubernetes/validate/package-lock.json
+	npm ci --prefix deploy/kubernetes/validate --no-audit --no-fund --loglevel=error
+	touch $@
 
 # The policy/unit tier: no Redis, no Bun, no bubblewrap; a few seconds.
 test-fast: $(VENV)/.installed
