@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import StartWorker, wait_until
 from tests.test_runner import make_launcher, run
+from toolq import ToolClient
 from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
@@ -69,3 +70,43 @@ def test_a_dead_workers_cgroups_are_swept_and_a_live_ones_kept() -> None:
         for path in gone + kept:
             if path.exists():
                 path.rmdir()
+
+
+def test_a_dead_workers_busy_cgroup_is_removed_once_its_processes_exit() -> None:
+    """A worker SIGKILLed and restarted at once: its killed Bun processes may still be
+    exiting when the new worker sweeps (the start-up sweep missed them for good)."""
+    assert CGROUPS is not None
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    suffix = uuid.uuid4().hex[:8]
+    busy = [parent / f"toolq-{ended.pid}-{suffix}" for parent in set(CGROUPS.parents.values())]
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        for path in busy:
+            path.mkdir()
+            (path / "cgroup.procs").write_text(str(sleeper.pid))
+        CGROUPS.sweep()
+        assert all(path.exists() for path in busy)  # a process is still in it: kept
+        sleeper.kill()
+        sleeper.wait()
+        assert wait_until(lambda: not any(path.exists() for path in busy), 20)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for path in busy:
+            if path.exists():
+                path.rmdir()
+
+
+@pytest.mark.parametrize("mode", ["warm", "spawn"])
+def test_a_worker_stopped_by_sigterm_leaves_no_cgroup(
+    start_worker: StartWorker, client: ToolClient, mode: str
+) -> None:
+    worker = start_worker(env={"TOOLQ_RUNTIME__MODE": mode})
+    queue = next(arg.split("=", 1)[1] for arg in worker.argv if arg.startswith("--queues="))
+    assert client.map("echo", [{"n": n} for n in range(8)], queue=queue, wait=60)
+    pid = worker.pid
+    assert worker.stop() == 0
+    parents = set(CGROUPS.parents.values()) if CGROUPS is not None else set()
+    left = [p for parent in parents for p in parent.glob(f"toolq-{pid}-*")]
+    assert left == []

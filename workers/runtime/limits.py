@@ -11,6 +11,7 @@ serves many calls, so an rlimit would add them up).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -87,9 +88,17 @@ class Cgroup:
 REMOVE_RETRY_S = 0.05
 REMOVE_GIVE_UP_S = 60.0
 """How long a busy cgroup is tried again before it is left (and logged)."""
+EXIT_WAIT_S = 10.0
+"""How long an exiting worker waits for its busy cgroups to empty (its last killed Bun
+processes exiting): the remover is a daemon thread, so without this wait a worker
+stopped by SIGTERM left a cgroup behind about every time."""
 _leftovers: queue.SimpleQueue[tuple[Path, float]] = queue.SimpleQueue()
 _remover: tuple[int, threading.Thread] | None = None
 _remover_lock = threading.Lock()
+_outstanding = threading.Condition()
+_pending: dict[int, int] = {}
+"""pid -> busy cgroups not yet removed nor given up, for the exit wait (per process: a
+forked pool child inherits the parent's count, not its thread)."""
 
 
 def remove_when_empty(path: Path) -> None:
@@ -101,12 +110,36 @@ def remove_when_empty(path: Path) -> None:
     cgroup holds kernel memory and one of the 65,535 ids the kernel hands out.
     """
     global _remover
+    with _outstanding:
+        _pending[os.getpid()] = _pending.get(os.getpid(), 0) + 1
     _leftovers.put((path, time.monotonic() + REMOVE_GIVE_UP_S))
     with _remover_lock:
         if _remover is None or _remover[0] != os.getpid() or not _remover[1].is_alive():
             thread = threading.Thread(target=_remove_leftovers, name="toolq-cgroups", daemon=True)
             thread.start()
             _remover = (os.getpid(), thread)
+
+
+def _settled() -> None:
+    with _outstanding:
+        _pending[os.getpid()] = max(0, _pending.get(os.getpid(), 0) - 1)
+        _outstanding.notify_all()
+
+
+def wait_for_leftovers(timeout_s: float = EXIT_WAIT_S) -> bool:
+    """Wait until this process's busy cgroups are removed (or given up); True if none is
+    left. Runs at exit (atexit), so a stopped worker leaves none behind."""
+    deadline = time.monotonic() + timeout_s
+    with _outstanding:
+        while _pending.get(os.getpid(), 0) > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _outstanding.wait(left)
+    return True
+
+
+atexit.register(wait_for_leftovers)
 
 
 def _remove_leftovers() -> None:
@@ -127,8 +160,9 @@ def _remove_leftovers() -> None:
             except OSError as exc:
                 if time.monotonic() < give_up_at:
                     still.append((path, give_up_at))
-                else:
-                    log.warning("cannot remove the cgroup %s: %s", path, exc)
+                    continue
+                log.warning("cannot remove the cgroup %s: %s", path, exc)
+            _settled()
         waiting = still  # tried again when the next arrives, or after REMOVE_RETRY_S
 
 
@@ -168,7 +202,9 @@ class Cgroups:
 
     def sweep(self) -> list[str]:
         """Remove the cgroups of workers that are gone (killed before they could): empty
-        ones only, as a worker's own ``rmdir`` would."""
+        ones only, as a worker's own ``rmdir`` would. One whose processes are still
+        exiting (a worker SIGKILLed a moment ago: its reaper is killing its Bun
+        processes) is removed in the background once empty, as a worker's own is."""
         removed = []
         for parent in set(self.parents.values()):
             with contextlib.suppress(OSError), os.scandir(parent) as entries:
@@ -176,9 +212,13 @@ class Cgroups:
                     match = _NAME.match(entry.name)
                     if match is None or pid_alive(int(match.group(1))):
                         continue
-                    with contextlib.suppress(OSError):
+                    try:
                         os.rmdir(entry.path)
                         removed.append(entry.path)
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        remove_when_empty(Path(entry.path))
         return removed
 
     def create(self, limits: ResourceLimits) -> Cgroup:
