@@ -249,7 +249,7 @@ def test_an_urgent_call_overtakes_the_waiters_of_a_capped_tool(
 
 
 def test_an_urgent_call_overtakes_the_reserved_tokens_of_a_rated_tool(
-    client: ToolClient, start_worker: StartWorker, tmp_path: Path
+    client: ToolClient, start_worker: StartWorker, tmp_path: Path, redis_url: str
 ) -> None:
     """Issue 22: a priority-9 call over a tool's rate reserved the token after every
     earlier reservation; it now takes the first token a less urgent call holds."""
@@ -257,15 +257,18 @@ def test_an_urgent_call_overtakes_the_reserved_tokens_of_a_rated_tool(
     for _ in range(2):
         start_worker(queues=[queue], concurrency=3)
     backlog = [
-        client.enqueue("rated", {"log": str(log), "tag": f"low{i}"}, queue=queue) for i in range(10)
+        client.enqueue("rated", {"log": str(log), "tag": f"low{i}"}, queue=queue) for i in range(15)
     ]
-    assert wait_until(lambda: len(starts(log)) >= 1, 30)
+    reserved = client.settings.keys.rate_waiting("rated")
+    with redis.Redis.from_url(redis_url) as store:
+        # every call but the first holds a future token (rated is 5/s: 15 span 2.8 s)
+        assert wait_until(lambda: store.zcard(reserved) >= 12, 30)
     urgent = client.enqueue("rated", {"log": str(log), "tag": "urgent"}, queue=queue, priority=9)
     results = [call.result(timeout=90) for call in [urgent, *backlog]]
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
     order = [tag for tag, _ in starts(log)]
-    # rated is 5/s: 10 tokens span 1.8 s; those whose time had come stay theirs
-    assert len(order) - 1 - order.index("urgent") >= 6, order
+    # before it: only the calls whose token's time had come (it went last before)
+    assert len(order) - 1 - order.index("urgent") >= 7, order
 
 
 # -- cancel ---------------------------------------------------------------------------------
