@@ -79,34 +79,13 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
     }
 
 
-CALLS_SCRIPT = """
--- KEYS[1] a queue's list; ARGV[1], ARGV[2] a range of it. The calls its messages hold:
--- a chunk (toolq.run_batch) says how many in its argsrepr, any other message is one.
-local n = 0
-for _, entry in ipairs(redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])) do
-  local calls = string.match(entry, '"argsrepr": "%((%d+) calls: ')
-  n = n + (tonumber(calls) or 1)
-end
-return n
-"""
-"""Counted in Redis, a page at a time: no message leaves Redis, none is decoded."""
-
-CALLS_PAGE = 1000
-
-
 def queued_calls(client: redis.Redis, queue: str) -> int:
-    """Calls waiting in a queue (a chunk of N calls is one message and N calls)."""
-    count = client.register_script(CALLS_SCRIPT)
-    total = 0
-    for name in queue_lists(queue):
-        start = 0
-        while True:
-            stop = start + CALLS_PAGE - 1
-            total += int(count(keys=[name], args=[start, stop]))
-            if start + CALLS_PAGE >= int(client.llen(name)):
-                break
-            start += CALLS_PAGE
-    return total
+    """Calls waiting in a queue (a chunk of N calls is one message and N calls): the
+    count the exporter serves too (:func:`toolq.backlog.count_list`, in Redis, a page
+    of 1,000 messages at a time; none leaves Redis)."""
+    from toolq.backlog import count_list  # it imports flow_status from here
+
+    return sum(count_list(client, name)[1] for name in queue_lists(queue))
 
 
 def _length(client: redis.Redis, queue: str) -> int:
