@@ -32,6 +32,14 @@ def _no_toolq_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tools_may_enter(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The base temp directory open to uid 65534 before any module-scoped fixture puts a
+    project under it (a root worker refuses a project its tools cannot read)."""
+    if os.geteuid() == 0:
+        os.chmod(tmp_path_factory.getbasetemp(), 0o1777)
+
+
 @pytest.fixture(autouse=True)
 def _tools_may_write(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

@@ -30,6 +30,9 @@ TOKEN = "tok-desk-5f3a9c1e77"
 
 
 def copy_project(name: str, into: Path) -> Path:
+    # pytest makes `into` 0700: a root worker's tools (uid 65534) could not read the project,
+    # and the worker refuses to start (sandbox: auto no longer runs them unsandboxed)
+    into.chmod(into.stat().st_mode | 0o005)
     project = into / name
     shutil.copytree(PROJECTS / name, project)
     return project
