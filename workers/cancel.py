@@ -100,7 +100,7 @@ class CancelWatch:
     def _subscribe(self) -> PubSub | None:
         """Subscribed first, then loaded: no id falls between the two."""
         assert self.client is not None
-        pubsub: PubSub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub: PubSub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(self.keys.cancel_channel)
             since = time.time() - CANCELLED_KEEP_S
