@@ -123,7 +123,9 @@ def test_allow_write(launcher: Launcher, outside: Path) -> None:
 
 
 def test_allow_net(launcher: Launcher) -> None:
-    assert probe(launcher, ["--allow-net"], action="connect", port=6379)["ok"]
+    """--allow-net is the public network: the sandbox's own loopback has nothing on it,
+    and the worker's Redis (6379 here) is not reachable (tests/test_network.py)."""
+    assert not probe(launcher, ["--allow-net"], action="connect", port=6379)["ok"]
 
 
 def test_allow_env(launcher: Launcher, monkeypatch: pytest.MonkeyPatch) -> None:
