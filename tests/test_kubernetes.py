@@ -123,8 +123,11 @@ def test_exporter_counts_calls_across_priorities_chunks_and_waiters(
     settings = backlog_settings
     queue = settings.queue
     with ToolClient(settings) as producer:
-        for _ in range(3):
-            producer.enqueue("echo", {"n": 1})  # priority 0, alone
+        first_from = time.time()
+        producer.enqueue("echo", {"n": 0})  # the oldest call: priority 0, alone
+        first_by = time.time()
+        for _ in range(2):
+            producer.enqueue("echo", {"n": 1})
         for _ in range(2):
             producer.enqueue("echo", {"n": 2}, priority=9)
         producer.enqueue_many("echo", [{"n": i} for i in range(40)], chunk_size=40, priority=5)
@@ -145,6 +148,8 @@ def test_exporter_counts_calls_across_priorities_chunks_and_waiters(
         waiting = {key: n for key, n in found.waiting.items() if n}
         assert waiting == {("capped", "slot"): 2, ("rated", "rate"): 1}
         assert found.waiting[("capped_one", "slot")] == 0  # every capped tool has a series
+        assert found.oldest_enqueued_at is not None
+        assert first_from <= found.oldest_enqueued_at <= first_by
         # read in windows smaller than the list, and estimated past max_scan
         lists = queue_lists(queue)
         assert count_list(plain, lists[9], window=2) == (6, 253, True)
@@ -178,7 +183,9 @@ def test_exporter_counts_calls_across_priorities_chunks_and_waiters(
                 except OSError:
                     return exporter.poll() is not None
 
+            scraped_from = time.time()
             assert wait_until(scraped, 30) and exporter.poll() is None, exporter.stdout
+            scraped_by = time.time()
             samples = {
                 (s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text)
@@ -200,6 +207,9 @@ def test_exporter_counts_calls_across_priorities_chunks_and_waiters(
                 value("toolq_flow_waiting_calls", queue=queue, tool_id="rated", reason="rate") == 1
             )
             assert value("toolq_backlog_exact", queue=queue) == 1
+            # the queue's age: since the oldest call's first enqueue (same host's clock)
+            age = value("toolq_backlog_oldest_age_seconds", queue=queue)
+            assert scraped_from - first_by <= age <= scraped_by - first_from
             assert value("toolq_live_workers", queue=queue) == 0
             assert value("toolq_exporter_up") == 1
         finally:

@@ -12,6 +12,10 @@ leaves Redis but two numbers per window, and no window holds Redis longer than a
 milliseconds. Past ``max_scan`` messages in one list the rest is estimated from the
 calls per message seen so far (``exact`` False).
 
+The age of the oldest call waiting: kombu pushes on the left and workers pop on the
+right, so each list's oldest message is its last; its calls carry ``enqueued_at`` (their
+first enqueue, on the producer's clock). Ten ``LINDEX`` per queue, decoded here.
+
 Calls waiting on flow control (a cluster-wide slot or a rate token) are not in any
 list: each is held by a worker until its turn (:mod:`toolq.workers.flow`); they are
 counted from the waiting sets, per tool, under the tool's queue.
@@ -19,6 +23,9 @@ counted from the waiting sets, per tool, under the tool's queue.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +64,8 @@ class QueueBacklog:
     messages: dict[int, int] = field(default_factory=dict)
     waiting: dict[tuple[str, str], int] = field(default_factory=dict)
     exact: bool = True
+    oldest_enqueued_at: float | None = None
+    """When the oldest call in the lists was first enqueued (None: none, or unknown)."""
 
     @property
     def queued_calls(self) -> int:
@@ -110,10 +119,38 @@ def queue_backlog(
         backlog.messages[priority] = messages
         backlog.calls[priority] = calls
         backlog.exact = backlog.exact and exact
+        if messages:
+            found = enqueued_at(client.lindex(name, -1))
+            if found is not None and (
+                backlog.oldest_enqueued_at is None or found < backlog.oldest_enqueued_at
+            ):
+                backlog.oldest_enqueued_at = found
     if flow is None:
         flow = flow_status(client, settings)
     backlog.waiting = flow_waiting(flow, settings, queue)
     return backlog
+
+
+def enqueued_at(raw: bytes | str | None) -> float | None:
+    """The earliest ``enqueued_at`` of the calls a queued message holds (a call, or a
+    chunk's calls); None for anything else (a foreign or damaged message, or none)."""
+    if raw is None:
+        return None
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        calls = args[0] if args and isinstance(args[0], list) else args
+        times = [
+            (entry.get("call", entry) if isinstance(entry, dict) else {}).get("enqueued_at")
+            for entry in calls
+        ]
+        found = [float(t) for t in times if isinstance(t, int | float)]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, binascii.Error):
+        return None
+    return min(found) if found else None
 
 
 def flow_waiting(

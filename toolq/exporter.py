@@ -14,6 +14,9 @@ Metrics (every name is listed in :data:`METRIC_NAMES`):
 - ``toolq_flow_waiting_calls{queue,tool_id,reason}``: calls held back by flow control
   (``slot``: a cluster-wide slot, ``rate``: a rate token); more workers do not start
   them sooner;
+- ``toolq_backlog_oldest_age_seconds{queue}``: how long the oldest call waiting in the
+  queue's lists has waited since it was first enqueued (0: none waits); the queue's age,
+  whether or not any call starts;
 - ``toolq_backlog_exact{queue}``: 0 when a list was too long to read whole and its
   rest was estimated;
 - ``toolq_live_workers{queue}``: workers that consumed the queue and beat in the last
@@ -47,6 +50,7 @@ METRIC_NAMES = (
     "toolq_backlog_calls",
     "toolq_backlog_messages",
     "toolq_flow_waiting_calls",
+    "toolq_backlog_oldest_age_seconds",
     "toolq_backlog_exact",
     "toolq_live_workers",
     "toolq_dead_letter_entries",
@@ -84,6 +88,8 @@ class BacklogCollector(Collector):
         )
         try:
             found = backlog(self._client, self.settings, self.queues)
+            seconds, micros = self._client.time()
+            now = seconds + micros / 1e6
             live = {q: live_workers(self._client, q) for q in self.queues}
             dead = DeadLetters.from_settings(self._client, self.settings).count()
         except RedisError as exc:
@@ -91,10 +97,12 @@ class BacklogCollector(Collector):
             up.add_metric([], 0)
             return [up]
         up.add_metric([], 1)
-        return [*_families(found, live, dead), up]
+        return [*_families(found, live, dead, now), up]
 
 
-def _families(found: list[QueueBacklog], live: dict[str, int], dead: int) -> list[Metric]:
+def _families(
+    found: list[QueueBacklog], live: dict[str, int], dead: int, now: float
+) -> list[Metric]:
     calls = GaugeMetricFamily(
         "toolq_backlog_calls",
         "Calls waiting in a queue's Redis lists (a chunk counts as its calls), by priority.",
@@ -109,6 +117,11 @@ def _families(found: list[QueueBacklog], live: dict[str, int], dead: int) -> lis
         "toolq_flow_waiting_calls",
         "Calls held back by flow control (a cluster-wide slot or a rate token).",
         labels=["queue", "tool_id", "reason"],
+    )
+    age = GaugeMetricFamily(
+        "toolq_backlog_oldest_age_seconds",
+        "Seconds since the oldest call waiting in the queue was first enqueued (0: none).",
+        labels=["queue"],
     )
     exact = GaugeMetricFamily(
         "toolq_backlog_exact",
@@ -126,13 +139,15 @@ def _families(found: list[QueueBacklog], live: dict[str, int], dead: int) -> lis
             messages.add_metric([queue.name, str(priority)], queue.messages[priority])
         for (tool_id, reason), count in sorted(queue.waiting.items()):
             waiting.add_metric([queue.name, tool_id, reason], count)
+        oldest = queue.oldest_enqueued_at
+        age.add_metric([queue.name], 0.0 if oldest is None else max(0.0, now - oldest))
         exact.add_metric([queue.name], 1 if queue.exact else 0)
         workers.add_metric([queue.name], live.get(queue.name, 0))
     dead_letters = GaugeMetricFamily(
         "toolq_dead_letter_entries", "Calls in the project's dead-letter list."
     )
     dead_letters.add_metric([], dead)
-    return [calls, messages, waiting, exact, workers, dead_letters]
+    return [calls, messages, waiting, age, exact, workers, dead_letters]
 
 
 def registry_for(

@@ -280,7 +280,7 @@ def test_every_metric_name_in_alerts_dashboard_and_scaler_exists_in_toolq(overla
             used.add(base if base in known else name)
     # the alerts the issue asks for are there
     alerts = {where for where, _ in queries}
-    assert {"ToolqBreakerOpen", "ToolqDeadLettersGrowing", "ToolqQueueWaitHigh"} <= alerts
+    assert {"ToolqBreakerOpen", "ToolqDeadLettersGrowing", "ToolqQueueAgeHigh"} <= alerts
     assert "ToolqWorkerDown" in alerts
     assert {"toolq_backlog_calls", "toolq_breaker_state", "toolq_dead_letters_total"} <= used
 
