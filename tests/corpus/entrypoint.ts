@@ -1,10 +1,15 @@
 // The corpus tier (tests/test_corpus.py): widely used npm packages, each imported and used
 // for something small by a tool of its own, under default permissions, sandboxed, with no
-// network. Imports are dynamic, inside each tool: a package that fails to load fails its
-// own tool only, at the call, as it would for its user.
+// network. Imports are dynamic, inside each tool (but for two, below): a package that fails
+// to load fails its own tool only, at the call.
 //
 // Tools of packages that load native code (sharp, @node-rs/argon2) fail without
 // --allow-ffi with toolq's error; their `_ffi` twins are granted it (compozy.yaml).
+
+// Loaded with the entrypoint, so the worker's start-up check loads them under default
+// permissions too: both copy `process` at import, which refused the whole project before.
+import { Chalk } from "chalk";
+import { Command } from "commander";
 
 type Tool = () => Promise<unknown>;
 
@@ -14,11 +19,9 @@ const tools: Record<string, Tool> = {
     return await prettier.format("const  x = {a:1}", { parser: "babel" });
   },
   async chalk() {
-    const { Chalk } = await import("chalk");
     return new Chalk({ level: 1 }).red("red");
   },
   async commander() {
-    const { Command } = await import("commander");
     const program = new Command().option("-n, --name <name>").exitOverride();
     program.parse(["node", "tool", "--name", "corpus"]);
     return program.opts().name;
