@@ -164,6 +164,23 @@ def test_required_sandbox_refuses_to_start_without_bwrap(
     assert make_sandbox("off", bun, WRAPPER, TOOLS) is None
 
 
+def test_auto_runs_unsandboxed_where_bwrap_cannot_start_and_says_why(
+    bun: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 22: a host whose bwrap cannot make namespaces is one that cannot sandbox: auto
+    warns (bwrap's error, the user-namespace hint) and runs unsandboxed, without telling the
+    user to install the bubblewrap they have; required refuses."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert make_sandbox("auto", bun, WRAPPER, TOOLS) is None
+    assert "UNSANDBOXED" in caplog.text and "No permissions to create new namespace" in caplog.text
+    assert "user namespaces" in caplog.text and "apt-get install" not in caplog.text
+    with pytest.raises(ConfigError, match="bubblewrap cannot start a sandbox here"):
+        make_sandbox("required", bun, WRAPPER, TOOLS)
+
+
 # -- resource limits -----------------------------------------------------------------------
 
 LIMITS = ResourceLimits(max_memory_mb=200, max_processes=48, max_open_files=256, max_cpu_time_s=0.5)
