@@ -220,6 +220,24 @@ def test_exporter_counts_calls_across_priorities_chunks_and_waiters(
         plain.close()
 
 
+def test_the_exporter_says_when_it_cannot_read_redis_and_keeps_serving() -> None:
+    from prometheus_client import generate_latest
+
+    from toolq.exporter import registry_for
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    settings = load_settings(TOOLS_CONFIG, environ={}, overrides={"redis_url": dead})
+    registry, collector = registry_for(settings, min_interval_s=0)
+    try:
+        for _ in range(2):  # every scrape answers, and says so
+            text = generate_latest(registry).decode()
+            assert "toolq_exporter_up 0.0" in text and "toolq_backlog_calls{" not in text
+    finally:
+        collector.close()
+
+
 # -- drain -----------------------------------------------------------------------------------
 
 

@@ -67,7 +67,8 @@ class BacklogCollector(Collector):
         self.settings = settings
         self.queues = queues or settings.all_queues
         self.min_interval_s = min_interval_s
-        self._client = redis_client(settings)
+        # A scrape answers at once: Redis away is toolq_exporter_up 0, never a hung scrape.
+        self._client = redis_client(settings, ride_out_restarts=False)
         self._lock = threading.Lock()
         self._read_at = float("-inf")
         self._last: list[Metric] = []
