@@ -1,5 +1,6 @@
 """Producers: the public API that application code uses to enqueue tool calls."""
 
+from toolq.producers.aio import AsyncToolCall, AsyncToolClient
 from toolq.producers.client import ToolCall, ToolClient
 
-__all__ = ["ToolCall", "ToolClient"]
+__all__ = ["AsyncToolCall", "AsyncToolClient", "ToolCall", "ToolClient"]

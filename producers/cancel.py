@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 from celery import Celery, states
@@ -37,14 +37,43 @@ def cancel_call(
         return "finished"
     now = time.time()
     with client.pipeline(transaction=True) as pipe:
-        pipe.zadd(keys.cancelled, {call_id: now})
-        pipe.zremrangebyscore(keys.cancelled, "-inf", now - CANCELLED_KEEP_S)
-        pipe.publish(keys.cancel_channel, call_id)
+        mark_cancelled(pipe, keys, call_id, now)
         pipe.execute()
-    stopped = Cancelled("the call was cancelled", "Cancelled")
-    envelope = ToolResult.failed(call_id, tool_id, stopped, {"cancelled_at": now}).to_dict()
     with warnings.catch_warnings():
         # Celery's Redis backend still calls redis-py's deprecated setex.
         warnings.simplefilter("ignore", DeprecationWarning)
-        app.backend.store_result(call_id, ToolCallFailed(envelope), states.FAILURE)
+        app.backend.store_result(call_id, cancelled_failure(call_id, tool_id, now), states.FAILURE)
     return "cancelled"
+
+
+def mark_cancelled(pipe: Any, keys: Keys, call_id: str, now: float) -> None:
+    """Queue a cancel's first two writes on ``pipe`` (sync or asyncio): the id joins the
+    cancelled set (entries older than a day dropped) and is published to the workers."""
+    pipe.zadd(keys.cancelled, {call_id: now})
+    pipe.zremrangebyscore(keys.cancelled, "-inf", now - CANCELLED_KEEP_S)
+    pipe.publish(keys.cancel_channel, call_id)
+
+
+def cancelled_failure(call_id: str, tool_id: str, now: float) -> ToolCallFailed:
+    """The result a cancel stores (Celery state FAILURE): a ``cancelled`` envelope."""
+    stopped = Cancelled("the call was cancelled", "Cancelled")
+    envelope = ToolResult.failed(call_id, tool_id, stopped, {"cancelled_at": now}).to_dict()
+    return ToolCallFailed(envelope)
+
+
+def stored_failure(app: Celery, call_id: str, failure: Exception) -> tuple[str, str, int | None]:
+    """``(key, value, expires)`` that Celery's Redis backend writes (SET, then PUBLISH on
+    the key) to store ``failure`` as the call's result: for a client without Celery's
+    synchronous backend (the asyncio client)."""
+    backend: Any = app.backend
+    meta = backend._get_result_meta(
+        result=backend.encode_result(failure, states.FAILURE),
+        state=states.FAILURE,
+        traceback=None,
+        request=None,
+    )
+    meta["task_id"] = call_id
+    expires = getattr(backend, "failure_expires", None) or backend.expires
+    key = backend.get_key_for_task(call_id)
+    key = key.decode() if isinstance(key, bytes) else str(key)
+    return key, backend.encode(meta), None if expires is None else int(expires)

@@ -259,22 +259,19 @@ class ToolClient:
         running the tool twice. ``sealed_env``: an env already sealed (a dead letter's),
         passed on unopened for the worker to open.
         """
-        request = validate(
-            new_request(
-                tool_id,
-                input,
-                env,
-                timeout,
-                config=config,
-                max_attempts=max_attempts,
-                retry=retry,
-                priority=priority,
-                cache=cache,
-            ),
+        request = prepare_request(
             self.settings,
+            tool_id,
+            input,
+            env,
+            timeout,
+            config=config,
+            max_attempts=max_attempts,
+            retry=retry,
+            priority=priority,
+            cache=cache,
+            sealed_env=sealed_env,
         )
-        if sealed_env is not None:
-            request = dataclasses.replace(request, env_sealed=sealed_env)
         call_id = str(uuid.uuid4())
         queue = self._queue(tool_id, queue)
         self._make_room(queue, block)
@@ -421,42 +418,31 @@ class ToolClient:
         also when the chunks outnumber the cap. If Redis goes away part-way,
         :class:`BrokerUnavailable` is raised and the chunks already sent still run.
         """
-        requests = []
-        for index, item in enumerate(inputs):
-            try:
-                request = new_request(
-                    tool_id,
-                    item,
-                    env,
-                    timeout,
-                    config=config,
-                    max_attempts=max_attempts,
-                    retry=retry,
-                    priority=priority,
-                    cache=cache,
-                )
-                requests.append(validate(request, self.settings))
-            except InvalidInput as exc:
-                raise InvalidInput(f"input {index}: {exc.message}", exc.name) from None
-        if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_CALLS:
-            raise InvalidInput(f"chunk_size must be 1 to {MAX_CHUNK_CALLS}", "ValidationError")
-        size = chunk_size or min(MAX_AUTO_CHUNK, max(1, -(-len(requests) // MIN_CHUNKS)))
+        requests = [
+            prepare_request(
+                self.settings,
+                tool_id,
+                item,
+                env,
+                timeout,
+                config=config,
+                max_attempts=max_attempts,
+                retry=retry,
+                priority=priority,
+                cache=cache,
+                index=index,
+            )
+            for index, item in enumerate(inputs)
+        ]
+        plan = plan_chunks(requests, self._sealer, chunk_size)
         queue = self._queue(tool_id, queue)
-        entries, by_id = [], {}
-        for request in requests:
-            message = request.to_message(self._sealer)
-            nbytes = len(json.dumps(message, separators=(",", ":"), default=str))
-            entry = ChunkEntry(str(uuid.uuid4()), message)
-            entries.append((entry, nbytes))
-            by_id[entry.call_id] = request
-        chunks = list(_chunks(entries, size, CHUNK_MAX_BYTES))
-        self._make_room(queue, block, len(chunks))  # all or nothing: room for every chunk
-        for chunk in chunks:
+        self._make_room(queue, block, len(plan.chunks))  # all or nothing: room for every chunk
+        for chunk in plan.chunks:
             if len(chunk) == 1:  # a call alone is sent as a single call
-                self._send(by_id[chunk[0].call_id], chunk[0].call_id, queue)
+                self._send(plan.requests[chunk[0].call_id], chunk[0].call_id, queue)
             else:
                 self._publish(functools.partial(send_chunk, self.app, chunk, queue, self._signer))
-        return [self.call(entry.call_id, tool_id) for entry, _ in entries]
+        return [self.call(call_id, tool_id) for call_id in plan.requests]
 
     def gather(self, calls: Sequence[ToolCall], wait: Duration | None = None) -> list[ToolResult]:
         """Wait for every call (in one subscription, not one per call); results in the
@@ -551,6 +537,74 @@ def _to_result(value: Any, call_id: str, tool_id: str) -> ToolResult:
         else ToolCrashed(f"worker error: {value!r}", type(value).__name__)
     )
     return ToolResult.failed(call_id, tool_id, failure)
+
+
+def prepare_request(
+    settings: Settings,
+    tool_id: str,
+    input: Any = None,
+    env: Mapping[str, str] | None = None,
+    timeout: Duration | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    max_attempts: int | None = None,
+    retry: bool = True,
+    priority: int | None = None,
+    cache: bool = True,
+    sealed_env: str | None = None,
+    index: int | None = None,
+) -> CallRequest:
+    """One call's request, validated as a worker would (:class:`InvalidInput` otherwise):
+    what ``ToolClient`` and ``AsyncToolClient`` send. ``index``: its place in a list of
+    inputs, named in the error."""
+    try:
+        request = validate(
+            new_request(
+                tool_id,
+                input,
+                env,
+                timeout,
+                config=config,
+                max_attempts=max_attempts,
+                retry=retry,
+                priority=priority,
+                cache=cache,
+            ),
+            settings,
+        )
+    except InvalidInput as exc:
+        if index is None:
+            raise
+        raise InvalidInput(f"input {index}: {exc.message}", exc.name) from None
+    if sealed_env is not None:
+        request = dataclasses.replace(request, env_sealed=sealed_env)
+    return request
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """Calls cut into chunk messages (:func:`plan_chunks`)."""
+
+    chunks: list[list[ChunkEntry]]
+    requests: dict[str, CallRequest]
+    """Each call's request by its new call id, in input order."""
+
+
+def plan_chunks(requests: Sequence[CallRequest], sealer: Any, chunk_size: int | None) -> ChunkPlan:
+    """Give each request a call id and cut them into chunks of ``chunk_size`` calls (by
+    default up to :data:`MAX_AUTO_CHUNK`, fewer for short lists so that at least
+    :data:`MIN_CHUNKS` messages spread over the workers), ``CHUNK_MAX_BYTES`` at most."""
+    if chunk_size is not None and not 1 <= chunk_size <= MAX_CHUNK_CALLS:
+        raise InvalidInput(f"chunk_size must be 1 to {MAX_CHUNK_CALLS}", "ValidationError")
+    size = chunk_size or min(MAX_AUTO_CHUNK, max(1, -(-len(requests) // MIN_CHUNKS)))
+    entries, by_id = [], {}
+    for request in requests:
+        message = request.to_message(sealer)
+        nbytes = len(json.dumps(message, separators=(",", ":"), default=str))
+        entry = ChunkEntry(str(uuid.uuid4()), message)
+        entries.append((entry, nbytes))
+        by_id[entry.call_id] = request
+    return ChunkPlan(list(_chunks(entries, size, CHUNK_MAX_BYTES)), by_id)
 
 
 def _chunks(

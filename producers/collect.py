@@ -92,12 +92,21 @@ def _read_stored(
 def _take(backend: Any, call_id: str | None, raw: Any, done: dict[str, Any]) -> None:
     if call_id is None or call_id in done:
         return
+    ready, value = decode_stored(backend, raw)
+    if ready:
+        done[call_id] = value
+
+
+def decode_stored(backend: Any, raw: Any) -> tuple[bool, Any]:
+    """``(True, value)`` for a stored or published result of a call that ended (its
+    envelope, or the exception Celery stored); ``(False, None)`` for any other state."""
     meta = json.loads(raw)  # the result backend's serializer is JSON (celery_app.py)
     status = meta.get("status") if isinstance(meta, dict) else None
     if status == states.SUCCESS:
-        done[call_id] = meta.get("result")
-    elif status in states.READY_STATES:  # Celery rebuilds the stored exception
-        done[call_id] = backend.decode_result(raw).get("result")
+        return True, meta.get("result")
+    if status in states.READY_STATES:  # Celery rebuilds the stored exception
+        return True, backend.decode_result(raw).get("result")
+    return False, None
 
 
 def _parts(items: list[str]) -> Iterator[list[str]]:

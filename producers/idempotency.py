@@ -44,17 +44,28 @@ def claim(
 ) -> str | None:
     """Reserve ``key`` (the Redis key for ``idempotency_key``) for ``call_id``; return the
     earlier call's id if the key was used for the same request, refuse it if for another."""
+    value = record(idempotency_key, call_id, request)
+    if client.set(key, value, nx=True, ex=ttl_s):
+        return None
+    return judge(client.get(key), idempotency_key, request)
+
+
+def record(idempotency_key: str, call_id: str, request: CallRequest) -> str:
+    """What the key holds for ``call_id`` (:class:`InvalidInput` for a key out of bounds):
+    the sync and asyncio clients' :func:`claim` write this with ``SET NX``."""
     if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
         raise InvalidInput(
             f"idempotency_key must be 1 to {MAX_KEY_LENGTH} characters", "ValidationError"
         )
-    record = json.dumps(
+    return json.dumps(
         {"id": call_id, "tool_id": request.tool_id, "hash": fingerprint(request)},
         separators=(",", ":"),
     )
-    if client.set(key, record, nx=True, ex=ttl_s):
-        return None
-    stored: Any = client.get(key)
+
+
+def judge(stored: Any, idempotency_key: str, request: CallRequest) -> str | None:
+    """The key was taken and holds ``stored``: the first call's id if it asked the same
+    (None if the key expired in between: this call goes ahead), refused otherwise."""
     if not isinstance(stored, bytes):
         return None  # expired in between: this call goes ahead, unrecorded
     try:

@@ -24,11 +24,13 @@ from toolq.errors import (
     ToolqError,
     ToolTimeout,
 )
-from toolq.producers import ToolCall, ToolClient
+from toolq.producers import AsyncToolCall, AsyncToolClient, ToolCall, ToolClient
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncToolCall",
+    "AsyncToolClient",
     "BrokerUnavailable",
     "Cancelled",
     "CircuitOpen",

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.exceptions import RedisError
@@ -83,6 +83,11 @@ class Presence:
 def live_workers(client: redis.Redis, queue: str, stale_s: float = STALE_S) -> int:
     """Workers that consumed ``queue`` and sent a heartbeat within ``stale_s``."""
     return int(client.eval(_COUNT, 1, queue_workers(queue), stale_s))
+
+
+async def live_workers_async(client: Any, queue: str, stale_s: float = STALE_S) -> int:
+    """:func:`live_workers` on a ``redis.asyncio`` client (the asyncio producer's)."""
+    return int(await client.eval(_COUNT, 1, queue_workers(queue), stale_s))
 
 
 class QueueWatch:
