@@ -5,6 +5,8 @@ waiters) and a SIGTERM drain inside the grace period the manifests give."""
 
 from __future__ import annotations
 
+import ctypes.util
+import json
 import os
 import shutil
 import signal
@@ -93,6 +95,73 @@ def test_health_probe_detects_a_wedged_worker(
         process.proc.wait(timeout=30)  # type: ignore[union-attr]
     finally:
         process.close()
+
+
+# -- the seccomp profile ---------------------------------------------------------------------
+
+SECCOMP = Path(__file__).resolve().parent.parent / "deploy" / "seccomp" / "toolq-bwrap.json"
+SECCOMP_EXEC = Path(__file__).resolve().parent / "seccomp_exec.py"
+
+
+def _under_seccomp(process: Any, profile: Path) -> None:
+    process.argv[:0] = [sys.executable, str(SECCOMP_EXEC), str(profile), "--"]
+
+
+@pytest.mark.skipif(
+    ctypes.util.find_library("seccomp") is None, reason="needs libseccomp to load the profile"
+)
+@pytest.mark.parametrize("user", ["root", "non-root"])
+def test_a_worker_runs_sandboxed_tools_under_the_shipped_seccomp_profile(
+    client: ToolClient, redis_url: str, tmp_path: Path, user: str
+) -> None:
+    """The pod's seccomp profile, loaded as a runtime loads it, lets the production
+    profile's sandbox start and run a call (Python, Celery, Bun and bubblewrap under it),
+    as root and as an ordinary user (the pods' uid: bubblewrap then makes an
+    unprivileged user namespace); the runtimes' default alone (the profile without
+    bubblewrap's rule) does not."""
+    from tests.test_hostile import WORKER_UID, as_worker_user
+    from toolq.workers.process import WorkerProcess
+
+    env = {"TOOLQ_RUNTIME__SANDBOX": "required"}
+    home = Path(f"/home/toolq-k8s-{uuid.uuid4().hex[:8]}")  # the pods' HOME: /home/toolq
+    if user == "non-root":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to start a worker as another user")
+        home.mkdir(mode=0o700)
+        os.chown(home, WORKER_UID, WORKER_UID)
+        env["HOME"] = str(home)
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess(config=TOOLS_CONFIG, redis_url=redis_url, queues=[queue], env=env)
+    _under_seccomp(worker, SECCOMP)
+    if user == "non-root":
+        worker.argv[:0] = as_worker_user()
+    try:
+        worker.start(client.app, timeout_s=60)
+        result = client.run("echo", {"under": "seccomp"}, queue=queue, wait=60)
+        assert result.ok, result.error
+        assert result.result == {"echo": {"under": "seccomp"}}
+        assert result.metadata.get("sandbox") == "bwrap", result.metadata
+    finally:
+        worker.close()
+
+    profile = json.loads(SECCOMP.read_text())
+    profile["syscalls"] = [
+        r for r in profile["syscalls"] if "bubblewrap" not in r.get("comment", "")
+    ]
+    default_only = tmp_path / "default-only.json"
+    default_only.write_text(json.dumps(profile))
+    refused = WorkerProcess(config=TOOLS_CONFIG, redis_url=redis_url, queues=[queue], env=env)
+    _under_seccomp(refused, default_only)
+    if user == "non-root":
+        default_only.chmod(0o644)
+        refused.argv[:0] = as_worker_user()
+    try:
+        with pytest.raises(RuntimeError, match="exited with code 2"):
+            refused.start(client.app, timeout_s=60)
+        assert "cannot be sandboxed here" in refused.output()
+    finally:
+        refused.close()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # -- the exporter ----------------------------------------------------------------------------

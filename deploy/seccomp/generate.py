@@ -97,6 +97,9 @@ DEFAULT_BLOCKED = {
     "syslog",
     "vhangup",
 }
+# Allowed by the default only to a container granted a capability a pod here drops
+# (CAP_SYS_PTRACE, CAP_SYS_ADMIN).
+DEFAULT_BLOCKED |= {"pidfd_getfd", "fanotify_init", "lookup_dcookie"}
 # Allowed by the default only with the arguments in the rules below.
 CONDITIONAL = {"personality", "clone", "clone3", "socket"}
 # What bubblewrap needs beyond the default (see the module's docstring).

@@ -205,6 +205,10 @@ def test_every_command_flag_port_path_and_setting_exists_in_toolq(overlay: str) 
     worker = deployment(docs, "toolq-worker")["spec"]["template"]["spec"]["containers"][0]
     health_file = flag(worker["command"], "--health-file")
     assert health_file is not None and mounted(worker, health_file)
+    for d in find(docs, "Deployment"):  # HOME is writable (read-only root) and not /tmp
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            home = settings_env(docs)["HOME"]
+            assert mounted(c, home) and not home.startswith("/tmp"), d["metadata"]["name"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert flag(worker[probe]["exec"]["command"], "--file") == health_file, probe
     settings = overlay_settings(docs, overlay)
