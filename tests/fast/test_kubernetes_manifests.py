@@ -360,6 +360,13 @@ def test_pods_are_confined_non_root_and_read_only_and_flower_is_not_exposed(
         assert service["spec"]["type"] == "ClusterIP"
     if find(docs, "Deployment", "toolq-flower"):
         assert overlay == "production"  # only where an overlay asks for it
+    policies = find(docs, "NetworkPolicy")
+    if overlay == "production":  # ingress: Prometheus on the metrics ports, nothing else
+        assert [p for p in policies if "ingress" not in p["spec"]] and all(
+            {port["port"] for port in rule["ports"]} == {"metrics"}
+            for p in policies
+            for rule in p["spec"].get("ingress", [])
+        )
 
 
 def test_seccomp_profile_is_the_default_plus_exactly_what_bubblewrap_needs() -> None:
