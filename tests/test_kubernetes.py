@@ -75,9 +75,7 @@ def test_health_probe_detects_a_wedged_worker(
         assert ready.returncode == 0, ready.stderr
         os.kill(process.pid, signal.SIGSTOP)  # wedged: alive, its loop does nothing
         try:
-            # Celery beats every 2 s: a 4 s window passes while the worker runs ...
-            assert check(health_file, max_age_s=4) is None
-            # ... and fails once it stopped beating
+            # Celery beats every 2 s: a 4 s window fails once it stopped beating
             assert wait_until(lambda: check(health_file, max_age_s=4) is not None, 20)
             stale = toolq("health", f"--file={health_file}", "--max-age=4s")
             assert stale.returncode == 1
@@ -332,7 +330,7 @@ def test_sigterm_drains_within_the_grace_period_and_hands_back_a_chunks_rest(
     markers = [tool_dir / f"m{i}" for i in range(6)]
     calls = client.enqueue_many(
         "marked_sleep",
-        [{"marker": str(m), "ms": 1500} for m in markers],
+        [{"marker": str(m), "ms": 4000} for m in markers],
         queue=queue,
         chunk_size=6,
     )
@@ -344,15 +342,18 @@ def test_sigterm_drains_within_the_grace_period_and_hands_back_a_chunks_rest(
     worker.proc.wait(timeout=budget_s + 30)
     assert time.monotonic() - started < budget_s, worker.output()[-3000:]
     assert worker.proc.returncode == 0, worker.output()[-3000:]
-    # The two running calls finished; the four not started are back on the queue.
+    # The calls running finished (two, unless the machine is slow enough for a round to
+    # end before the signal); the ones not started are back on the queue.
+    started = sum(m.exists() for m in markers)
+    assert 2 <= started < len(markers), worker.output()[-3000:]
     finished = [call for call in calls if call.ready()]
-    assert len(finished) == 2 and all(call.result().ok for call in finished)
+    assert len(finished) == started and all(call.result().ok for call in finished)
     plain = redis.Redis.from_url(redis_url)
     try:
         waiting = sum(count_list(plain, name)[1] for name in queue_lists(queue))
     finally:
         plain.close()
-    assert waiting == 4, worker.output()[-3000:]
+    assert waiting == len(markers) - started, worker.output()[-3000:]
     start_worker(queues=[queue], concurrency=2)
     results = [call.result(timeout=60) for call in calls]
     assert all(r.ok for r in results), [r.error for r in results if not r.ok]
