@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import redis
 from cryptography.fernet import Fernet
 
-from tests.conftest import TOOLS_CONFIG, StartWorker, open_sockets
+import toolq
+from tests.conftest import TOOLS_CONFIG, StartWorker, open_sockets, wait_until
 from toolq import AsyncToolClient, BrokerUnavailable, InvalidInput, QueueFull, ResultTimeout
 from toolq.config.loader import load_settings
 from toolq.devredis import RedisServer
@@ -302,3 +311,80 @@ def test_a_signed_and_sealed_async_call_runs_on_a_worker_with_the_key(
         assert "s3cr3t" in json.dumps(result.result)
 
     arun(scenario, settings)
+
+
+WEATHER_CONFIG = Path(toolq.__file__).resolve().parent / "projects" / "weather" / "compozy.yaml"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_fastapi_app() -> str:
+    """The README's FastAPI example, as written there."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    apps = [block for block in blocks if "from fastapi import FastAPI" in block]
+    assert len(apps) == 1, "the README has one FastAPI example"
+    return apps[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_readme_fastapi_app_served_by_uvicorn(redis_url: str, tmp_path: Path) -> None:
+    """The README's app as written, served by uvicorn in its own process, a real worker
+    on the weather project behind it, called over HTTP (many requests at once)."""
+    queue = f"q-weather-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "app.py").write_text(readme_fastapi_app())
+    settings = load_settings(WEATHER_CONFIG, environ={}, overrides={"redis_url": redis_url})
+    port = free_port()
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TOOLQ_")},
+        "TOOLQ_CONFIG": str(WEATHER_CONFIG),
+        "TOOLQ_REDIS_URL": redis_url,
+        "TOOLQ_QUEUE": queue,
+    }
+    with (
+        ToolClient(settings) as sync,
+        WorkerProcess(config=WEATHER_CONFIG, redis_url=redis_url, queues=[queue]) as worker,
+    ):
+        worker.start(sync.app)
+        log = (tmp_path / "uvicorn.log").open("w+")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)],
+            cwd=tmp_path,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            assert wait_until(lambda: answers(base), 60), (tmp_path / "uvicorn.log").read_text()
+
+            async def many() -> list[httpx.Response]:
+                async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+                    cities = [f"city-{n}" for n in range(20)]
+                    return await asyncio.gather(*(http.get(f"/weather/{c}") for c in cities))
+
+            one = httpx.get(f"{base}/weather/Lisbon", timeout=60)
+            assert one.status_code == 200, one.text
+            assert one.json()["city"] == "Lisbon" and "temperature_c" in one.json()
+            replies = asyncio.run(many())
+            assert [r.status_code for r in replies] == [200] * 20
+            assert [r.json()["city"] for r in replies] == [f"city-{n}" for n in range(20)]
+        finally:
+            server.send_signal(signal.SIGTERM)  # lifespan: the client closes
+            # uvicorn shuts down gracefully, then re-raises the signal (or exits 0)
+            assert server.wait(timeout=30) in (0, -signal.SIGTERM)
+            output = (tmp_path / "uvicorn.log").read_text()
+            log.close()
+        assert "Traceback" not in output, output
+        assert "Application shutdown complete" in output
+
+
+def answers(base: str) -> bool:
+    try:
+        httpx.get(f"{base}/docs", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
