@@ -103,7 +103,7 @@ def test_a_call_sent_as_an_idle_worker_dies_runs_once(
             freeze_while_waiting(db, doomed)
             sent = client.enqueue_many("echo", inputs, chunk_size=40)
             # Redis hands the message to the frozen worker's pending pop if it is still
-            # pending (it waits a second at most), or keeps it waiting. Either way it must
+            # pending (a wait is short), or keeps it waiting. Either way it must
             # stay in Redis: waiting, or recorded as unacknowledged.
             place = where_is(db, worker_settings, queue, sent[0].id)
             assert place is not None, "the call is in neither the queue nor the unacked index"
