@@ -90,6 +90,7 @@ def test_health_probe_detects_a_wedged_worker(
         process.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         assert wait_until(lambda: check(health_file, ready=True) is not None, 20)
         assert "stopping" in (check(health_file, ready=True) or "")
+        assert check(health_file, max_age_s=4) is None  # live while it drains
         process.proc.wait(timeout=30)  # type: ignore[union-attr]
     finally:
         process.close()
