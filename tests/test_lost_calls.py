@@ -23,6 +23,7 @@ from tests.conftest import TOOLS, StartWorker
 from toolq import QueueFull, ToolClient
 from toolq.config.celery_app import celery_config, queue_lists
 from toolq.config.loader import load_settings
+from toolq.workers import brokerfix
 from toolq.workers.process import WorkerProcess
 
 REDELIVERY_CONFIG = TOOLS / "redelivery.yaml"
@@ -152,3 +153,21 @@ def test_a_bulk_enqueue_on_a_capped_queue_sends_all_or_nothing(
     finally:
         store.delete(*queue_lists(queue))
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "prefix", "reliable"),
+    [("7.0.15", "", True), ("6.2.0", "", True), ("6.0.9", "", False), ("7.2.4", "app:", False)],
+)
+def test_the_reliable_pop_needs_redis_6_2_and_no_key_prefix(
+    version: str, prefix: str, reliable: bool
+) -> None:
+    class Client:
+        def info(self, section: str) -> dict[str, str]:
+            return {"redis_version": version}
+
+    class Channel:
+        global_keyprefix = prefix
+        client = Client()
+
+    assert brokerfix._reliable(Channel()) is reliable

@@ -165,13 +165,16 @@ def _reliable(channel: Any) -> bool:
     if known is None:
         known = False
         if not channel.global_keyprefix:
-            version = str(channel.client.info("server").get("redis_version", "0"))
+            try:
+                version = str(channel.client.info("server").get("redis_version", "0"))
+            except redis.ResponseError:  # INFO renamed away: assume nothing
+                version = "unknown"
             parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
             known = parts >= (6, 2)
             if not known:
                 log.warning(
-                    "Redis %s has no BLMOVE (6.2+): this worker takes calls with BRPOP, and a "
-                    "call sent as a worker dies while waiting for work can be lost",
+                    "Redis version %s: BLMOVE needs 6.2; this worker takes calls with BRPOP, "
+                    "and a call sent as a worker dies while waiting for work can be lost",
                     version,
                 )
         channel.__dict__["_toolq_reliable"] = known
