@@ -259,7 +259,9 @@ class _Hub:
                 self.lost = None
                 if recheck:
                     next_check = time.monotonic() + RECHECK_S
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis' errors, and any other: start over
+                if not isinstance(exc, RedisError | OSError):
+                    log.warning("result hub: subscribing failed: %r", exc)
                 self.lost = exc
                 await self._drop(exc)
                 await asyncio.sleep(OUTAGE_POLL_S)
@@ -309,8 +311,10 @@ class _Hub:
                     confirmation = self._confirming.pop(key, None)
                     if confirmation is not None and not confirmation.done():
                         confirmation.set_result(None)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:  # Redis' errors, and any other: start over, never hang
             if self._pubsub is pubsub:
+                if not isinstance(exc, RedisError | OSError):
+                    log.warning("result hub: reading pub/sub failed: %r", exc)
                 self.lost = exc
                 await self._drop(exc)
                 self._wake.set()
