@@ -388,3 +388,40 @@ def answers(base: str) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def test_an_async_cancel_stops_queued_and_running_calls_on_a_worker(
+    settings: Any, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """The async cancel writes what the sync one does (set, channel, result): a queued
+    call is dropped by the worker that receives it, a running one is stopped."""
+    queue, log = f"q-{uuid.uuid4().hex[:8]}", tmp_path / "log"
+
+    async def cancel_queued(client: AsyncToolClient) -> str:
+        queued = await client.enqueue("stamp", {"log": str(log), "tag": "queued"}, queue=queue)
+        assert await queued.cancel() == "cancelled"
+        assert (await queued.result(timeout=5)).error.kind == "cancelled"  # type: ignore[union-attr]
+        return queued.id
+
+    queued_id = arun(cancel_queued, settings)
+    start_worker(queues=[queue], concurrency=1)
+
+    async def cancel_running(client: AsyncToolClient) -> None:
+        running = await client.enqueue(
+            "stamp", {"log": str(log), "tag": "running", "ms": 4000}, queue=queue
+        )
+        async with asyncio.timeout(60):
+            while "start running" not in (log.read_text() if log.exists() else ""):
+                await asyncio.sleep(0.05)
+        assert await running.cancel() == "cancelled"
+        async with asyncio.timeout(60):  # the worker's own envelope, once Bun is gone
+            while "worker" not in (final := await client.call(running.id).result()).metadata:
+                await asyncio.sleep(0.1)
+        assert final.error is not None and final.error.kind == "cancelled"
+        assert await client.queue_length(queue) == 0
+        assert (await client.call(queued_id).result(timeout=5)).error.kind == "cancelled"  # type: ignore[union-attr]
+
+    arun(cancel_running, settings)
+    lines = log.read_text().split("\n")
+    assert not any("queued" in line for line in lines)  # never started
+    assert not any(line.startswith("end running") for line in lines)  # stopped mid-sleep
