@@ -58,7 +58,7 @@ def _wait(
     done: dict[str, Any],
     deadline: float | None,
 ) -> None:
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
     try:
         for part in _parts([key for key, call_id in keys.items() if call_id not in done]):
             pubsub.subscribe(*part)
