@@ -204,9 +204,8 @@ def test_many_waiters_share_one_pubsub_connection(settings: Any, redis_url: str)
         calls = await client.enqueue_many("echo", [{"i": i} for i in range(count)], queue=UNSERVED)
         before = open_sockets()
         waiters = [asyncio.create_task(call.result(timeout=60)) for call in calls]
-        while client.waiting < count:
+        while not all_subscribed(client, count):
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # every subscription confirmed and stored results read
         during = open_sockets()
         await asyncio.gather(*(client.cancel(call.id, "echo") for call in calls[::2]))
         results = await asyncio.gather(*waiters[::2])
@@ -224,6 +223,17 @@ def test_many_waiters_share_one_pubsub_connection(settings: Any, redis_url: str)
         with redis.Redis.from_url(redis_url) as connection:
             for key in connection.keys(f"{UNSERVED}*"):
                 connection.delete(key)
+
+
+def all_subscribed(client: AsyncToolClient, count: int) -> bool:
+    """``count`` calls awaited and every one's subscription confirmed by Redis."""
+    hub = client._hub
+    return (
+        hub is not None
+        and client.waiting == count
+        and len(hub._subscribed) == count
+        and not hub._confirming
+    )
 
 
 def test_a_redis_restart_while_awaiting_loses_nothing() -> None:
@@ -278,7 +288,7 @@ def test_a_redis_outage_longer_than_the_wait_is_broker_unavailable() -> None:
 
         async def scenario(client: AsyncToolClient) -> None:
             call = await client.enqueue("echo", {}, queue=UNSERVED)
-            waiter = asyncio.create_task(call.result(timeout=2))
+            waiter = asyncio.create_task(call.result(timeout=5))
             while client.waiting == 0:
                 await asyncio.sleep(0.01)
             await asyncio.to_thread(server.stop)
