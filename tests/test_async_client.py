@@ -319,6 +319,8 @@ def test_a_signed_and_sealed_async_call_runs_on_a_worker_with_the_key(
         )
         assert result.ok, result.error
         assert "s3cr3t" in json.dumps(result.result)
+        chunked = await client.map("echo", [{"i": i} for i in range(40)], queue=queue, wait=60)
+        assert [r.result["echo"]["i"] for r in chunked] == list(range(40))  # signed chunks
 
     arun(scenario, settings)
 
