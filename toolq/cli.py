@@ -575,8 +575,9 @@ def status(
     config: ConfigOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Queues (lengths, caps), workers with running/reserved calls and whether their tools
-    run sandboxed, open breakers, dead letters, cluster-wide slots and rate limits."""
+    """Queues (messages and calls waiting, caps), workers with running/reserved calls and
+    whether their tools run sandboxed, open breakers, dead letters, cluster-wide slots and
+    rate limits."""
     from toolq.status import cluster_status
 
     settings = _settings(config, profile)
