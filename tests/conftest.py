@@ -37,7 +37,13 @@ def _tools_may_enter(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The base temp directory open to uid 65534 before any module-scoped fixture puts a
     project under it (a root worker refuses a project its tools cannot read)."""
     if os.geteuid() == 0:
-        os.chmod(tmp_path_factory.getbasetemp(), 0o1777)
+        base = tmp_path_factory.getbasetemp()
+        os.chmod(base, 0o1777)
+        # pytest-xdist gives each test process a basetemp inside one it made 0700
+        for parent in base.parents:
+            if parent == TOOLS or not parent.is_relative_to(TOOLS):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o001)
 
 
 @pytest.fixture(autouse=True)

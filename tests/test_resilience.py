@@ -6,6 +6,7 @@ and bounds against the policy, never as tight wall-clock values.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -289,13 +291,40 @@ def test_failure_rate_trips_once_the_window_has_its_minimum(
     toolq(redis_url, "breakers", "reset", "health_rate")
 
 
-def script_calls(connection: redis.Redis) -> int:
-    """Lua script runs on this Redis so far (breakers, flow control, dead letters: redis-py's
-    scripts, run by EVALSHA once loaded). Not EVAL: every queue pop of a worker is one
-    (workers/brokerfix.py), and a script's first run (NOSCRIPT) is a call the test's
-    learning loop already waits out."""
-    stats = connection.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+class BreakerScripts:
+    """Counts the Lua scripts run on this Redis against a breaker's keys (``…:breaker:…``),
+    from MONITOR: other scripts (queue pops, kombu's binding upkeep) do not count."""
+
+    def __init__(self, url: str) -> None:
+        self.count = 0
+        self._marks: set[str] = set()
+        self._connection = redis.Redis.from_url(url)
+        self._monitor = self._connection.monitor()
+        self._monitor.__enter__()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        with contextlib.suppress(redis.ConnectionError, OSError, ValueError):
+            for entry in self._monitor.listen():
+                command = entry["command"]
+                if command.upper().startswith(("EVALSHA", "EVAL ")) and ":breaker:" in command:
+                    self.count += 1
+                elif command.startswith("ECHO breaker-scripts-mark-"):
+                    self._marks.add(command.split()[1])
+
+    def settled(self) -> int:
+        """The count once every command run so far has been seen: MONITOR lists commands
+        in the order Redis ran them, so once a marker sent now shows, all before it have."""
+        marker = f"breaker-scripts-mark-{uuid.uuid4().hex}"
+        self._connection.echo(marker)
+        assert wait_until(lambda: marker in self._marks, 10), "MONITOR fell silent"
+        return self.count
+
+    def close(self) -> None:
+        with contextlib.suppress(redis.ConnectionError, OSError):
+            self._monitor.__exit__(None, None, None)
+        self._connection.close()
 
 
 def test_a_call_to_a_healthy_tool_costs_no_breaker_round_trip() -> None:
@@ -305,28 +334,28 @@ def test_a_call_to_a_healthy_tool_costs_no_breaker_round_trip() -> None:
     server = RedisServer().start()  # a Redis of its own: the command counts are this test's
     try:
         settings = load_settings(TOOLS_CONFIG, environ={}, overrides={"redis_url": server.url})
+        scripts = BreakerScripts(server.url)
         with (
             ToolClient(settings) as client,
             WorkerProcess(config=TOOLS_CONFIG, redis_url=server.url) as worker,
-            redis.Redis.from_url(server.url) as connection,
         ):
             worker.start(client.app)
             # The worker learns the breaker is clean once its event subscription is up and a
             # verdict has told it; on a loaded machine that takes more than the first call.
             learning_ends = time.monotonic() + 30
             while True:
-                before = script_calls(connection)
+                before = scripts.settled()
                 assert client.run("health_rate", {}, wait=30).ok
-                if script_calls(connection) == before:
+                if scripts.settled() == before:
                     break
                 if time.monotonic() > learning_ends:
                     pytest.fail("the worker never admitted a call to a clean tool without Redis")
-            before = script_calls(connection)
+            before = scripts.settled()
             for _ in range(20):
                 assert client.run("health_rate", {}, wait=30).ok
-            assert script_calls(connection) == before  # no breaker script per call
+            assert scripts.settled() == before  # no breaker script per call
             assert client.run("health_rate", {"fail": True}, wait=30).error is not None
-            assert wait_until(lambda: script_calls(connection) > before, 5)
+            assert wait_until(lambda: scripts.settled() > before, 5)
             for _ in range(3):  # no longer clean: every verdict goes to Redis
                 assert client.run("health_rate", {}, wait=30).ok
             listed = json.loads(toolq(server.url, "breakers", "--json").stdout)
@@ -334,6 +363,7 @@ def test_a_call_to_a_healthy_tool_costs_no_breaker_round_trip() -> None:
             # the successes counted locally came first: a full window of 10, one failure
             assert (status["window_calls"], status["window_failures"]) == (10, 1)
             assert status["state"] == "closed"
+        scripts.close()
     finally:
         server.close()
 
