@@ -248,7 +248,7 @@ class RuntimeSettings(_Strict):
     sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
     """bubblewrap sandbox: required refuses to start without it; auto warns and runs without."""
     unsafe_share_host_network: bool = False
-    """UNSAFE. Unscoped `--allow-net` as the host's own network (toolq before 0.2): tools
+    """UNSAFE. Unscoped `--allow-net` as the host's own network (as toolq did before): tools
     reach the worker's Redis, loopback services, private networks and cloud metadata.
     Off (default): unscoped `--allow-net` is the public network, through the egress proxy."""
     max_memory_mb: PositiveInt = 2048
@@ -347,14 +347,14 @@ class Settings(_Strict):
     Only from TOOLQ_SECRET_KEY or a command-line override, never a YAML file."""
     secret_key_file: str | None = None
     """A file holding secret_key (relative paths: the project directory)."""
-    max_queue_length: PositiveInt | None = None
-    """Backpressure: enqueue refuses (QueueFull) or blocks when a queue holds this many."""
-    max_queue_lengths: dict[str, PositiveInt] = Field(default_factory=dict)
-    """Per queue name, overriding `max_queue_length`."""
     remote_control: Literal["inspect", "all"] = "inspect"
     """Celery remote-control commands a worker obeys (anyone who can write to Redis can
     send them): ``inspect``, read-only ones and Flower's event switch; ``all`` also those
     that stop workers or move their queues (shutdown, add_consumer, pool_restart...)."""
+    max_queue_length: PositiveInt | None = None
+    """Backpressure: enqueue refuses (QueueFull) or blocks when a queue holds this many."""
+    max_queue_lengths: dict[str, PositiveInt] = Field(default_factory=dict)
+    """Per queue name, overriding `max_queue_length`."""
 
     _project_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="defaults")
