@@ -37,7 +37,7 @@ def redis_client(settings: Settings, *, ride_out_restarts: bool = True) -> redis
     if settings.redis_url.startswith("sentinel://"):
         assert settings.redis_sentinel_master is not None  # checked by Settings
         sentinels, db, password = parse_sentinel_url(settings.redis_url)
-        sentinel: Any = Sentinel(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)  # type: ignore[no-untyped-call]
+        sentinel: Any = Sentinel(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)
         master: redis.Redis = sentinel.master_for(
             settings.redis_sentinel_master, db=db, password=password, **options
         )
@@ -84,7 +84,7 @@ def redis_endpoints(settings: Settings) -> list[tuple[str, int]]:
     sentinels, _db, _password = parse_sentinel_url(url)
     endpoints = list(sentinels)
     timeout = settings.redis_socket_timeout_s
-    sentinel: Any = Sentinel(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)  # type: ignore[no-untyped-call]
+    sentinel: Any = Sentinel(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)
     try:
         master = settings.redis_sentinel_master
         endpoints.append(sentinel.discover_master(master))

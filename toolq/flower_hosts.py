@@ -37,4 +37,4 @@ def restrict_hosts(allowed: frozenset[str]) -> None:
             return self.get_handler_delegate(request, ErrorHandler, {"status_code": 403})
         return answer(self, request, **kwargs)
 
-    Flower.find_handler = find_handler  # type: ignore[method-assign]
+    Flower.find_handler = find_handler

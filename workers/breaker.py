@@ -204,7 +204,7 @@ class Health:
     def _listen(self) -> None:
         pid = os.getpid()
         while self._pid == pid:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self._channel)
                 pubsub.get_message(timeout=1.0)  # the subscription is confirmed
