@@ -59,8 +59,12 @@ demo: setup
 	$(BIN)/toolq demo
 
 # Everything: the fast tier, then behaviour tests with real Redis, Celery workers and Bun.
+# The fast tier first (seconds), then the end-to-end tier in 3 test processes: its tests
+# mostly wait on workers and Bun, so 3 fill 2 cores. Each test process has its own Redis
+# database and basetemp; a module's tests stay on one process (their fixtures are shared).
 test: setup lint k8s-validate
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests/fast
+	$(BIN)/python -m pytest tests --ignore=tests/fast -n 3 --dist loadfile
 
 # The Kubernetes manifests (deploy/kubernetes), offline: every overlay rendered by
 # kustomize (kubectl's, v5: this project's machines ship kubectl; Debian's

@@ -99,7 +99,7 @@ def test_a_call_sent_as_an_idle_worker_dies_runs_once(
     with ToolClient(settings) as client:
         doomed = start_worker(config=REDELIVERY_CONFIG, queues=[queue], concurrency=1)
         assert client.run("echo", {}, wait=30).ok  # connections made: the next send is quick
-        for trial in range(10):
+        for trial in range(40):  # each catches the worker waiting, or tries again
             inputs = [{"trial": trial, "n": n} for n in range(calls)]
             freeze_while_waiting(db, doomed)
             sent = client.enqueue_many("echo", inputs, chunk_size=40)
@@ -113,7 +113,7 @@ def test_a_call_sent_as_an_idle_worker_dies_runs_once(
             os.kill(doomed.pid, signal.SIGCONT)  # it came too late: run it and try again
             assert all(result.ok for result in client.gather(sent, wait=30))
         else:
-            pytest.fail("no call reached the frozen worker in 10 trials")
+            pytest.fail("no call reached the frozen worker in 40 trials")
         doomed.kill()
         survivor = start_worker(config=REDELIVERY_CONFIG, queues=[queue], concurrency=4)
         results = client.gather(sent, wait=90)  # the visibility timeout (20 s) and sweep

@@ -109,9 +109,9 @@ def test_allow_read(launcher: Launcher, outside: Path) -> None:
     assert not probe(launcher, ["--allow-read"], action="write", path=str(outside / "w"))["ok"]
 
 
-def test_allow_write(launcher: Launcher, outside: Path) -> None:
-    SCRATCH.mkdir(exist_ok=True)
-    inside = SCRATCH / f"w-{uuid.uuid4().hex[:6]}.txt"
+def test_allow_write(launcher: Launcher, outside: Path, tmp_path: Path) -> None:
+    inside = tmp_path / f"w-{uuid.uuid4().hex[:6]}.txt"  # in the project (basetemp is)
+    assert inside.is_relative_to(TOOLS)
     assert probe(launcher, ["--allow-write"], action="write", path=str(inside))["ok"]
     assert inside.read_text() == "written"
     inside.unlink()
