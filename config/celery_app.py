@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from toolq import tracing
 from toolq.config.connections import close_redis
 from toolq.config.settings import Settings
 from toolq.protocol import CallRequest, ChunkEntry, chunk_to_message
@@ -144,19 +145,29 @@ def send_call(
     With a ``signer`` (a secret key) the message carries its signature."""
     message = request.to_message(sealer)
     queue = queue or app.conf.task_default_queue
-    return app.send_task(
-        RUN_TOOL_TASK,
-        args=[message],
-        task_id=call_id,
-        queue=queue,
-        countdown=countdown,
-        priority=broker_priority(request.priority),
-        argsrepr=request.describe(),
-        kwargsrepr="{}",
-        shadow=f"toolq:{request.tool_id}",
-        headers=call_headers(request, message, call_id, queue, signer),
-        retry=retry,
-    )
+    headers = call_headers(request, message, call_id, queue, signer)
+
+    def send() -> AsyncResult:
+        return app.send_task(
+            RUN_TOOL_TASK,
+            args=[message],
+            task_id=call_id,
+            queue=queue,
+            countdown=countdown,
+            priority=broker_priority(request.priority),
+            argsrepr=request.describe(),
+            kwargsrepr="{}",
+            shadow=f"toolq:{request.tool_id}",
+            headers=headers,
+            retry=retry,
+        )
+
+    if not tracing.enabled():
+        return send()
+    with tracing.producer_span(
+        "toolq.enqueue", headers, queue=queue, message_id=call_id, tool_id=request.tool_id
+    ):
+        return send()
 
 
 def call_headers(
@@ -184,19 +195,32 @@ def send_chunk(
     chunk_id = str(uuid.uuid4())
     queue = queue or app.conf.task_default_queue
     headers = {} if signer is None else signer.headers(RUN_BATCH_TASK, chunk_id, queue, calls)
-    result = app.send_task(
-        RUN_BATCH_TASK,
-        args=[calls],
-        task_id=chunk_id,
-        headers=headers,
+
+    def send() -> AsyncResult:
+        return app.send_task(
+            RUN_BATCH_TASK,
+            args=[calls],
+            task_id=chunk_id,
+            headers=headers,
+            queue=queue,
+            priority=broker_priority(priority if isinstance(priority, int) else None),
+            argsrepr=f"({len(entries)} calls: {entries[0].call_id} … {entries[-1].call_id})",
+            kwargsrepr="{}",
+            shadow=f"toolq:{tool_id}" if isinstance(tool_id, str) else None,
+            retry=False,
+        )
+
+    if not tracing.enabled():
+        return str(send().id)
+    with tracing.producer_span(
+        "toolq.enqueue_chunk",
+        headers,
         queue=queue,
-        priority=broker_priority(priority if isinstance(priority, int) else None),
-        argsrepr=f"({len(entries)} calls: {entries[0].call_id} … {entries[-1].call_id})",
-        kwargsrepr="{}",
-        shadow=f"toolq:{tool_id}" if isinstance(tool_id, str) else None,
-        retry=False,
-    )
-    return str(result.id)
+        message_id=chunk_id,
+        tool_id=tool_id if isinstance(tool_id, str) else None,
+        attributes={"messaging.batch.message_count": len(entries)},
+    ):
+        return str(send().id)
 
 
 class ClosingCelery(Celery):  # type: ignore[misc]

@@ -25,8 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task, states
+from celery.exceptions import Retry as Retry_
 from celery.exceptions import SoftTimeLimitExceeded
 
+from toolq import tracing
 from toolq.config.celery_app import (
     NOOP_TASK,
     RUN_BATCH_TASK,
@@ -63,6 +65,33 @@ def register_tasks(app: Celery, handler: CallHandler, chunks: ChunkRunner | None
         time_limit=backstop + CELERY_HARD_MARGIN_S,
     )
     def run_tool(self: Task, message: Any) -> dict[str, Any]:
+        if not tracing.enabled():
+            return attempt(self, message)
+        info = self.request.delivery_info or {}
+        fields = message if isinstance(message, dict) else {}
+        tool_id = fields.get("tool_id")
+        with tracing.consumer_span(
+            "toolq.attempt",
+            tracing.headers_of(self.request),
+            queue=info.get("routing_key"),
+            message_id=str(self.request.id),
+            tool_id=tool_id if isinstance(tool_id, str) else None,
+            attributes={"toolq.attempt": int(fields.get("attempt", 1) or 1)},
+        ) as span:
+            try:
+                envelope = attempt(self, message)
+            except ToolCallFailed as exc:
+                error = exc.envelope.get("error") or {}
+                span.set_attribute("toolq.outcome", "failed")
+                span.set_attribute("toolq.error.kind", str(error.get("kind")))
+                raise
+            except Retry_:
+                span.set_attribute("toolq.outcome", "retry")
+                raise
+            span.set_attribute("toolq.outcome", "succeeded")
+            return envelope
+
+    def attempt(self: Task, message: Any) -> dict[str, Any]:
         info = self.request.delivery_info or {}
         delivery = Delivery(
             call_id=str(self.request.id),
@@ -88,6 +117,11 @@ def register_tasks(app: Celery, handler: CallHandler, chunks: ChunkRunner | None
             return decision.envelope
         retry_message = decision.request.to_message(handler.sealer)
         queue = delivery.queue or app.conf.task_default_queue
+        headers = call_headers(
+            decision.request, retry_message, delivery.call_id, queue, handler.signer
+        )
+        if tracing.enabled():  # the next attempt stays in this trace, a child of this one
+            tracing.inject_current(headers)
         raise self.retry(
             args=[retry_message],
             kwargs={},
@@ -97,9 +131,7 @@ def register_tasks(app: Celery, handler: CallHandler, chunks: ChunkRunner | None
             argsrepr=decision.request.describe(),
             kwargsrepr="{}",
             # Re-signed: the next attempt is a new message (its attempt and history).
-            headers=call_headers(
-                decision.request, retry_message, delivery.call_id, queue, handler.signer
-            ),
+            headers=headers,
         )
 
     if chunks is not None:
@@ -122,6 +154,22 @@ def _register_chunks(app: Celery, chunks: ChunkRunner) -> None:
         ignore_result=True,  # each call's result is stored under its own id
     )
     def run_batch(self: Task, calls: Any) -> str | None:
+        if not tracing.enabled():
+            return run_chunk(self, calls)
+        info = self.request.delivery_info or {}
+        with tracing.consumer_span(
+            "toolq.chunk",
+            tracing.headers_of(self.request),
+            queue=info.get("routing_key"),
+            message_id=str(self.request.id),
+            tool_id=None,
+            attributes={"messaging.batch.message_count": len(calls)}
+            if isinstance(calls, list)
+            else None,
+        ):
+            return run_chunk(self, calls)
+
+    def run_chunk(self: Task, calls: Any) -> str | None:
         info = self.request.delivery_info or {}
         queue = info.get("routing_key")
         try:
