@@ -156,3 +156,35 @@ def test_a_failed_call_names_its_error_kind(
     (attempt,) = _worker_spans(trace_file, "toolq.attempt", 1)
     assert attempt["attributes"]["toolq.outcome"] == "failed"
     assert attempt["attributes"]["toolq.error.kind"] == result.error.kind
+
+
+def test_the_tools_output_lines_are_events_of_its_run_redacted(
+    client: ToolClient, start_worker: StartWorker, spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    trace_file = tmp_path / "worker-spans.jsonl"
+    queue = f"q-trace-{uuid.uuid4().hex[:8]}"
+    start_worker(queues=[queue], env=_worker_env(trace_file))
+    result = client.run("print_env", {}, env={"API_KEY": secret}, queue=queue, wait=60)
+    assert result.ok, result
+    (run,) = _worker_spans(trace_file, "toolq.run", 1)
+    (attempt,) = _worker_spans(trace_file, "toolq.attempt", 1)
+    assert run["parent_id"] == attempt["context"]["span_id"]
+    lines = [e["attributes"]["line"] for e in run["events"] if e["name"] == "tool.output"]
+    assert "[LOG] using ***" in lines, run["events"]  # redacted, as the worker log has it
+    assert secret not in trace_file.read_text()
+
+
+def test_output_events_are_bounded_in_count_and_size() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("run") as span:
+        tracing.record_output(span, "\n".join(f"{n:03d}" + "x" * 2000 for n in range(50)))
+    (finished,) = exporter.get_finished_spans()
+    lines = [e.attributes["line"] for e in finished.events if e.attributes]
+    assert len(lines) == tracing.MAX_OUTPUT_EVENTS  # the last ones
+    assert lines[0].startswith("030") and lines[-1].startswith("049")
+    assert all(len(line) == tracing.MAX_OUTPUT_LINE for line in lines)
+    assert finished.attributes is not None
+    assert finished.attributes["toolq.output.lines_dropped"] == 30

@@ -171,3 +171,37 @@ def inject_current(headers: MutableMapping[str, Any]) -> None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     headers.update({k: v for k, v in carrier.items() if k in TRACE_HEADERS})
+
+
+MAX_OUTPUT_EVENTS = 20
+"""A run span's events: at most this many of the tool's last stderr lines..."""
+MAX_OUTPUT_LINE = 512
+"""...each cut to this many characters."""
+
+
+@contextmanager
+def run_span(tool_id: str) -> Iterator[Any]:
+    """A ``toolq.run`` span around the runtime's run of one attempt (the current span's
+    child); ``None`` and nothing else when tracing is off."""
+    if not enabled():
+        yield None
+        return
+    from opentelemetry import trace
+
+    if not trace.get_current_span().get_span_context().is_valid:
+        yield None  # a chunk's call, on a slot thread: no attempt span to hang it under
+        return
+    with tracer().start_as_current_span("toolq.run", attributes={"toolq.tool_id": tool_id}) as span:
+        yield span
+
+
+def record_output(span: Any, stderr: str) -> None:
+    """The tool's last stderr lines (``console.log`` and the like), already redacted by
+    the caller, as ``tool.output`` events on ``span``: bounded in count and size."""
+    if span is None or not stderr:
+        return
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    if len(lines) > MAX_OUTPUT_EVENTS:
+        span.set_attribute("toolq.output.lines_dropped", len(lines) - MAX_OUTPUT_EVENTS)
+    for line in lines[-MAX_OUTPUT_EVENTS:]:
+        span.add_event("tool.output", {"line": line[:MAX_OUTPUT_LINE]})

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from toolq import tracing
 from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo, ToolResult
 from toolq.errors import (
@@ -473,7 +474,9 @@ class CallHandler:
                 call = replace(call, cancel=token)
             # Env values (the call's and its definition's) never leave in an error, a stack
             # or stderr (stored, logged, retried).
-            outcome = redact_outcome(profile.check_output(self.runtime.run(call)), call.env)
+            with tracing.run_span(request.tool_id) as span:
+                outcome = redact_outcome(profile.check_output(self.runtime.run(call)), call.env)
+                tracing.record_output(span, outcome.stderr)  # redacted above
         self.metrics.observe_run(request.tool_id, outcome)
         return outcome
 
