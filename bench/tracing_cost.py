@@ -2,9 +2,8 @@
 against tracing on (every span sampled, ratio 1.0), in one run on the same machine.
 
 Off: no ``OTEL_*`` variable; toolq imports nothing of OpenTelemetry. On: the producer
-(this process) and the worker both export every span synchronously, as JSON lines, to a
-file (``OTEL_TRACES_FILE``; a pessimistic exporter: a collector's batch exporter works
-off the call's thread). Each round starts a fresh worker for each mode (warm, the bench
+(this process) and the worker both export every span, batched, as JSON lines to a file
+(``OTEL_TRACES_FILE``). Each round starts a fresh worker for each mode (warm, the bench
 project's ``echo_size``), warms it up, then ``--concurrency`` threads run ``--calls``
 calls back to back; modes alternate ``--rounds`` times; the medians are compared.
 

@@ -64,8 +64,8 @@ def _setup() -> Any:
     path = os.environ.get("OTEL_TRACES_FILE")
     if path:
         out = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
-        provider.add_span_processor(
-            SimpleSpanProcessor(
+        provider.add_span_processor(  # batched: written off the call's thread
+            BatchSpanProcessor(
                 ConsoleSpanExporter(out=out, formatter=lambda s: s.to_json(indent=None) + "\n")
             )
         )
