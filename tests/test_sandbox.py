@@ -330,3 +330,28 @@ def test_auto_refuses_a_project_the_tools_uid_cannot_read(
     finally:
         shutil.rmtree(project, ignore_errors=True)
         shutil.rmtree(closed, ignore_errors=True)
+
+
+def test_a_host_socket_gone_since_the_last_look_does_not_stop_a_sandbox(
+    launcher: Launcher,
+) -> None:
+    """Under --allow-read every host unix socket is covered; the list is up to a second
+    old, and a socket removed in between (with its directory) made bwrap refuse to start
+    the sandbox ("Can't mkdir parents … Read-only file system"): a CI run met it when
+    another test's socket went away."""
+    import shutil
+    import socket
+
+    directory = Path("/var/tmp") / f"toolq-gone-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(directory / "db.sock"))
+        server.listen(1)
+        # the first sandbox lists (and covers) it
+        assert probe(launcher, ["--allow-read"], action="read", path="/etc/hostname")["ok"]
+    finally:
+        server.close()
+        shutil.rmtree(directory)
+    # the next one, within the same second, must not try to cover what is gone
+    assert probe(launcher, ["--allow-read"], action="read", path="/etc/hostname")["ok"]

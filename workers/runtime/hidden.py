@@ -70,12 +70,17 @@ class HostSockets:
         self._paths: list[str] = []
 
     def paths(self) -> list[str]:
+        """Those that exist now: bwrap cannot cover a path that is gone (it would try to
+        make its parents in the read-only root and refuse to start the sandbox), and the
+        table is up to a second old (a socket removed since, a test's or a short-lived
+        program's, failed the next launch)."""
         now = time.monotonic()
         with self._lock:
             if now - self._read_at >= SOCKETS_TTL_S:
                 self._paths = self._read()
                 self._read_at = now
-            return self._paths
+            listed = self._paths
+        return [path for path in listed if _is_socket(path)]
 
     def _read(self) -> list[str]:
         try:
@@ -91,10 +96,16 @@ class HostSockets:
             path = os.path.realpath(fields[7])
             if _under(path, (*self.hidden, "/tmp")):
                 continue
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    found.add(path)
+            if _is_socket(path):
+                found.add(path)
         return sorted(found)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _owned_by(uid: int, parents: Iterable[str]) -> list[str]:
