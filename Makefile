@@ -106,7 +106,7 @@ lint: setup typecheck
 typecheck: setup
 	rm -rf .typecheck && mkdir -p .typecheck/toolq
 	for f in toolq/*.py toolq/py.typed; do ln -s ../../$$f .typecheck/toolq/; done
-	for d in config workers producers; do ln -s ../../$$d .typecheck/toolq/$$d; done
+	for d in config workers producers cli; do ln -s ../../$$d .typecheck/toolq/$$d; done
 	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p toolq
 
 format: setup

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from toolq import AsyncToolClient, ToolClient
+from toolq.cli.devredis import scratch_database
 from toolq.config.loader import load_settings
 from toolq.config.settings import Settings
-from toolq.devredis import scratch_database
 from toolq.workers.process import WorkerProcess
 
-PROJECT = Path(__file__).resolve().parent.parent / "toolq" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
 CONFIG = PROJECT / "compozy.yaml"
 TOOL = "echo_size"
 

@@ -4,7 +4,7 @@
 
 Fills one priority list of a scratch database with copies of real messages (one chunk
 of 100 calls for every 99 single calls), then counts it as the exporter does
-(toolq.backlog.count_list: a Lua script per window of 1,000 messages) and prints the
+(toolq.cli.backlog.count_list: a Lua script per window of 1,000 messages) and prints the
 whole count's time, the longest single script call (the most Redis is held at once,
 round trip included), the queue's age read (ten LINDEX), and the lengths it found.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import redis
 
-from toolq.backlog import _COUNT, WINDOW, count_list, enqueued_at
+from toolq.cli.backlog import _COUNT, WINDOW, count_list, enqueued_at
+from toolq.cli.devredis import ensure_redis, scratch_database
 from toolq.config.celery_app import queue_lists
 from toolq.config.loader import load_settings
-from toolq.devredis import ensure_redis, scratch_database
 from toolq.producers.client import ToolClient
 
 TOOLS = Path(__file__).resolve().parent.parent / "tests" / "tools" / "compozy.yaml"

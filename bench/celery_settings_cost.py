@@ -28,8 +28,8 @@ from typing import Any
 
 from celery import Celery
 
-from toolq.bench import rotated
-from toolq.bench_baseline import SETTINGS as PLAIN
+from toolq.cli.bench import rotated
+from toolq.cli.bench_baseline import SETTINGS as PLAIN
 from toolq.config.celery_app import celery_config
 from toolq.config.loader import load_settings
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from toolq.devredis import ensure_redis, scratch_database
+    from toolq.cli.devredis import ensure_redis, scratch_database
 
     with (
         ensure_redis(quiet=True) as base_url,

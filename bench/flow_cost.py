@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolq.bench import count_commands
+from toolq.cli.bench import count_commands
+from toolq.cli.devredis import scratch_database
 from toolq.config.loader import load_settings
-from toolq.devredis import scratch_database
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.handler import Delivery, Final
 
-PROJECT = Path(__file__).resolve().parent.parent / "toolq" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
 SETUPS: dict[str, dict[str, Any]] = {
     "none": {},
     "max_concurrency": {"max_concurrency": 1000},

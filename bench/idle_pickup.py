@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from toolq import ToolClient  # noqa: E402
+from toolq.cli.devredis import ensure_redis, scratch_database  # noqa: E402
 from toolq.config.loader import load_settings  # noqa: E402
-from toolq.devredis import ensure_redis, scratch_database  # noqa: E402
 from toolq.workers.process import WorkerProcess  # noqa: E402
 
 CONFIG = ROOT / "tests" / "tools" / "compozy.yaml"

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from toolq import ResultTimeout, ToolClient  # noqa: E402
+from toolq.cli.devredis import ensure_redis, scratch_database  # noqa: E402
 from toolq.config.loader import load_settings  # noqa: E402
-from toolq.devredis import ensure_redis, scratch_database  # noqa: E402
 from toolq.workers.process import WorkerProcess  # noqa: E402
 
 CONFIG = ROOT / "tests" / "tools" / "redelivery.yaml"

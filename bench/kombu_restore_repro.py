@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from celery import Celery  # noqa: E402
 
-from toolq.devredis import RedisServer  # noqa: E402  (a redis-server on a free port)
+from toolq.cli.devredis import RedisServer  # noqa: E402  (a redis-server on a free port)
 
 
 def make_app(url: str) -> Celery:

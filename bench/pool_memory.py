@@ -13,11 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-from toolq.bench import bench_worker, peak_memory_while_busy, tree_rss_mib
-from toolq.devredis import ensure_redis, scratch_database
+from toolq.cli.bench import bench_worker, peak_memory_while_busy, tree_rss_mib
+from toolq.cli.devredis import ensure_redis, scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = ROOT / "toolq" / "projects" / "bench"
+TOOLS = ROOT / "cli" / "projects" / "bench"
 
 
 def measure(pool: str, mode: str, redis_url: str, config: Path) -> tuple[float, float]:

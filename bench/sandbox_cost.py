@@ -23,7 +23,7 @@ from toolq.workers.runtime.sandbox import Permissions, make_sandbox
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
-PROJECT = Path(__file__).resolve().parent.parent / "toolq" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
 
 
 def main() -> None:

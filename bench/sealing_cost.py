@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-from toolq.bench import bench_worker
-from toolq.devredis import ensure_redis, scratch_database
+from toolq.cli.bench import bench_worker
+from toolq.cli.devredis import ensure_redis, scratch_database
 from toolq.protocol import CallRequest, new_request
 from toolq.sealing import Sealer
 

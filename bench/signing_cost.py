@@ -27,9 +27,9 @@ from typing import Any
 
 from cryptography.fernet import Fernet
 
-from toolq.bench import bench_worker
+from toolq.cli.bench import bench_worker
+from toolq.cli.devredis import ensure_redis, scratch_database
 from toolq.config.celery_app import RUN_TOOL_TASK
-from toolq.devredis import ensure_redis, scratch_database
 from toolq.protocol import CallRequest, new_request
 from toolq.signing import Signer
 

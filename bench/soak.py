@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from toolq import BrokerUnavailable, ResultTimeout, ToolClient  # noqa: E402
+from toolq.cli.devredis import RedisServer  # noqa: E402
 from toolq.config.loader import load_settings  # noqa: E402
-from toolq.devredis import RedisServer  # noqa: E402
 from toolq.workers.process import WorkerProcess  # noqa: E402
 
 PROJECT = ROOT / "tests" / "tools"

@@ -25,7 +25,7 @@ from typing import Any
 
 from spawn_cost import LIMITS, PROJECT, cpu_clock  # beside this script
 
-from toolq.bench import NOOP_REQUEST
+from toolq.cli.bench import NOOP_REQUEST
 from toolq.workers.runtime import launch
 from toolq.workers.runtime.bun import WRAPPER, find_bun
 from toolq.workers.runtime.limits import Cgroups, joining

@@ -35,7 +35,7 @@ from toolq.workers.runtime.sandbox import make_sandbox
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
-PROJECT = Path(__file__).resolve().parent.parent / "toolq" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
 LIMITS = ResourceLimits(512, 256, 1024, None)
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 

@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from toolq import ToolClient
+from toolq.cli.devredis import scratch_database
 from toolq.config.loader import load_settings
-from toolq.devredis import scratch_database
 from toolq.workers.process import WorkerProcess
 
-PROJECT = Path(__file__).resolve().parent.parent / "toolq" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
 CONFIG = PROJECT / "compozy.yaml"
 TOOL = "echo_size"
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from toolq.cli.devredis import ensure_redis, scratch_database
 from toolq.config.loader import load_settings
-from toolq.devredis import ensure_redis, scratch_database
 from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
 from toolq.workers.runtime.bun import find_bun

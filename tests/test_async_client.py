@@ -20,11 +20,11 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
-import toolq
 from tests.conftest import TOOLS_CONFIG, StartWorker, open_sockets, wait_until
 from toolq import AsyncToolClient, BrokerUnavailable, InvalidInput, QueueFull, ResultTimeout
+from toolq.cli.demo import EXAMPLE_PROJECT
+from toolq.cli.devredis import RedisServer
 from toolq.config.loader import load_settings
-from toolq.devredis import RedisServer
 from toolq.producers.client import ToolClient, prepare_request
 from toolq.workers.process import WorkerProcess
 
@@ -325,7 +325,7 @@ def test_a_signed_and_sealed_async_call_runs_on_a_worker_with_the_key(
     arun(scenario, settings)
 
 
-WEATHER_CONFIG = Path(toolq.__file__).resolve().parent / "projects" / "weather" / "compozy.yaml"
+WEATHER_CONFIG = EXAMPLE_PROJECT / "compozy.yaml"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from toolq import bench_baseline
-from toolq.bench import CpuMeter, baseline_worker
+from toolq.cli import bench_baseline
+from toolq.cli.bench import CpuMeter, baseline_worker
 
 
 def test_the_plain_celery_baseline_runs_its_no_op_on_its_own_worker(redis_url: str) -> None:
     with baseline_worker(redis_url, concurrency=2) as (app, worker):
-        assert worker.argv[1:5] == ["-m", "celery", "-A", "toolq.bench_baseline"]
+        assert worker.argv[1:5] == ["-m", "celery", "-A", "toolq.cli.bench_baseline"]
         assert "toolq" not in " ".join(worker.argv[5:])  # none of toolq's settings
         assert app.conf.task_acks_late and app.conf.worker_prefetch_multiplier == 1
         before = worker.cpu.seconds()

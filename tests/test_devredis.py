@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from toolq.devredis import scratch_database
+from toolq.cli.devredis import scratch_database
 
 
 def test_a_scratch_database_is_one_nobody_uses_and_is_emptied_after(redis_url: str) -> None:

@@ -20,9 +20,9 @@ import redis
 from tests.conftest import StartWorker, wait_until
 from tests.test_resilience import runs, toolq
 from toolq import QueueFull, ToolClient
-from toolq.bench import count_commands
+from toolq.cli.bench import count_commands
+from toolq.cli.status import flow_status
 from toolq.config.celery_app import queue_lists
-from toolq.status import flow_status
 from toolq.workers.assembly import build_worker
 from toolq.workers.flow import LEASE_MARGIN_S
 from toolq.workers.handler import Delivery, Final

@@ -26,7 +26,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import TOOLS, TOOLS_CONFIG, StartWorker, wait_until
-from toolq.backlog import count_list, queue_backlog
+from toolq.cli.backlog import count_list, queue_backlog
 from toolq.config.celery_app import queue_lists
 from toolq.config.loader import load_settings
 from toolq.health import check, drain_budget_s
@@ -291,7 +291,7 @@ def test_exporter_counts_calls_across_priorities_chunks_and_waiters(
 def test_the_exporter_says_when_it_cannot_read_redis_and_keeps_serving() -> None:
     from prometheus_client import generate_latest
 
-    from toolq.exporter import registry_for
+    from toolq.cli.exporter import registry_for
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

@@ -25,8 +25,8 @@ from tests.conftest import (
     wait_until,
 )
 from toolq import ToolClient
+from toolq.cli.devredis import answers, redis_server_binary
 from toolq.config.loader import load_settings
-from toolq.devredis import answers, redis_server_binary
 from toolq.workers.process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent

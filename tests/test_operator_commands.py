@@ -19,8 +19,8 @@ import redis
 
 from tests.test_operations import free_port, toolq
 from toolq import ToolClient
+from toolq.cli.devredis import RedisServer
 from toolq.config.celery_app import queue_lists
-from toolq.devredis import RedisServer
 
 COMMANDS = [["status"], ["dlq", "list"], ["breakers"]]
 IDS = ["status", "dlq-list", "breakers"]

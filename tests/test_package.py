@@ -56,7 +56,7 @@ def test_error_kinds_map_one_to_one_to_classes() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "src"  # build from a copy: a build leaves build/ behind
-    for name in ("pyproject.toml", "README.md", "toolq", "config", "workers", "producers"):
+    for name in ("pyproject.toml", "README.md", "toolq", "config", "workers", "producers", "cli"):
         if (ROOT / name).is_dir():
             shutil.copytree(
                 ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
@@ -93,9 +93,9 @@ def test_wheel_installs_only_the_toolq_package(wheel: Path) -> None:
         "toolq/config/production.yaml",
         "toolq/workers/runtime/wrapper.ts",
         "toolq/producers/client.py",
-        "toolq/bench_baseline.py",
-        "toolq/projects/weather/compozy.yaml",
-        "toolq/projects/weather/entrypoint.ts",
+        "toolq/cli/bench_baseline.py",
+        "toolq/cli/projects/weather/compozy.yaml",
+        "toolq/cli/projects/weather/entrypoint.ts",
         "toolq/py.typed",
     ):
         assert shipped in names
@@ -130,7 +130,7 @@ def test_demo_runs_from_the_installed_wheel_outside_the_checkout(
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         unwrapped = proc.stdout.replace("\n", "")  # rich wraps long paths
-        assert str(site / "toolq" / "projects" / "weather") in unwrapped
+        assert str(site / "toolq" / "cli" / "projects" / "weather") in unwrapped
 
 
 def test_no_bare_config_or_workers_module_is_importable() -> None:

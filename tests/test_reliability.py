@@ -27,9 +27,9 @@ import redis
 from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
 from tests.test_operations import toolq
 from toolq import BrokerUnavailable, ResultTimeout, ToolClient
+from toolq.cli.devredis import RedisServer
 from toolq.config.celery_app import queue_lists
 from toolq.config.loader import load_settings
-from toolq.devredis import RedisServer
 from toolq.workers.deadletter import DeadLetters
 from toolq.workers.process import WorkerProcess
 

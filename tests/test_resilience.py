@@ -23,8 +23,8 @@ import redis
 
 from tests.conftest import TOOLS, TOOLS_CONFIG, StartWorker, wait_until
 from toolq import ToolClient, ToolResult
+from toolq.cli.devredis import RedisServer
 from toolq.config.loader import load_settings
-from toolq.devredis import RedisServer
 from toolq.workers.assembly import build_worker
 from toolq.workers.handler import MAX_DELIVERIES, Delivery, Final
 from toolq.workers.process import WorkerProcess

@@ -14,8 +14,8 @@ import subprocess
 
 from toolq.config.settings import Settings
 from toolq.errors import ConfigError
-from toolq.install import install_command, missing_module_hint
 from toolq.workers.grants import missing_grant
+from toolq.workers.packages import install_command, missing_module_hint
 from toolq.workers.runtime.launch import Launcher, base_environment
 from toolq.workers.runtime.limits import ResourceLimits
 from toolq.workers.runtime.sandbox import Permissions

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from toolq import bench
-from toolq.bench import Figures, Subject, targets
+from toolq.cli import bench
+from toolq.cli.bench import Figures, Subject, targets
 
 
 def figures(*, tool_closed: float, pss: float, rss: float, bulk: float) -> Figures:

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from toolq.cli.exporter import DEFAULT_PORT, METRIC_NAMES
 from toolq.config.loader import load_settings
-from toolq.exporter import DEFAULT_PORT, METRIC_NAMES
 from toolq.health import drain_budget_s
 
 ROOT = Path(__file__).resolve().parents[2]

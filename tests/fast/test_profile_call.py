@@ -9,7 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import toolq.workers.runtime
-from toolq.profile_call import LAYERS, layer_of_stack, layers_of_profile, layers_of_samples
+from toolq.cli.profile_call import LAYERS, layer_of_stack, layers_of_profile, layers_of_samples
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 PUMP = str(Path(toolq.workers.runtime.__file__).parent / "pump.py")

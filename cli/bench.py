@@ -4,7 +4,7 @@ in the same run.
 Three subjects, one trivial call each, through the same Redis:
 
 - **plain Celery**: a no-op task of a minimal Celery app with none of toolq's settings
-  (:mod:`toolq.bench_baseline`: late acks, prefetch 1), on its own worker process with the
+  (:mod:`toolq.cli.bench_baseline`: late acks, prefetch 1), on its own worker process with the
   same pool (threads) and slot count — what users compare toolq with;
 - **toolq.noop**: a no-op task on toolq's own worker (toolq's Celery settings, no tool);
 - **tool**: a trivial tool called through toolq (per runtime mode), with the circuit
@@ -23,7 +23,7 @@ payload; memory of the whole worker tree with ``max_concurrent_tools`` calls run
 against the seed guide's 512 MiB; CPU per call against starting the wrapper with Bun
 directly. Every figure is the median of the rounds, reported as a ratio to its baseline.
 Results go to ``bench/RESULTS.md`` and a PNG of latency by input size; with py-spy
-installed, where one call's CPU goes (:mod:`toolq.profile_call`) too.
+installed, where one call's CPU goes (:mod:`toolq.cli.profile_call`) too.
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ import celery
 import redis
 from celery import Celery
 
-from toolq import bench_baseline
+from toolq.cli import bench_baseline
+from toolq.cli.devredis import drop_queue, ensure_redis, scratch_database
+from toolq.cli.loadtest import percentile
+from toolq.cli.profile_call import Breakdown, profile_subject, py_spy, wall_breakdown
+from toolq.cli.profile_call import report as profile_report
 from toolq.config.celery_app import NOOP_TASK
 from toolq.config.loader import load_settings
-from toolq.devredis import drop_queue, ensure_redis, scratch_database
-from toolq.loadtest import percentile
 from toolq.producers.client import ToolClient
-from toolq.profile_call import Breakdown, profile_subject, py_spy, wall_breakdown
-from toolq.profile_call import report as profile_report
 from toolq.workers.process import WorkerProcess
 from toolq.workers.runtime.bun import WRAPPER, find_bun
 
@@ -350,7 +350,7 @@ def baseline_worker(redis_url: str, *, concurrency: int) -> Iterator[tuple[Celer
 
 
 class BaselineWorker(WorkerProcess):
-    """``python -m celery -A toolq.bench_baseline worker``, as a user would start it
+    """``python -m celery -A toolq.cli.bench_baseline worker``, as a user would start it
     (threads pool, the same slots as toolq's; no mingle or gossip, as toolq's worker)."""
 
     def __init__(self, redis_url: str, queue: str, concurrency: int) -> None:
@@ -842,7 +842,7 @@ def _report(
         f"`{_command(results, rounds, calls, sandbox)}` (`make bench`); every figure is the "
         "median of the "
         "rounds, measured in interleaved rounds (the order rotates). Baselines are measured "
-        "in the same run: a **plain Celery app's** no-op task (`toolq/bench_baseline.py`: "
+        "in the same run: a **plain Celery app's** no-op task (`cli/bench_baseline.py`: "
         "no toolq settings, late acks, prefetch 1, its own worker process), `toolq.noop` on "
         "toolq's own worker, and Bun starting the wrapper directly.",
         "",

@@ -1,7 +1,7 @@
 """Where one trivial call's time goes, from a profile, not a guess (``toolq bench``).
 
 For each subject of the bench — the trivial tool (warm, with and without toolq's circuit
-breaker; spawn), ``toolq.noop`` and the plain Celery no-op (:mod:`toolq.bench_baseline`) —
+breaker; spawn), ``toolq.noop`` and the plain Celery no-op (:mod:`toolq.cli.bench_baseline`) —
 each on its worker:
 
 - **worker**: py-spy samples the worker process (on-CPU samples only, without pausing

@@ -81,9 +81,9 @@ def cluster_status(settings: Settings) -> dict[str, Any]:
 
 def queued_calls(client: redis.Redis, queue: str) -> int:
     """Calls waiting in a queue (a chunk of N calls is one message and N calls): the
-    count the exporter serves too (:func:`toolq.backlog.count_list`, in Redis, a page
+    count the exporter serves too (:func:`toolq.cli.backlog.count_list`, in Redis, a page
     of 1,000 messages at a time; none leaves Redis)."""
-    from toolq.backlog import count_list  # it imports flow_status from here
+    from toolq.cli.backlog import count_list  # it imports flow_status from here
 
     return sum(count_list(client, name)[1] for name in queue_lists(queue))
 

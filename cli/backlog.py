@@ -31,9 +31,9 @@ from typing import Any
 
 import redis
 
+from toolq.cli.status import flow_status
 from toolq.config.celery_app import PRIORITY_STEPS, RUN_BATCH_TASK, queue_lists
 from toolq.config.settings import Settings
-from toolq.status import flow_status
 
 WINDOW = 1000
 """Messages one script call reads."""
@@ -111,7 +111,7 @@ def queue_backlog(
     flow: dict[str, Any] | None = None,
 ) -> QueueBacklog:
     """The backlog of one queue (see the module's docstring); ``flow``: a
-    :func:`toolq.status.flow_status` already read."""
+    :func:`toolq.cli.status.flow_status` already read."""
     backlog = QueueBacklog(queue)
     for step, name in zip(PRIORITY_STEPS, queue_lists(queue), strict=True):
         messages, calls, exact = count_list(client, name, max_scan=max_scan)

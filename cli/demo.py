@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from toolq.cli.devredis import drop_queue, ensure_redis
 from toolq.config.loader import load_settings
-from toolq.devredis import drop_queue, ensure_redis
 from toolq.envelope import ToolResult
 from toolq.errors import ConfigError
 from toolq.producers.client import ToolCall, ToolClient

@@ -5,7 +5,7 @@ none of toolq's settings — only what a user running slow tasks would set (late
 a prefetch of one) and one no-op task. The broker and result backend come from the
 command line, so nothing is read at import time::
 
-    python -m celery -A toolq.bench_baseline -b REDIS_URL --result-backend REDIS_URL \\
+    python -m celery -A toolq.cli.bench_baseline -b REDIS_URL --result-backend REDIS_URL \\
         worker --pool threads --concurrency 10 --queues QUEUE
 
 It ships in the package, so ``toolq bench`` works from an installed wheel too.

@@ -487,7 +487,7 @@ def demo(
     ] = None,
 ) -> None:
     """Start a worker on the example project, run a batch of calls, show the outcomes."""
-    from toolq.demo import run_demo
+    from toolq.cli.demo import run_demo
 
     raise typer.Exit(_guard(lambda: run_demo(project)))
 
@@ -525,8 +525,8 @@ def flower(
 ) -> None:
     """Start Flower on the toolq app: workers, calls (toolq:<tool id>; FAILURE when the tool
     failed) and queue lengths."""
+    from toolq.cli.flower_hosts import allowed_hosts, restrict_hosts
     from toolq.config.celery_app import make_celery
-    from toolq.flower_hosts import allowed_hosts, restrict_hosts
 
     if basic_auth_file is not None:
         try:
@@ -578,7 +578,7 @@ def status(
     """Queues (messages and calls waiting, caps), workers with running/reserved calls and
     whether their tools run sandboxed, open breakers, dead letters, cluster-wide slots and
     rate limits."""
-    from toolq.status import cluster_status
+    from toolq.cli.status import cluster_status
 
     settings = _settings(config, profile)
     report = _guard(lambda: cluster_status(settings))
@@ -664,8 +664,8 @@ def exporter(
 ) -> None:
     """Serve the true backlog per queue (calls, not messages, over every priority, and
     calls waiting on flow control) as Prometheus metrics, for autoscaling."""
+    from toolq.cli.exporter import serve_forever
     from toolq.config.durations import parse_duration
-    from toolq.exporter import serve_forever
 
     settings = _settings(config, profile)
     try:
@@ -696,8 +696,8 @@ def loadtest(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from toolq.cli.loadtest import run_loadtest
     from toolq.config.durations import parse_duration
-    from toolq.loadtest import run_loadtest
     from toolq.producers import ToolClient
 
     try:
@@ -764,7 +764,7 @@ def bench(
     ] = None,
 ) -> None:
     """Benchmark tool calls against a plain Celery app's no-op task (ratios)."""
-    from toolq.bench import run_bench
+    from toolq.cli.bench import run_bench
 
     chosen = [mode.strip() for mode in modes.split(",") if mode.strip()]
     _guard(
@@ -795,7 +795,7 @@ def install(
 
     Workers run Bun with --no-install: run this once where they run (or in the image).
     Exit 1 if Bun's install failed, 2 if there is nothing Bun could install."""
-    from toolq.install import install as install_packages
+    from toolq.workers.packages import install as install_packages
 
     project_dir = None
     if project is not None:

@@ -1,7 +1,7 @@
 """`toolq exporter`: the true backlog per queue as Prometheus metrics, for autoscalers.
 
 One small process per project (not one per worker): on each scrape it reads the
-backlog from Redis (:mod:`toolq.backlog`; at most once per ``min_interval_s``, so
+backlog from Redis (:mod:`toolq.cli.backlog`; at most once per ``min_interval_s``, so
 several scrapers cost one read), the live workers per queue (the presence sets the
 workers' heartbeats keep, :mod:`toolq.presence`) and the dead letters. Never a
 broadcast to the workers.
@@ -37,7 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
-from toolq.backlog import QueueBacklog, backlog
+from toolq.cli.backlog import QueueBacklog, backlog
 from toolq.config.connections import close_redis, redis_client
 from toolq.config.settings import Settings
 from toolq.presence import live_workers
