@@ -94,14 +94,23 @@ class RetrySettings(_Strict):
     """A tool's retry policy under `tools.<id>.retry`; unset keys take the top-level backoff_*."""
 
     initial_interval_s: Seconds | None = Field(None, alias="initial_interval")
+    """Delay before the first retry; unset: `backoff_initial_interval`."""
     max_interval_s: Seconds | None = Field(None, alias="max_interval")
+    """Cap on any retry delay; unset: `backoff_max_interval`."""
     max_elapsed_time_s: Seconds | None = Field(None, alias="max_elapsed_time")
+    """Deadline from the call's first enqueue; unset: `backoff_max_elapsed_time`."""
     multiplier: float | None = Field(None, ge=1)
+    """Each delay is the previous one times this; unset: `backoff_multiplier`."""
     max_attempts: PositiveInt | None = None
+    """Attempts per call, the first included; unset: the top-level `max_attempts`."""
     jitter: bool | None = None
+    """±50 % jitter on each delay; unset: `backoff_jitter`."""
     non_retryable_errors: list[str] | None = None
+    """Thrown error names never retried (replaces the top-level list)."""
     retryable_errors: list[str] | None = None
+    """Thrown error names retried (replaces the top-level list)."""
     enabled: bool | None = None
+    """false: the tool's calls are never retried."""
 
 
 class BreakerSettings(_Strict):
@@ -110,12 +119,19 @@ class BreakerSettings(_Strict):
     of them); let one probe through after `reset_timeout`."""
 
     fail_max: PositiveInt = 5
+    """Consecutive failed calls that open the breaker."""
     failure_rate: float | None = Field(0.5, gt=0, le=1)
+    """... or this share of the last `window_calls` calls failed (null: off)."""
     window_calls: PositiveInt = 20
+    """The calls `failure_rate` is counted over."""
     minimum_calls: PositiveInt = 10
+    """The rate counts once the window holds this many calls."""
     reset_timeout_s: Seconds = Field(60.0, alias="reset_timeout", gt=0)
+    """Open this long, then exactly one probe call runs across the cluster."""
     success_threshold: PositiveInt = 1
+    """Probe successes that close the breaker."""
     enabled: bool = True
+    """false: no circuit breaker."""
 
     @model_validator(mode="after")
     def _minimum_fits_window(self) -> BreakerSettings:
@@ -131,22 +147,34 @@ class ToolBreakerSettings(_Strict):
     """A tool's breaker overrides under `tools.<id>.circuit_breaker`."""
 
     fail_max: PositiveInt | None = None
+    """The tool's `fail_max`; unset: `circuit_breaker.fail_max`."""
     failure_rate: float | None = Field(None, gt=0, le=1)
+    """The tool's `failure_rate`; unset: `circuit_breaker.failure_rate`."""
     window_calls: PositiveInt | None = None
+    """The tool's `window_calls`; unset: `circuit_breaker.window_calls`."""
     minimum_calls: PositiveInt | None = None
+    """The tool's `minimum_calls`; unset: `circuit_breaker.minimum_calls`."""
     reset_timeout_s: Seconds | None = Field(None, alias="reset_timeout", gt=0)
+    """The tool's `reset_timeout`; unset: `circuit_breaker.reset_timeout`."""
     success_threshold: PositiveInt | None = None
+    """The tool's `success_threshold`; unset: `circuit_breaker.success_threshold`."""
     enabled: bool | None = None
+    """false: no breaker for this tool; unset: `circuit_breaker.enabled`."""
 
 
 class LimitSettings(_Strict):
     """A tool's resource limits under `tools.<id>.limits`; unset keys inherit runtime's."""
 
     max_memory_mb: PositiveInt | None = None
+    """Memory per Bun process of this tool; unset: `runtime.max_memory_mb`."""
     max_cpu_time_s: Seconds | None = Field(None, alias="max_cpu_time", gt=0)
+    """CPU time per call of this tool; unset: `runtime.max_cpu_time`."""
     max_open_files: PositiveInt | None = None
+    """`RLIMIT_NOFILE` for this tool; unset: `runtime.max_open_files`."""
     max_processes: PositiveInt | None = None
+    """The cgroup's `pids.max` for this tool; unset: `runtime.max_processes`."""
     max_tmp_mb: PositiveInt | None = None
+    """Size of this tool's sandboxed /tmp; unset: `runtime.max_tmp_mb`."""
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
@@ -167,20 +195,28 @@ class CacheSettings(_Strict):
     """`tools.<id>.cache`: successful results kept for `ttl`, keyed by tool, input, config."""
 
     ttl_s: Seconds = Field(alias="ttl", gt=0)
+    """How long a successful result answers calls with the same tool, input and config."""
 
 
 class ToolSettings(_Strict):
     """Per-tool overrides under `tools: {<tool_id>: {...}}`; unset keys inherit."""
 
     timeout_s: TimeLimit | None = Field(None, alias="timeout", gt=0)
+    """The tool's soft limit (SIGTERM); unset: `runtime.timeout`."""
     hard_timeout_s: TimeLimit | None = Field(None, alias="hard_timeout", gt=0)
+    """The tool's hard limit (SIGKILL of the group); unset: its own `timeout` + 5 s when
+    it sets one, else `runtime.hard_timeout`."""
     permissions: list[str] | None = None
+    """The tool's sandbox grants instead of `runtime.permissions`; a tool with its own
+    permissions or limits runs in a process of its own (spawn mode)."""
     mode: Literal["warm", "spawn"] | None = None
+    """`warm` or `spawn` for this tool; unset: `runtime.mode`."""
     isolation: Isolation | None = None
+    """`standard` or `strict` for this tool; unset: `runtime.isolation`."""
     limits: LimitSettings | None = None
     retry: RetrySettings | None = None
     circuit_breaker: ToolBreakerSettings | None = None
-    # flow control (README, "Flow control")
+    # flow control (docs/flow-control.md)
     max_concurrency: PositiveInt | None = None
     """At most this many calls of the tool run at once, on all workers together."""
     concurrency_key: str | None = None
@@ -188,6 +224,7 @@ class ToolSettings(_Strict):
     rate_limit: str | None = None
     """``"10/s"``, ``/m`` or ``/h``: calls started, on all workers together (GCRA)."""
     rate_limit_mode: Literal["queue", "reject"] = "queue"
+    """Over the rate: `queue` waits for a token; `reject` ends the call as `rate_limited`."""
     cache: CacheSettings | None = None
     lock_definition: bool = False
     """Calls may not override the keys of the tool definition's ``config`` nor the names of
@@ -232,17 +269,25 @@ def _yaml_off(value: Any) -> Any:
 
 class RuntimeSettings(_Strict):
     type: Literal["bun"] = "bun"
+    """The tool runtime: only `bun` (Compozy's `runtime.type`)."""
     entrypoint: str = "./entrypoint.ts"
+    """The module exporting the tools, relative to the project file (and inside its directory)."""
     timeout_s: TimeLimit = Field(60.0, alias="timeout", gt=0)
+    """Soft limit of a call: SIGTERM to Bun (Compozy: `runtime.tool_execution_timeout`)."""
     hard_timeout_s: TimeLimit | None = Field(None, alias="hard_timeout", gt=0)
+    """Hard limit: SIGKILL to Bun's process group; unset: `timeout` + 5 s."""
     permissions: list[str] = Field(default_factory=lambda: ["--allow-read"])
+    """What the sandbox grants tools: Deno's `--allow-*` flags, enforced (docs: Sandbox)."""
     bun_path: str | None = None
+    """The Bun to run; unset: `./node_modules/.bin/bun`, the checkout's, then `PATH`."""
     mode: Literal["warm", "spawn"] = "warm"
     """warm: long-lived Bun processes, entrypoint loaded once; spawn: a fresh Bun per call."""
     isolation: Isolation = "standard"
-    """strict: a process never serves two calls (runs in spawn mode); see README, Runtime modes."""
+    """strict: a process never serves two calls (runs in spawn mode); see docs/runtime-modes.md."""
     max_calls_per_process: PositiveInt = 1000
+    """warm: a Bun process is replaced after this many calls."""
     max_process_rss_mb: float = Field(256.0, gt=0)
+    """warm: a Bun process is replaced once its RSS passes this."""
     spawn_ahead: NonNegativeInt = 2
     """spawn: processes started ahead of demand per permission/limit set (0: cold starts)."""
     sandbox: Annotated[Literal["required", "auto", "off"], BeforeValidator(_yaml_off)] = "auto"
@@ -252,9 +297,13 @@ class RuntimeSettings(_Strict):
     reach the worker's Redis, loopback services, private networks and cloud metadata.
     Off (default): unscoped `--allow-net` is the public network, through the egress proxy."""
     max_memory_mb: PositiveInt = 2048
+    """Memory per Bun process (a cgroup): past it the call ends as `memory_exceeded`."""
     max_cpu_time_s: Seconds | None = Field(None, alias="max_cpu_time", gt=0)
+    """CPU time per call, watched every 100 ms (the call ends as `timeout`); unset: none."""
     max_open_files: PositiveInt = 1024
+    """`RLIMIT_NOFILE` of each Bun process."""
     max_processes: PositiveInt = 256
+    """The cgroup's `pids.max` per Bun process (its threads count)."""
     max_tmp_mb: PositiveInt = 64
     """Size of a sandboxed call's /tmp (TMPDIR inside it): a tmpfs, gone with the call."""
 
@@ -272,11 +321,15 @@ class RuntimeSettings(_Strict):
 
 class PerformanceSettings(_Strict):
     max_concurrent_tools: PositiveInt = 10
+    """Tools one worker runs at once (`toolq worker --concurrency` overrides)."""
     enable_metrics: bool = False
+    """Serve Prometheus metrics from each worker on `metrics_port`."""
     metrics_port: int = Field(9540, ge=0, le=65535)
     """First port tried for a worker's /metrics; the next free one is taken if it is busy."""
     log_slow_queries: bool = False
+    """Log a JSON line for every call slower than `slow_query_threshold`."""
     slow_query_threshold_s: Seconds = Field(5.0, alias="slow_query_threshold")
+    """Calls slower than this are logged when `log_slow_queries` is on."""
     task_events: Literal["on_demand", "always"] = "on_demand"
     """Celery's task events (what Flower shows calls from): sent once a monitor asks for
     them (Flower asks every worker every 5 s; ``toolq flower`` at once), or always."""
@@ -317,28 +370,42 @@ class Settings(_Strict):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     performance: PerformanceSettings = Field(default_factory=PerformanceSettings)
     backoff_initial_interval_s: Seconds = Field(0.1, alias="backoff_initial_interval")
+    """Retries: the delay before the first retry."""
     backoff_max_interval_s: Seconds = Field(5.0, alias="backoff_max_interval")
+    """Retries: the cap on any delay."""
     backoff_max_elapsed_time_s: Seconds = Field(30.0, alias="backoff_max_elapsed_time")
+    """Retries: a deadline from the call's first enqueue; no attempt starts after it."""
     backoff_multiplier: float = Field(2.0, ge=1)
+    """Retries: each delay is the previous one times this."""
     backoff_jitter: bool = True
+    """Retries: ±50 % random jitter on each delay, as Compozy's Go backoff."""
     max_attempts: PositiveInt = 5
+    """Attempts per call, the first included (a call may set its own)."""
     non_retryable_errors: list[str] = Field(default_factory=list)
     """Names of thrown errors never retried, and neutral for the breaker (the caller's fault)."""
     retryable_errors: list[str] = Field(default_factory=list)
     """Names of thrown errors retried although they do not say ``retryable: true``."""
     circuit_breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     idempotency_ttl_s: Seconds = Field(24 * 3600.0, alias="idempotency_ttl", gt=0)
+    """How long an idempotency key answers with its first call."""
     dead_letter_max: PositiveInt = 10_000
+    """Dead-letter entries kept; the oldest are dropped past this."""
     dead_letter_max_bytes: ByteSize = Field(64 * 1024**2, ge=64 * 1024)
     """Byte budget of the dead-letter list; one entry may use a tenth of it."""
     dead_letter_ttl_s: Seconds = Field(7 * 24 * 3600.0, alias="dead_letter_ttl", gt=0)
+    """Dead-letter entries are dropped once older than this."""
     redis_socket_timeout_s: Seconds = Field(5.0, alias="redis_socket_timeout", gt=0)
     """Connect and read timeout of every producer, CLI and toolq Redis connection."""
     visibility_timeout_s: Seconds | None = Field(None, alias="visibility_timeout")
+    """Redis redelivers a call whose worker was lost this long after it was taken;
+    unset: the longest hard limit + 70 s. Values that would let a running call be
+    delivered twice are refused."""
     redis_url: str = DEFAULT_REDIS_URL
+    """Broker, results and toolq's keys: `redis://`, `rediss://`, `unix://` or `sentinel://`."""
     redis_sentinel_master: str | None = None
     """With sentinel:// URLs: the name of the monitored master."""
     queue: str = DEFAULT_QUEUE
+    """The default queue; unset: the project's `name` (as a queue name), else `toolq`."""
     queues: dict[str, list[str]] = Field(default_factory=dict)
     """Routing: queue name -> the tools sent to it (others go to `queue`)."""
     tools: dict[str, ToolSettings] = Field(default_factory=dict)
