@@ -24,7 +24,7 @@ from toolq.cli.bench import count_commands
 from toolq.cli.devredis import scratch_database
 from toolq.config.loader import load_settings
 from toolq.workers.assembly import WorkerParts, build_worker
-from toolq.workers.handler import Delivery, Final
+from toolq.workers.call.attempt import Delivery, Final
 
 PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
 SETUPS: dict[str, dict[str, Any]] = {

@@ -24,8 +24,8 @@ from toolq.cli.bench import count_commands
 from toolq.cli.status import flow_status
 from toolq.config.celery_app import queue_lists
 from toolq.workers.assembly import build_worker
+from toolq.workers.call.attempt import Delivery, Final
 from toolq.workers.flow import LEASE_MARGIN_S
-from toolq.workers.handler import Delivery, Final
 
 
 def stamps(log: Path) -> list[tuple[str, str, float]]:

@@ -26,7 +26,8 @@ from toolq import ToolClient, ToolResult
 from toolq.cli.devredis import RedisServer
 from toolq.config.loader import load_settings
 from toolq.workers.assembly import build_worker
-from toolq.workers.handler import MAX_DELIVERIES, Delivery, Final
+from toolq.workers.call.attempt import Delivery, Final
+from toolq.workers.call.guard import MAX_DELIVERIES
 from toolq.workers.process import WorkerProcess
 
 REDELIVERY_CONFIG = TOOLS / "redelivery.yaml"

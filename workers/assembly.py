@@ -2,7 +2,7 @@
 once in Bun), probe the sandbox and cgroups, start the runtimes, open Redis, build the
 metrics.
 
-:class:`toolq.workers.handler.CallHandler` only handles calls; everything that
+:class:`toolq.workers.call.handler.CallHandler` only handles calls; everything that
 touches the machine at start-up happens here, once per worker process.
 """
 
@@ -24,10 +24,11 @@ from toolq.sealing import load_sealer
 from toolq.signing import load_signer
 from toolq.workers.breaker import Breakers
 from toolq.workers.cache import ResultCache
+from toolq.workers.call.guard import MAX_DELIVERIES
+from toolq.workers.call.handler import CallHandler
 from toolq.workers.cancel import CancelWatch
 from toolq.workers.deadletter import DeadLetters
 from toolq.workers.flow import Flow
-from toolq.workers.handler import MAX_DELIVERIES, CallHandler
 from toolq.workers.info import sandbox_info
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles

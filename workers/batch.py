@@ -2,7 +2,7 @@
 
 Celery's per-message work (delivery, acknowledgement, task events, the task's own
 result) is paid once per chunk; everything toolq promises a call is still per call:
-each goes through the same :class:`~toolq.workers.handler.CallHandler` (validation,
+each goes through the same :class:`~toolq.workers.call.handler.CallHandler` (validation,
 cancel, breaker, flow control, dead letters, metrics), its result is stored under its
 own id, and a retry is a message of its own (any worker may take it).
 
@@ -33,7 +33,8 @@ from typing import Any, Protocol
 from toolq.envelope import ToolResult
 from toolq.errors import ToolCrashed
 from toolq.protocol import ChunkEntry
-from toolq.workers.handler import CallHandler, Delivery, Final, Retry
+from toolq.workers.call.attempt import Delivery, Final, Retry
+from toolq.workers.call.handler import CallHandler
 from toolq.workers.results import Countdown
 
 log = logging.getLogger("toolq.worker")

@@ -42,7 +42,8 @@ from toolq.config.settings import BACKSTOP_MARGIN_S, CELERY_HARD_MARGIN_S
 from toolq.errors import InvalidInput, ToolCallFailed
 from toolq.protocol import chunk_from_message
 from toolq.workers.batch import Chunk, ChunkRunner
-from toolq.workers.handler import CallHandler, Delivery, Final, Retry
+from toolq.workers.call.attempt import Delivery, Final, Retry
+from toolq.workers.call.handler import CallHandler
 
 log = logging.getLogger("toolq.worker")
 

@@ -17,8 +17,8 @@ from toolq.config.settings import Settings
 from toolq.envelope import ToolErrorInfo
 from toolq.workers.breaker import Admission, Verdict
 from toolq.workers.cache import Cached
+from toolq.workers.call.handler import CallHandler
 from toolq.workers.flow import SlotGrant, Token, waiter_order
-from toolq.workers.handler import CallHandler
 from toolq.workers.metrics import Metrics
 from toolq.workers.profile import Profiles
 from toolq.workers.runtime.base import Call, CancelToken, Outcome

@@ -17,7 +17,7 @@ from tests.fast.fakes import error, ok, rig
 from toolq.errors import InvalidInput
 from toolq.protocol import ChunkEntry, chunk_from_message
 from toolq.workers.batch import Chunk, ChunkRunner
-from toolq.workers.handler import Retry
+from toolq.workers.call.attempt import Retry
 from toolq.workers.results import Countdown
 
 

@@ -20,7 +20,7 @@ from toolq.config.tooldefs import ToolDefinition, parse_definition
 from toolq.errors import ConfigError, InvalidInput
 from toolq.keys import Keys
 from toolq.protocol import CallRequest, new_request, validate
-from toolq.workers.handler import Delivery, Final
+from toolq.workers.call.attempt import Delivery, Final
 from toolq.workers.profile import Profiles
 
 DESK = Path(__file__).resolve().parents[1] / "projects" / "weather_desk" / "compozy.yaml"

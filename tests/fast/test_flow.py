@@ -12,6 +12,7 @@ from tests.fast.fakes import FakeFlow, ok, rig
 from toolq.config.settings import Settings, parse_rate
 from toolq.errors import InvalidInput
 from toolq.protocol import CallRequest, new_request, validate
+from toolq.workers.call.attempt import Delivery, Final, Retry
 from toolq.workers.flow import (
     LEASE_MARGIN_S,
     MAX_SLOT_POLL_S,
@@ -20,7 +21,6 @@ from toolq.workers.flow import (
     slot_poll_s,
     waiter_order,
 )
-from toolq.workers.handler import Delivery, Final, Retry
 from toolq.workers.runtime.base import Call, Outcome
 
 TOOLS: dict[str, Any] = {

@@ -10,7 +10,9 @@ import pytest
 
 from tests.fast.fakes import FakeBreakers, error, ok, rig
 from toolq.workers.breaker import Admission
-from toolq.workers.handler import DEFER_SLACK_S, MAX_DELIVERIES, Delivery, Final, Retry
+from toolq.workers.call.admit import DEFER_SLACK_S
+from toolq.workers.call.attempt import Delivery, Final, Retry
+from toolq.workers.call.guard import MAX_DELIVERIES
 from toolq.workers.runtime.base import Call, Outcome
 
 DELIVERY = Delivery("call-1", "worker-a", "toolq")

@@ -18,7 +18,7 @@ from toolq.envelope import ToolErrorInfo
 from toolq.errors import ConfigError, InvalidInput
 from toolq.protocol import CallRequest, new_request, validate
 from toolq.sealing import Sealer, load_sealer
-from toolq.workers.handler import Delivery, Final, Retry
+from toolq.workers.call.attempt import Delivery, Final, Retry
 from toolq.workers.runtime.base import Call, Outcome
 from toolq.workers.runtime.secrets import redact_error, redact_secrets
 
