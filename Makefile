@@ -7,7 +7,7 @@ BUN := node_modules/.bin/bun
 NETSHIM := workers/runtime/netshim.so
 CORPUS := tests/corpus
 
-.PHONY: setup sandbox sandbox-access k8s-validate demo test test-fast lint typecheck format bench soak clean
+.PHONY: setup sandbox sandbox-access k8s-validate docs demo test test-fast lint typecheck format bench soak clean
 
 setup: $(VENV)/.installed $(BUN) $(NETSHIM) $(CORPUS)/node_modules/.installed sandbox sandbox-access
 
@@ -62,7 +62,7 @@ demo: setup
 # The fast tier first (seconds), then the end-to-end tier in 3 test processes: its tests
 # mostly wait on workers and Bun, so 3 fill 2 cores. Each test process has its own Redis
 # database and basetemp; a module's tests stay on one process (their fixtures are shared).
-test: setup lint k8s-validate
+test: setup lint k8s-validate docs
 	$(BIN)/python -m pytest tests/fast
 	$(BIN)/python -m pytest tests --ignore=tests/fast -n 3 --dist loadfile
 
@@ -86,12 +86,19 @@ $(K8S_CRDS): deploy/kubernetes/validate/package.json deploy/kubernetes/validate/
 	npm ci --prefix deploy/kubernetes/validate --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The documentation site (mkdocs.yml, docs/) into site/ (git-ignored). --strict: a broken
+# link or anchor, or a page missing from nav, fails it. docs/hooks.py generates the
+# settings and CLI references from the code at build time, so they cannot drift.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # The policy/unit tier: no Redis, no Bun, no bubblewrap; a few seconds.
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/fast
 
 bench: setup
 	$(BIN)/toolq bench --modes spawn,warm,spawn-cold --rounds 3
+	$(BIN)/python bench/tracing_cost.py --rounds 3 --report bench/RESULTS.md
 
 # Chaos soak (not part of `make test`): calls through worker SIGKILLs and Redis restarts.
 soak: setup
@@ -114,4 +121,4 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) node_modules $(NETSHIM) .typecheck .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) node_modules $(NETSHIM) .typecheck .pytest_cache .mypy_cache .ruff_cache *.egg-info site

@@ -326,14 +326,14 @@ def test_a_signed_and_sealed_async_call_runs_on_a_worker_with_the_key(
 
 
 WEATHER_CONFIG = EXAMPLE_PROJECT / "compozy.yaml"
-README = Path(__file__).resolve().parents[1] / "README.md"
+ASYNC_CLIENT_DOC = Path(__file__).resolve().parents[1] / "docs" / "async-client.md"
 
 
-def readme_fastapi_app() -> str:
-    """The README's FastAPI example, as written there."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def documented_fastapi_app() -> str:
+    """The FastAPI example of docs/async-client.md, as written there."""
+    blocks = re.findall(r"```python\n(.*?)```", ASYNC_CLIENT_DOC.read_text(), re.S)
     apps = [block for block in blocks if "from fastapi import FastAPI" in block]
-    assert len(apps) == 1, "the README has one FastAPI example"
+    assert len(apps) == 1, "docs/async-client.md has one FastAPI example"
     return apps[0]
 
 
@@ -343,11 +343,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_the_readme_fastapi_app_served_by_uvicorn(redis_url: str, tmp_path: Path) -> None:
-    """The README's app as written, served by uvicorn in its own process, a real worker
-    on the weather project behind it, called over HTTP (many requests at once)."""
+def test_the_documented_fastapi_app_served_by_uvicorn(redis_url: str, tmp_path: Path) -> None:
+    """The documented app (docs/async-client.md) as written, served by uvicorn in its own
+    process, a real worker on the weather project behind it, called over HTTP (many
+    requests at once)."""
     queue = f"q-weather-{uuid.uuid4().hex[:8]}"
-    (tmp_path / "app.py").write_text(readme_fastapi_app())
+    (tmp_path / "app.py").write_text(documented_fastapi_app())
     settings = load_settings(WEATHER_CONFIG, environ={}, overrides={"redis_url": redis_url})
     port = free_port()
     environment = {
