@@ -12,7 +12,7 @@ CORPUS := tests/corpus
 setup: $(VENV)/.installed $(BUN) $(NETSHIM) $(CORPUS)/node_modules/.installed sandbox sandbox-access
 
 # The route for raw TCP sockets (Bun.connect, node:net, node:http) of tools granted
-# --allow-net, through the egress proxy (README, "Network"); without a C compiler they
+# --allow-net, through the egress proxy (docs/security/network.md); without a C compiler they
 # have no route and fetch alone works.
 $(NETSHIM): workers/runtime/netshim.c
 	@if command -v cc >/dev/null 2>&1; then cc -O2 -Wall -Wextra -shared -fPIC -o $@ $< -ldl -lpthread; \
@@ -26,7 +26,7 @@ sandbox:
 	      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null)) ; } \
 	  || echo "bubblewrap not installed: install it (package bubblewrap) to sandbox tools"
 
-# Tools run as uid 65534 in the sandbox (README, "Sandbox"), and the test and demo tools
+# Tools run as uid 65534 in the sandbox (docs/security/sandbox.md), and the test and demo tools
 # and Bun live in this checkout: as root, make each directory above it traversable for
 # that uid (o+x: enter, not list) where it is not, and say which.
 sandbox-access:

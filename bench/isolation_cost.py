@@ -1,4 +1,4 @@
-"""What the warm call boundary costs per call (README, "Runtime modes").
+"""What the warm call boundary costs per call (docs/runtime-modes.md).
 
 Two sandboxed warm processes run a trivial tool, interleaved: one clears what each
 call left (processes, /tmp, /dev/shm — workers/runtime/isolation.py), the other skips

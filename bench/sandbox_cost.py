@@ -1,4 +1,4 @@
-"""What the sandbox costs per call, in each runtime mode (README, "Sandbox").
+"""What the sandbox costs per call, in each runtime mode (docs/security/sandbox.md).
 
 Runs a trivial tool through the runner directly (no queue), interleaving four set-ups —
 spawn and warm, each with and without bubblewrap + cgroups — and prints the median wall

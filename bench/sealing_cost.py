@@ -1,4 +1,4 @@
-"""What sealing a call's env costs (README, "Secrets").
+"""What sealing a call's env costs (docs/security/secrets.md).
 
 Two measurements, each against the same thing without a key, in the same run:
 

@@ -1,4 +1,4 @@
-"""What signing calls costs (README, "Signed calls").
+"""What signing calls costs (docs/security/signing.md).
 
 Two measurements, each against the same thing unsigned, in the same run:
 

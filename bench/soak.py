@@ -164,7 +164,7 @@ class Soak:
 
     def run(self) -> dict[str, Any]:
         self.counters.mkdir(parents=True)  # the sandbox lets tools write in the project
-        if os.geteuid() == 0:  # a root worker runs tools as uid 65534 (README, "Sandbox")
+        if os.geteuid() == 0:  # a root worker runs tools as uid 65534 (docs/security/sandbox.md)
             for path in (self.counters.parent, self.counters):
                 path.chmod(0o1777)
         self.server.start()

@@ -70,7 +70,7 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         "health_check_interval": 25,
         "socket_timeout": read_timeout,
         "socket_connect_timeout": timeout,
-        # Priorities (README, "Flow control"): one list per step. queue_order_strategy
+        # Priorities (docs/flow-control.md, "Priorities"): one list per step. queue_order_strategy
         # stays round_robin: it orders a worker's *queues*, not priorities.
         "priority_steps": PRIORITY_STEPS,
         "sep": PRIORITY_SEP,

@@ -215,7 +215,7 @@ def load_definitions(
 
 # -- Deno-era definitions (found, reported, not run) -------------------------------------
 
-_PORTING = "see the README, 'Compozy projects', for bringing a Deno-era project over"
+_PORTING = "see docs/compozy.md, 'Bringing a Deno-era project over'"
 
 
 def _note_execute(found: Definitions, raw: Mapping[str, Any], source: str) -> None:

@@ -61,7 +61,8 @@ def scratch() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def desk() -> Iterator[Path]:
     """The monorepo copied as a user has it; the desk's packages installed the way the
-    README says, `toolq install` (the workers' pinned Bun; `bun` is not on PATH)."""
+    docs say (docs/writing-tools.md), `toolq install` (the workers' pinned Bun; `bun` is
+    not on PATH)."""
     for parent in own_directory():
         yield from _installed(parent)
 

@@ -1,4 +1,4 @@
-"""`--allow-net` is the public network, never the control plane (README, "Network").
+"""`--allow-net` is the public network, never the control plane (docs/security/network.md).
 
 A tool granted unscoped `--allow-net` (Compozy's examples grant it to any tool that calls an
 API) reached the worker's own Redis on loopback and so every project's calls. Now every

@@ -1,7 +1,8 @@
 """Issue 10, the sandbox half: each escape tried as an attacker would, each grant at its edge.
 
 Real bwrap, real Bun, the real runner; a caller controls a call's input and env, a
-tool is hostile. Each test names the line of the README's threat model it proves.
+tool is hostile. Each test names the line of the threat model it proves
+(docs/security/threat-model.md).
 """
 
 from __future__ import annotations

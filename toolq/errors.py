@@ -119,7 +119,7 @@ class ToolFailure(ToolqError):
 
 class ToolError(ToolFailure):
     kind = "tool_error"
-    retryable = False  # a thrown error is retried only when it says so (README, "Retries")
+    retryable = False  # a thrown error is retried only when it says so (docs/reliability.md)
 
 
 class ToolTimeout(ToolFailure):

@@ -125,7 +125,7 @@ def _port(text: str, port_text: str) -> int:
 
 @dataclass(frozen=True)
 class Permissions:
-    """Parsed `--allow-*` flags (see the README's permissions table)."""
+    """Parsed `--allow-*` flags (docs/security/sandbox.md, the permissions table)."""
 
     read: Grant = False
     write: Grant = False

@@ -66,7 +66,7 @@ class CallRequest:
     env_sealed: str | None = None
     """The token the env arrived sealed in: passed on as it is (retries, dead letters)."""
     priority: int | None = None
-    """0..9, 9 the most urgent; None is 0 (README, "Flow control")."""
+    """0..9, 9 the most urgent; None is 0 (docs/flow-control.md)."""
     cache: bool = True
     """False: run the tool even if its result cache holds an answer (and do not store one)."""
     rate_token_at: float | None = None

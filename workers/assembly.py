@@ -138,7 +138,7 @@ def build_launcher(settings: Settings) -> Launcher:
 
 def _warn_if_project_holds_redis_password(settings: Settings) -> None:
     """Tools may read the project directory (every profile grants it): a Redis password
-    written in its configuration file is every tool's (README, "Redis credentials")."""
+    written in its configuration file is every tool's (docs/operations.md, "Redis credentials")."""
     password = urlsplit(settings.redis_url.split(";")[0]).password
     source = Path(settings.source)
     if not password or not source.is_file() or not source.is_relative_to(settings.project_dir):
@@ -175,14 +175,14 @@ def build_worker(
             "NO SECRET KEY: calls are not authenticated. Anyone who can write to this Redis "
             "(a tool granted network access, another project) can make this worker run its "
             "tools with its grants. Set TOOLQ_SECRET_KEY or secret_key_file (`toolq keygen`) "
-            'on workers and producers (README, "Signed calls")'
+            "on workers and producers (docs/security/signing.md)"
         )
     # Read once: no child (a tool granted --allow-env, a pool process) inherits the key.
     if os.environ.pop("TOOLQ_SECRET_KEY", None) is not None:
         log.warning(
             "TOOLQ_SECRET_KEY stays readable in /proc/%d/environ (to this worker's user and "
             "root) for the worker's whole life, though dropped from its environment: prefer "
-            'secret_key_file on workers (README, "Secrets")',
+            "secret_key_file on workers (docs/security/secrets.md)",
             os.getpid(),
         )
     launcher = build_launcher(settings)
@@ -238,8 +238,8 @@ def _check_grants(sandbox: Sandbox, settings: Settings, profiles: Profiles) -> N
     """An ``--allow-read=PATH``/``--allow-write=PATH`` its tools' uid cannot use is said at
     start, naming the path and the fix, instead of failing each call of the tool (bwrap
     cannot mount a path behind a closed directory; past that, EACCES): a path whose mode
-    bars that uid refuses the start, one that does not exist (yet) is a warning (README,
-    "Sandbox")."""
+    bars that uid refuses the start, one that does not exist (yet) is a warning
+    (docs/security/sandbox.md)."""
     barred: list[str] = []
     missing: list[str] = []
     grants = [profiles.default_permissions(), *(profiles[t].permissions for t in settings.tools)]

@@ -1,6 +1,6 @@
 """Start a toolq worker: a Celery worker whose one task runs tools with Bun.
 
-Pool choice, on evidence (README, "Choosing a pool"): the runner waits on pipes
+Pool choice, on evidence (docs/operations.md, "Choosing a pool"): the runner waits on pipes
 and enforces its own limits, so the default ``threads`` pool spends one Python
 process on ``max_concurrent_tools`` calls; ``prefork`` costs a Python process
 per slot, which does not fit the seed guide's 512 MiB container at 10 slots.

@@ -14,7 +14,7 @@
   that the worker's user owns, and the files the worker names (its ``secret_key_file``).
   Anything else that user owns and keeps elsewhere stays readable: run workers as root
   (tools then drop to uid 65534 on the host) or as a user that owns nothing else
-  (README, "Sandbox and resource limits").
+  (docs/security/sandbox.md, "Who the tool is").
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Run Bun inside a bubblewrap sandbox that grants exactly what `runtime.permissions` lists.
 
 Compozy's permissions are Deno flags that Bun ignores; here they are enforced (the
-README's permissions table and threat model say how, and which test proves each line).
+permissions table of docs/security/sandbox.md and docs/security/threat-model.md say how,
+and which test proves each line).
 Deny by default: the project directory read-only, a private /tmp of its own (a tmpfs of
 ``max_tmp_mb``; TMPDIR is /tmp/toolq inside it), no network, no worker variables, no
 executables but Bun, a private /proc; nothing else of the host filesystem but the few

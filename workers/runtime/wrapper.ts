@@ -296,7 +296,7 @@ const baseEnv = { ...process.env };
 // Warm mode: timers a call leaves pending are cleared when it ends, and a Bun.sleep it
 // started never resolves after that, so nothing the call scheduled runs during a later
 // call and reads that caller's env. (Pending I/O callbacks cannot be cancelled: see the
-// README's "what survives"; isolation: strict gives such tools a process per call.)
+// docs/runtime-modes.md, "What survives"; isolation: strict gives such tools a process per call.)
 let callRunning = false;
 let callNumber = 0;
 const callTimers = new Map<unknown, (handle: unknown) => void>();
