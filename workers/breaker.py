@@ -13,18 +13,15 @@ and counters race. Here each transition is one Lua script on a single hash:
   failed (once ``minimum_calls`` were seen); the probe's failure re-opens it;
   ``success_threshold`` probe successes close it.
 
-What counts is the handler's business (one verdict per call, :func:`verdict_of`).
+What counts is the call's business (one verdict per call, :func:`verdict_of`, reported by
+:mod:`toolq.workers.call.record`).
 
-Redis' own clock (``TIME``) is used, so hosts with skewed clocks agree.
+Redis' own clock (``TIME``) is used, so hosts with skewed clocks agree. A worker skips
+Redis for the tools it knows to be healthy (:mod:`toolq.workers.breaker_events`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +33,7 @@ import redis
 from toolq import keys
 from toolq.config.settings import BreakerSettings
 from toolq.envelope import ToolErrorInfo
-
-log = logging.getLogger("toolq.worker")
+from toolq.workers.breaker_events import Health
 
 COUNTED_KINDS = frozenset({"timeout", "crashed", "tool_error"})
 """Failures that may say the tool is unwell; toolq's refusals (invalid_input...) do not."""
@@ -126,103 +122,6 @@ if state == 'half-open' and probe then
 end
 return state
 """
-
-
-class Health:
-    """This worker's view of which tools' breakers are closed and *clean* (no failure in a
-    row, none in the window), kept current by the events every recorded verdict publishes.
-
-    A call to a clean tool costs no Redis round trip: it is admitted here, and its success
-    is counted here and sent with the tool's next recorded verdict (the window stays
-    exact; a success cannot change a clean breaker). While the subscription is down —
-    Redis restarting, a fresh process — nothing is clean and every call asks Redis.
-    A verdict recorded on another worker reaches this one within a pub/sub delivery: in
-    that moment a call may still be admitted here, as it would have been a moment
-    earlier.
-    """
-
-    def __init__(self, client: redis.Redis, channel: str) -> None:
-        self._client = client
-        self._channel = channel
-        self._lock = threading.Lock()
-        self._clean: set[str] = set()
-        self._versions: dict[str, int] = {}
-        self._skipped: dict[str, int] = {}
-        self._live = False
-        self._pid: int | None = None
-
-    def clean(self, tool_id: str) -> bool:
-        self._ensure_listening()
-        return self._live and tool_id in self._clean
-
-    def version(self, tool_id: str) -> int:
-        return self._versions.get(tool_id, 0)
-
-    def learned(self, tool_id: str, clean: bool, version: int) -> None:
-        """What a script returned; ignored if an event about this tool came meanwhile."""
-        with self._lock:
-            if self._versions.get(tool_id, 0) != version:
-                return
-            if clean:
-                self._clean.add(tool_id)
-            else:
-                self._clean.discard(tool_id)
-
-    def skip(self, tool_id: str) -> None:
-        with self._lock:
-            self._skipped[tool_id] = self._skipped.get(tool_id, 0) + 1
-
-    def take_skipped(self, tool_id: str) -> int:
-        with self._lock:
-            return self._skipped.pop(tool_id, 0)
-
-    def _event(self, data: bytes) -> None:
-        try:
-            tool_id, state, failures, failed = data.decode().split(" ")
-        except ValueError:
-            return
-        with self._lock:
-            self._versions[tool_id] = self._versions.get(tool_id, 0) + 1
-            if state == "closed" and failures == "0" and failed == "0":
-                self._clean.add(tool_id)
-            else:
-                self._clean.discard(tool_id)
-
-    def _ensure_listening(self) -> None:
-        pid = os.getpid()
-        if self._pid == pid:
-            return
-        with self._lock:
-            if self._pid == pid:
-                return
-            self._pid = pid  # a forked pool process: its own subscription, its own view
-            self._live = False
-            self._clean.clear()
-            self._skipped.clear()
-        threading.Thread(target=self._listen, name="toolq-breaker-events", daemon=True).start()
-
-    def _listen(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                pubsub.subscribe(self._channel)
-                pubsub.get_message(timeout=1.0)  # the subscription is confirmed
-                with self._lock:
-                    self._live = True
-                while self._pid == pid:
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        self._event(message["data"])
-            except Exception:  # Redis gone: ask it for every call until it is back
-                log.debug("breaker events unavailable", exc_info=True)
-            finally:
-                with self._lock:
-                    self._live = False
-                    self._clean.clear()
-                with contextlib.suppress(Exception):
-                    pubsub.close()
-            time.sleep(1.0)
 
 
 @dataclass(frozen=True)

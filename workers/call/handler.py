@@ -46,7 +46,10 @@ from toolq.workers.runtime.base import Runtime, failed
 
 @dataclass
 class CallHandler:
-    """A worker's calls, step by step, with the collaborators the steps are given."""
+    """A worker's calls, step by step, with the collaborators the steps are given.
+
+    The steps are built once from these fields (``__post_init__``); ``sealer`` alone is
+    read per call, so the worker's key lives in one place."""
 
     settings: Settings
     profiles: Profiles
@@ -88,10 +91,12 @@ class CallHandler:
         self._finish = Finish(self.settings, metrics, self.dead_letters, self.sandbox, clock)
 
     def handle(self, message: Any, delivery: Delivery) -> Decision:
+        """The steps in order; the first that ends or defers the call decides."""
         received = Received(message, delivery, self.clock())
-        attempt = decode(received, self.settings, self.profiles, self.sealer)
-        if isinstance(attempt, Ended):
-            return self._finish(received, None, attempt, self.sealer)
+        decoded = decode(received, self.settings, self.profiles, self.sealer)
+        if isinstance(decoded, Ended):  # not a valid call
+            return self._finish(received, None, decoded, self.sealer)
+        attempt = decoded
         checked = self._guard.check(attempt)  # cancelled? lost with its worker too often?
         if isinstance(checked, Ended):
             return self._settle(attempt, checked)
