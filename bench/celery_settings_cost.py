@@ -28,8 +28,8 @@ from typing import Any
 
 from celery import Celery
 
-from toolq.cli.bench import rotated
 from toolq.cli.bench_baseline import SETTINGS as PLAIN
+from toolq.cli.bench_loops import rotated
 from toolq.config.celery_app import celery_config
 from toolq.config.loader import load_settings
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from toolq.cli.bench import count_commands
 from toolq.cli.devredis import scratch_database
+from toolq.cli.meters import count_commands
 from toolq.config.loader import load_settings
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.call.attempt import Delivery, Final

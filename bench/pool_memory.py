@@ -13,8 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
-from toolq.cli.bench import bench_worker, peak_memory_while_busy, tree_rss_mib
+from toolq.cli.bench import bench_worker, peak_memory_while_busy
 from toolq.cli.devredis import ensure_redis, scratch_database
+from toolq.cli.meters import tree_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "cli" / "projects" / "bench"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from toolq.cli import bench_baseline
-from toolq.cli.bench import CpuMeter, baseline_worker
+from toolq.cli.bench import baseline_worker
+from toolq.cli.meters import CpuMeter
 
 
 def test_the_plain_celery_baseline_runs_its_no_op_on_its_own_worker(redis_url: str) -> None:

@@ -20,7 +20,7 @@ import redis
 from tests.conftest import StartWorker, wait_until
 from tests.test_resilience import runs, toolq
 from toolq import QueueFull, ToolClient
-from toolq.cli.bench import count_commands
+from toolq.cli.meters import count_commands
 from toolq.cli.status import flow_status
 from toolq.config.celery_app import queue_lists
 from toolq.workers.assembly import build_worker

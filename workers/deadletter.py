@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import redis
 
@@ -28,6 +29,8 @@ PREVIEW_CHARS = 4096
 """What an oversized entry keeps of its input (JSON text) and of long error texts."""
 ENTRY_SHARE = 10
 """One entry may use at most 1/ENTRY_SHARE of the byte budget."""
+ReplaySelection = tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]
+"""The entries to replay, and the others with why not (:meth:`DeadLetters.to_replay`)."""
 
 _ADD = """
 local id, entry = ARGV[1], ARGV[2]
@@ -168,6 +171,57 @@ class DeadLetters:
         count = self.count()
         self._redis.delete(*self._all)
         return count
+
+    def to_replay(self, call_id: str | None) -> ReplaySelection:
+        """What ``toolq dlq replay`` runs again, one call's entry (``call_id``) or every
+        entry (None): the replayable entries, and the others with why not (both empty:
+        no such entry)."""
+        found = self.list() if call_id is None else [self.get(call_id)]
+        entries = [entry for entry in found if entry is not None]
+        refused = [
+            (entry, reason)
+            for entry in entries
+            if (reason := not_replayable_reason(entry)) is not None
+        ]
+        return [entry for entry in entries if replayable(entry)], refused
+
+    def replay(self, entry: dict[str, Any], enqueue: Enqueue) -> str:
+        """Enqueue a replayable entry again (a fresh call: a new id, fresh attempts) with
+        the producer's ``enqueue``, its sealed env passed on unopened (no key needed),
+        then remove the entry; the new call's id."""
+        call = enqueue(
+            entry["tool_id"],
+            entry.get("input"),
+            entry.get("env"),
+            entry.get("timeout"),
+            entry.get("queue"),
+            config=entry.get("config"),
+            sealed_env=entry.get("env_sealed"),
+        )
+        self.remove(entry["id"])
+        return call.id
+
+
+class Enqueued(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class Enqueue(Protocol):
+    """``ToolClient.enqueue``'s shape, as :meth:`DeadLetters.replay` uses it (passed in:
+    workers import nothing from producers)."""
+
+    def __call__(
+        self,
+        tool_id: str,
+        input: Any = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | str | None = None,
+        queue: str | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        sealed_env: str | None = None,
+    ) -> Enqueued: ...
 
 
 def not_replayable_reason(entry: dict[str, Any]) -> str | None:

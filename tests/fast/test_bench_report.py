@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from toolq.cli import bench
-from toolq.cli.bench import Figures, Subject, targets
+from toolq.cli import bench_report, meters
+from toolq.cli.bench_report import Figures, Subject, targets
 
 
 def figures(*, tool_closed: float, pss: float, rss: float, bulk: float) -> Figures:
@@ -18,8 +18,8 @@ def figures(*, tool_closed: float, pss: float, rss: float, bulk: float) -> Figur
         )  # fmt: skip
     f.peak_rss_mib, f.peak_pss_mib = [rss], [pss]
     f.bulk, f.bulk_plain, f.bulk_single = [bulk], [500.0], [300.0]
-    f.sizes = {size: [[5.0, 6.0]] for size in bench.SIZES}
-    f.baseline_sizes = {size: [[2.0, 3.0]] for size in bench.SIZES}
+    f.sizes = {size: [[5.0, 6.0]] for size in bench_report.SIZES}
+    f.baseline_sizes = {size: [[2.0, 3.0]] for size in bench_report.SIZES}
     return f
 
 
@@ -41,13 +41,13 @@ def test_bulk_target_compares_map_with_the_plain_closed_loop() -> None:
 
 def test_the_report_has_the_bulk_section_and_both_memory_figures() -> None:
     results = {"warm": figures(tool_closed=400, pss=180, rss=560, bulk=1100)}
-    text = bench._report(results, [6.0], 3, 500, 100, 15, "7", "auto", "R.png", (0, 0, 0))
+    text = bench_report.render(results, [6.0], 3, 500, 100, 15, "7", "auto", "R.png", (0, 0, 0))
     assert "## Bulk: `map()` of 2000 calls" in text and "| 2.20x |" in text
     assert "| warm | 180 | 35% | 560 |" in text
 
 
 def test_pss_of_a_process_tree_is_at_most_its_rss() -> None:
-    pss, rss = bench.tree_pss_mib(os.getpid()), bench.tree_rss_mib(os.getpid())
+    pss, rss = meters.tree_pss_mib(os.getpid()), meters.tree_rss_mib(os.getpid())
     assert 0 < pss <= rss
 
 
