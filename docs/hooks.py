@@ -178,7 +178,11 @@ def _kind(written: str) -> str:
     return ""
 
 
-def _unit(key: str) -> str:
+def _unit(key: str, kind: str) -> str:
+    if kind == "duration":
+        return "seconds"
+    if kind == "size":
+        return "bytes"
     if key.endswith("_mb"):
         return "MiB"
     if key.endswith("_port"):
@@ -232,7 +236,7 @@ def setting_rows() -> list[SettingRow]:
                     section=section,
                     path=path,
                     type=type_text,
-                    unit=_unit(key),
+                    unit=_unit(key, kind),
                     default=default if default == "(required)" else _format_value(default, kind),
                     env=env,
                     description=info.description or doc,
@@ -287,16 +291,15 @@ def settings_reference() -> str:
             section = row.section
             title = "Top-level keys" if section == "top level" else f"`{section}`"
             out += ["", f"### {title}", ""]
-            out += ["| key | type | default | environment variable | description |"]
-            out += ["|---|---|---|---|---|"]
-        key = row.path.removeprefix(section + ".") if section != "top level" else row.path
-        unit = f", {row.unit}" if row.unit else ""
+            out += ["| YAML path | type | unit | default | environment variable | description |"]
+            out += ["|---|---|---|---|---|---|"]
         env = f"`{row.env}`"
         if row.path == "secret_key":
             env += " (only: never in a file)"
         cells = [
-            f"`{key}`",
-            _cell(row.type + unit),
+            f"`{row.path}`",
+            _cell(row.type),
+            row.unit,
             _cell(row.default),
             env,
             _cell(row.description),

@@ -71,7 +71,7 @@ def test_the_settings_reference_names_every_setting_with_a_description(
     for row in rows.values():
         assert f"`{row.env}`" in reference, row.path
     assert "`TOOLQ_RUNTIME__TIMEOUT`" in reference  # nested keys by their YAML alias
-    assert "| `timeout` | duration (&gt; 0) | `1m` |" in reference  # runtime.timeout's default
+    assert "| `runtime.timeout` | duration (&gt; 0) | seconds | `1m` |" in reference
 
 
 def _command_paths() -> list[list[str]]:
