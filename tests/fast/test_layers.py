@@ -1,0 +1,38 @@
+"""Ground, rooms and roof (issue 25): the package door and the command load only what
+they use. (Which module may import which is `make lint`'s import-linter contracts.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("celery", "kombu", "redis", "toolq.producers", "toolq.workers", "toolq.cli")
+
+
+def loaded_after(code: str) -> set[str]:
+    """The heavy modules a fresh interpreter holds after running ``code``."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    return {name for name in json.loads(out.splitlines()[-1]) if name in HEAVY}
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["import toolq", "import toolq.errors", "import toolq.envelope", "import toolq.health"],
+)
+def test_the_package_and_its_ground_load_no_client_or_broker(code: str) -> None:
+    assert loaded_after(code) == set()
+
+
+def test_the_clients_load_when_first_asked_for() -> None:
+    assert loaded_after("import toolq; toolq.ToolClient") >= {"celery", "toolq.producers"}
+    assert loaded_after("from toolq import Settings") == set()
+
+
+def test_the_command_loads_no_broker_until_a_command_needs_one() -> None:
+    assert loaded_after("from toolq.cli import app, main") == {"toolq.cli"}
