@@ -15,25 +15,64 @@ tampered ``traceparent`` can only mislabel a trace, never change what runs.
 
 If the process already has a tracer provider (an app that configured the SDK itself,
 or a test's in-memory exporter), toolq uses it; otherwise it sets one up from the
-environment on first use.
+environment on first use. Whether tracing is on is read from the environment once, on
+first use, as the SDK reads its own configuration (:func:`reset` reads it again).
+
+The spans of one call (each a child of the one above it)::
+
+    toolq.enqueue (PRODUCER, the app)       toolq.enqueue_chunk (PRODUCER, one per chunk)
+    └ toolq.attempt (CONSUMER, per attempt)  └ toolq.chunk (CONSUMER)
+      ├ toolq.queue_wait                       └ toolq.attempt (one per call of the chunk)
+      ├ toolq.cache                              └ (the same children as a single call's)
+      ├ toolq.flow
+      ├ toolq.breaker
+      ├ toolq.run  (tool.output events: the tool's last stderr lines, redacted)
+      │ └ toolq.spawn  (a Bun process launched for this call: spawn mode, cold)
+      └ toolq.attempt (the retry, or the wait for a slot or rate token: its next message)
+
+A step's span is there only when the step does something for the call's tool (a cache,
+flow control or a breaker configured). ``toolq.queue_wait`` and ``toolq.spawn`` are
+recorded with the times they happened (publication to pick-up; the launch), not timed
+around code.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 TRACE_HEADERS = ("traceparent", "tracestate")
+PUBLISHED_HEADER = "toolq_published"
+"""When a traced message was published (epoch seconds): its queue wait starts there."""
 _lock = threading.Lock()
 _tracer: Any = None
+_on: bool | None = None
 
 
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """True when OpenTelemetry is configured for this process (see the module)."""
-    env = os.environ if environ is None else environ
+    """True when OpenTelemetry is configured for this process (see the module); the
+    process's environment is read once (``environ``: that one, every time)."""
+    global _on
+    if environ is None:
+        if _on is None:
+            _on = _configured(os.environ)
+        return _on
+    return _configured(environ)
+
+
+def reset() -> None:
+    """Read the environment again (tests, benchmarks): the next use sets tracing up anew
+    (a tracer provider already installed in the process stays)."""
+    global _on, _tracer
+    _on = None
+    _tracer = None
+
+
+def _configured(env: Mapping[str, str]) -> bool:
     exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if exporter == "none" or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
@@ -114,16 +153,14 @@ def producer_span(
     attributes: Mapping[str, Any] | None = None,
 ) -> Iterator[Any]:
     """A PRODUCER span around one send; its context is injected into ``headers``."""
-    from opentelemetry import propagate, trace
+    from opentelemetry import trace
 
     with tracer().start_as_current_span(
         name,
         kind=trace.SpanKind.PRODUCER,
         attributes={**_messaging(queue, message_id, tool_id), **(attributes or {})},
     ) as span:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        headers.update({k: v for k, v in carrier.items() if k in TRACE_HEADERS})
+        inject_current(headers)
         yield span
 
 
@@ -132,7 +169,7 @@ def headers_of(request: Any) -> dict[str, str]:
     itself, or under ``headers`` depending on Celery's message protocol path)."""
     found: dict[str, str] = {}
     nested = getattr(request, "headers", None)
-    for key in TRACE_HEADERS:
+    for key in (*TRACE_HEADERS, PUBLISHED_HEADER):
         value = getattr(request, key, None)
         if value is None and isinstance(nested, Mapping):
             value = nested.get(key)
@@ -150,8 +187,11 @@ def consumer_span(
     message_id: str,
     tool_id: str | None,
     attributes: Mapping[str, Any] | None = None,
+    expected: tuple[type[BaseException], ...] = (),
 ) -> Iterator[Any]:
-    """A CONSUMER span for one delivery, a child of the context in ``carrier``."""
+    """A CONSUMER span for one delivery, a child of the context in ``carrier``. An
+    exception of the ``expected`` kinds (a retry, a call that failed: outcomes, said by
+    :func:`set_outcome`) is not recorded as the span's error; any other is."""
     from opentelemetry import propagate, trace
 
     parent = propagate.extract(dict(carrier))
@@ -160,17 +200,163 @@ def consumer_span(
         context=parent,
         kind=trace.SpanKind.CONSUMER,
         attributes={**_messaging(queue, message_id, tool_id), **(attributes or {})},
+        record_exception=False,
+        set_status_on_exception=False,
     ) as span:
-        yield span
+        try:
+            yield span
+        except expected:
+            raise
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+            raise
 
 
 def inject_current(headers: MutableMapping[str, Any]) -> None:
-    """Put the current span's context into ``headers`` (a retry's next message)."""
+    """Put the current span's context into ``headers`` (a retry's next message), and
+    the time of publication (its queue wait starts there)."""
     from opentelemetry import propagate
 
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     headers.update({k: v for k, v in carrier.items() if k in TRACE_HEADERS})
+    headers[PUBLISHED_HEADER] = repr(time.time())
+
+
+def queue_wait(span: Any, carrier: Mapping[str, str], enqueued_at: Any = None) -> None:
+    """A ``toolq.queue_wait`` child of ``span`` (an attempt or a chunk just picked up):
+    from the message's publication to now. The publication time comes from the
+    message's trace headers, else from the call's ``enqueued_at`` (a first attempt
+    sent by a producer without tracing); without either, no span."""
+    if span is None or not span.get_span_context().is_valid:
+        return
+    published: float | None = None
+    try:
+        published = float(carrier[PUBLISHED_HEADER])
+    except (KeyError, ValueError):
+        if isinstance(enqueued_at, int | float) and not isinstance(enqueued_at, bool):
+            published = float(enqueued_at) or None
+    if published is None:
+        return
+    end_ns = getattr(span, "start_time", None) or time.time_ns()
+    start_ns = min(int(published * 1e9), end_ns)
+    span_between("toolq.queue_wait", start_ns, end_ns, parent=span)
+
+
+def span_between(
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    *,
+    parent: Any = None,
+    attributes: Mapping[str, Any] | None = None,
+) -> None:
+    """A finished span for something that happened between two known times (epoch
+    nanoseconds), a child of ``parent`` (default: the current span)."""
+    from opentelemetry import trace
+
+    if parent is None:
+        parent = trace.get_current_span()
+    if not parent.get_span_context().is_valid:
+        return
+    child = tracer().start_span(
+        name,
+        context=trace.set_span_in_context(parent),
+        attributes=dict(attributes or {}),
+        start_time=start_ns,
+    )
+    child.end(end_time=end_ns)
+
+
+_OFF: AbstractContextManager[None] = nullcontext(None)
+
+
+def step(name: str, attributes: Mapping[str, Any] | None = None) -> AbstractContextManager[Any]:
+    """A child span of the current one around one step of a call (``toolq.cache``,
+    ``toolq.flow``, ``toolq.breaker``); yields ``None`` (a shared no-op) when tracing is
+    off or there is no current span to hang it under."""
+    if not enabled():
+        return _OFF
+    return _step(name, attributes)
+
+
+@contextmanager
+def _step(name: str, attributes: Mapping[str, Any] | None) -> Iterator[Any]:
+    from opentelemetry import trace
+
+    if not trace.get_current_span().get_span_context().is_valid:
+        yield None
+        return
+    with tracer().start_as_current_span(name, attributes=dict(attributes or {})) as span:
+        yield span
+
+
+def current_context() -> Any:
+    """The current trace context (to carry onto another thread), or None when off."""
+    if not enabled():
+        return None
+    from opentelemetry import context
+
+    return context.get_current()
+
+
+@contextmanager
+def attempt_span(
+    parent: Any,
+    *,
+    queue: str | None,
+    message_id: str,
+    tool_id: str | None,
+    attempt: int,
+    chunk_id: str,
+) -> Iterator[Any]:
+    """A chunk's call: a ``toolq.attempt`` span under ``parent`` (the chunk's context,
+    from :func:`current_context`), current on this thread while the call runs; yields
+    ``None`` and does nothing when tracing is off."""
+    if parent is None:
+        yield None
+        return
+    from opentelemetry import context, trace
+
+    token = context.attach(parent)
+    try:
+        with tracer().start_as_current_span(
+            "toolq.attempt",
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                **_messaging(queue, message_id, tool_id),
+                "toolq.attempt": attempt,
+                "toolq.chunk.id": chunk_id,
+            },
+        ) as span:
+            yield span
+    finally:
+        context.detach(token)
+
+
+def set_outcome(span: Any, outcome: str, error_kind: Any = None) -> None:
+    """``toolq.outcome`` (succeeded, failed, retry, wait) and ``toolq.error.kind``."""
+    if span is None:
+        return
+    span.set_attribute("toolq.outcome", outcome)
+    if error_kind is not None:
+        span.set_attribute("toolq.error.kind", str(error_kind))
+    if outcome == "failed":
+        from opentelemetry.trace import StatusCode
+
+        span.set_status(StatusCode.ERROR, str(error_kind))
+
+
+def set_current_outcome(outcome: str) -> None:
+    """:func:`set_outcome` on the current span (the attempt deciding what comes next)."""
+    if not enabled():
+        return
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("toolq.outcome", outcome)
 
 
 MAX_OUTPUT_EVENTS = 20
@@ -179,20 +365,22 @@ MAX_OUTPUT_LINE = 512
 """...each cut to this many characters."""
 
 
-@contextmanager
-def run_span(tool_id: str) -> Iterator[Any]:
+def run_span(tool_id: str, mode: str | None = None) -> AbstractContextManager[Any]:
     """A ``toolq.run`` span around the runtime's run of one attempt (the current span's
     child); ``None`` and nothing else when tracing is off."""
-    if not enabled():
-        yield None
-        return
-    from opentelemetry import trace
+    attributes: dict[str, Any] = {"toolq.tool_id": tool_id}
+    if mode is not None:
+        attributes["toolq.mode"] = mode
+    return step("toolq.run", attributes)
 
-    if not trace.get_current_span().get_span_context().is_valid:
-        yield None  # a chunk's call, on a slot thread: no attempt span to hang it under
+
+def record_spawn(span: Any, launched_ns: tuple[int, int] | None) -> None:
+    """A ``toolq.spawn`` child of a run span: the launch of the Bun process (its sandbox
+    and cgroup) the call waited for, as the runtime timed it (``Outcome.launched_ns``);
+    nothing for a warm process or one started ahead of the call."""
+    if span is None or launched_ns is None:
         return
-    with tracer().start_as_current_span("toolq.run", attributes={"toolq.tool_id": tool_id}) as span:
-        yield span
+    span_between("toolq.spawn", launched_ns[0], launched_ns[1], parent=span)
 
 
 def record_output(span: Any, stderr: str) -> None:

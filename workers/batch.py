@@ -30,10 +30,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from toolq import tracing
 from toolq.envelope import ToolResult
 from toolq.errors import ToolCrashed
 from toolq.protocol import ChunkEntry
-from toolq.workers.call.attempt import Delivery, Final, Retry
+from toolq.workers.call.attempt import Decision, Delivery, Final, Retry
 from toolq.workers.call.handler import CallHandler
 from toolq.workers.results import Countdown
 
@@ -132,6 +133,7 @@ class ChunkRunner:
         ends_at = self.clock() + self.budget_s
         started = [False]
         written = Countdown()
+        traced = tracing.current_context()  # the chunk's span, for its calls' spans
 
         def next_entry() -> ChunkEntry | None:
             with self._lock:
@@ -147,7 +149,7 @@ class ChunkRunner:
         def drain(own: bool) -> None:
             with self.slots.holding(wait=own) as held:
                 while held and (entry := next_entry()) is not None:
-                    self._one(entry, chunk, report, written)
+                    self._one(entry, chunk, report, written, traced)
                     if not own and self.slots.contended:
                         return
 
@@ -172,8 +174,38 @@ class ChunkRunner:
         return limit
 
     def _one(
-        self, entry: ChunkEntry, chunk: Chunk, report: ChunkReport, written: Countdown
+        self,
+        entry: ChunkEntry,
+        chunk: Chunk,
+        report: ChunkReport,
+        written: Countdown,
+        traced: Any = None,
     ) -> None:
+        if traced is None:
+            self._run_one(entry, chunk, report, written)
+            return
+        message = entry.message if isinstance(entry.message, Mapping) else {}
+        tool_id, attempt = message.get("tool_id"), message.get("attempt", 1)
+        with tracing.attempt_span(
+            traced,
+            queue=chunk.queue,
+            message_id=entry.call_id,
+            tool_id=tool_id if isinstance(tool_id, str) else None,
+            attempt=attempt if isinstance(attempt, int) else 1,
+            chunk_id=chunk.chunk_id,
+        ) as span:
+            decision = self._run_one(entry, chunk, report, written)
+            if isinstance(decision, Final):
+                error = decision.envelope.get("error")
+                kind = error.get("kind") if isinstance(error, Mapping) else None
+                tracing.set_outcome(span, "failed" if error else "succeeded", kind)
+            else:
+                same = decision.request.attempt == attempt
+                tracing.set_outcome(span, "wait" if same else "retry")
+
+    def _run_one(
+        self, entry: ChunkEntry, chunk: Chunk, report: ChunkReport, written: Countdown
+    ) -> Decision:
         delivery = Delivery(entry.call_id, chunk.worker, chunk.queue, chunk.redelivered)
         try:
             decision = self.handler.handle(entry.message, delivery)
@@ -188,8 +220,9 @@ class ChunkRunner:
                 else:
                     report.succeeded += 1
             self.results.store(entry.call_id, decision.envelope, written)
-            return
+            return decision
         self.retry(entry.call_id, decision, chunk.queue)
         self.results.handed_off(chunk.chunk_id, [entry.call_id])
         with self._lock:
             report.retried += 1
+        return decision

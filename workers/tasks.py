@@ -71,25 +71,27 @@ def register_tasks(app: Celery, handler: CallHandler, chunks: ChunkRunner | None
         info = self.request.delivery_info or {}
         fields = message if isinstance(message, dict) else {}
         tool_id = fields.get("tool_id")
+        carrier = tracing.headers_of(self.request)
         with tracing.consumer_span(
             "toolq.attempt",
-            tracing.headers_of(self.request),
+            carrier,
             queue=info.get("routing_key"),
             message_id=str(self.request.id),
             tool_id=tool_id if isinstance(tool_id, str) else None,
             attributes={"toolq.attempt": int(fields.get("attempt", 1) or 1)},
+            expected=(ToolCallFailed, Retry_),
         ) as span:
+            first = fields.get("attempt", 1) == 1 and not fields.get("history")
+            tracing.queue_wait(span, carrier, fields.get("enqueued_at") if first else None)
             try:
                 envelope = attempt(self, message)
             except ToolCallFailed as exc:
                 error = exc.envelope.get("error") or {}
-                span.set_attribute("toolq.outcome", "failed")
-                span.set_attribute("toolq.error.kind", str(error.get("kind")))
+                tracing.set_outcome(span, "failed", error.get("kind"))
                 raise
             except Retry_:
-                span.set_attribute("toolq.outcome", "retry")
-                raise
-            span.set_attribute("toolq.outcome", "succeeded")
+                raise  # its outcome (retry or wait) is set where it is decided
+            tracing.set_outcome(span, "succeeded")
             return envelope
 
     def attempt(self: Task, message: Any) -> dict[str, Any]:
@@ -122,6 +124,7 @@ def register_tasks(app: Celery, handler: CallHandler, chunks: ChunkRunner | None
             decision.request, retry_message, delivery.call_id, queue, handler.signer
         )
         if tracing.enabled():  # the next attempt stays in this trace, a child of this one
+            tracing.set_current_outcome(_next_step(message, decision))
             tracing.inject_current(headers)
         raise self.retry(
             args=[retry_message],
@@ -158,16 +161,18 @@ def _register_chunks(app: Celery, chunks: ChunkRunner) -> None:
         if not tracing.enabled():
             return run_chunk(self, calls)
         info = self.request.delivery_info or {}
+        carrier = tracing.headers_of(self.request)
         with tracing.consumer_span(
             "toolq.chunk",
-            tracing.headers_of(self.request),
+            carrier,
             queue=info.get("routing_key"),
             message_id=str(self.request.id),
             tool_id=None,
             attributes={"messaging.batch.message_count": len(calls)}
             if isinstance(calls, list)
             else None,
-        ):
+        ) as span:
+            tracing.queue_wait(span, carrier)
             return run_chunk(self, calls)
 
     def run_chunk(self: Task, calls: Any) -> str | None:
@@ -190,6 +195,13 @@ def _register_chunks(app: Celery, chunks: ChunkRunner) -> None:
             send_chunk(app, report.left, queue, chunks.handler.signer)
             chunks.results.handed_off(chunk.chunk_id, [e.call_id for e in report.left])
         return report.summary()  # Flower's result column, from the task-succeeded event
+
+
+def _next_step(message: Any, decision: Retry) -> str:
+    """``retry`` (the next attempt) or ``wait`` (the same attempt, later: a flow-control
+    wait or an open breaker's deferral), for the attempt's span."""
+    attempt = message.get("attempt", 1) if isinstance(message, dict) else 1
+    return "retry" if decision.request.attempt != attempt else "wait"
 
 
 def retry_publisher(app: Celery, handler: CallHandler) -> Callable[[str, Retry, str | None], None]:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from toolq import tracing
 from toolq.envelope import ToolErrorInfo
 from toolq.errors import CircuitOpen
 from toolq.protocol import CallRequest
@@ -45,13 +46,18 @@ class Admit:
         profile = attempt.profile
         if not profile.breaker.enabled:
             return Admission(True, "disabled")
-        try:
-            # The probe lease outlives the probe itself, so it is never handed out twice.
-            admission = self.breakers.admit(profile.tool_id, profile.time_limits.backstop_s)
-        except Exception:
-            log.warning("breaker for %s unavailable; letting the call through", profile.tool_id)
-            return Admission(True, "unknown")
-        self.metrics.observe_breaker(profile.tool_id, admission.state)
+        with tracing.step("toolq.breaker") as span:
+            try:
+                # The probe lease outlives the probe itself, so it is never handed out twice.
+                admission = self.breakers.admit(profile.tool_id, profile.time_limits.backstop_s)
+            except Exception:
+                log.warning("breaker for %s unavailable; letting the call through", profile.tool_id)
+                admission = Admission(True, "unknown")
+            else:
+                self.metrics.observe_breaker(profile.tool_id, admission.state)
+            if span is not None:
+                span.set_attribute("toolq.breaker.state", admission.state)
+                span.set_attribute("toolq.breaker.allowed", admission.allowed)
         return admission
 
     def _refused(self, attempt: Attempt, admission: Admission) -> Retry | Ended:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from toolq import tracing
 from toolq.workers.cache import Cached, cache_digest
 from toolq.workers.call.attempt import Attempt, Ended
 from toolq.workers.call.ports import CacheStore
@@ -37,11 +38,14 @@ class ResultReuse:
         if key is None:
             return None
         assert self.cache is not None
-        try:
-            hit = self.cache.get(key)
-        except Exception:  # a cache that cannot answer is a miss
-            log.warning("result cache unavailable for %s; running the tool", attempt.tool_id)
-            return None
+        with tracing.step("toolq.cache") as span:
+            try:
+                hit = self.cache.get(key)
+            except Exception:  # a cache that cannot answer is a miss
+                log.warning("result cache unavailable for %s; running the tool", attempt.tool_id)
+                hit = None
+            if span is not None:
+                span.set_attribute("toolq.cache.hit", hit is not None)
         if hit is None:
             return None
         self.metrics.cache_hits.labels(attempt.tool_id).inc()

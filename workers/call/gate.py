@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from toolq import tracing
 from toolq.errors import RateLimited
 from toolq.workers.call.attempt import Attempt, Ended, Retry
 from toolq.workers.call.ports import FlowGate
@@ -43,11 +44,20 @@ class FlowControl:
         """A rate token, then a cluster slot; or wait for them, or end (``reject``)."""
         if not attempt.profile.flow.gated or self.flow is None:
             return Slot()
+        with tracing.step("toolq.flow") as span:
+            entered = self._enter(attempt, self.flow)
+            if span is not None:
+                span.set_attribute("toolq.flow.granted", isinstance(entered, Slot))
+                if isinstance(entered, Retry):
+                    span.set_attribute("toolq.flow.wait_s", round(entered.delay_s, 3))
+            return entered
+
+    def _enter(self, attempt: Attempt, flow: FlowGate) -> Slot | Retry | Ended:
         try:
-            token_at = self._take_token(attempt, self.flow)
+            token_at = self._take_token(attempt, flow)
             if not isinstance(token_at, float | None):
                 return token_at
-            return self._take_slot(attempt, self.flow, token_at)
+            return self._take_slot(attempt, flow, token_at)
         except Exception:
             log.warning(
                 "flow control for %s unavailable; letting the call through", attempt.tool_id

@@ -39,8 +39,9 @@ class Run:
         with running as token, self.metrics.running():
             if token is not None:
                 call = replace(call, cancel=token)
-            with tracing.run_span(request.tool_id) as span:
+            with tracing.run_span(request.tool_id, call.mode) as span:
                 outcome = redact_outcome(profile.check_output(self.runtime.run(call)), call.env)
                 tracing.record_output(span, outcome.stderr)  # redacted above
+                tracing.record_spawn(span, outcome.launched_ns)
         self.metrics.observe_run(request.tool_id, outcome)
         return outcome

@@ -91,6 +91,9 @@ class Outcome:
     stderr: str = ""
     exiting: bool = False
     """The wrapper said it is exiting (a late error): a warm process must not be reused."""
+    launched_ns: tuple[int, int] | None = None
+    """When the Bun process this call waited for was launched (epoch ns, start and end):
+    spawn mode without a process started ahead; None otherwise (tracing's toolq.spawn)."""
 
     @property
     def kind(self) -> str | None:

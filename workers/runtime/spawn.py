@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import Call, Outcome, failed
@@ -102,11 +102,14 @@ class SpawnRuntime:
             self._reset()
         key: Key = (call.permissions, call.resources)
         fresh = self._take(key) if self.ahead > 0 else None
+        launched_ns = None
         if fresh is None:
+            launching = time.time_ns()
             try:
                 fresh = self._launch(key, base_environment(call.permissions.env))
             except OSError as exc:
                 return failed(ToolCrashed(str(exc)), started)
+            launched_ns = (launching, time.time_ns())
         launched, streams = fresh.launched, Streams()
         try:
             failure = collect(
@@ -131,11 +134,11 @@ class SpawnRuntime:
             # delay the result (and happens whatever reading the answer does).
             launched.proc.poll()
             try:
-                return finish(launched, streams, failure, call, started)
+                return _launched(finish(launched, streams, failure, call, started), launched_ns)
             finally:
                 self._dispose(fresh)
         fresh.kill()  # first, so a process the kernel killed for memory is known as such
-        return finish(launched, streams, failure, call, started)
+        return _launched(finish(launched, streams, failure, call, started), launched_ns)
 
     def close(self) -> None:
         """Kill the processes waiting for a call, and those being started once they are
@@ -221,3 +224,8 @@ class SpawnRuntime:
         )
         pipes = Pipes(launched.proc, launched.envelope_fd, lambda: launched.bun_pid)
         return Fresh(launched, pipes)
+
+
+def _launched(outcome: Outcome, launched_ns: tuple[int, int] | None) -> Outcome:
+    """The outcome with the launch the call waited for (tracing's toolq.spawn span)."""
+    return outcome if launched_ns is None else replace(outcome, launched_ns=launched_ns)
