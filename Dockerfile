@@ -1,4 +1,5 @@
-# toolq worker image: Python 3.11, Bun from the pinned npm package, toolq itself.
+# toolq worker image: Python 3.11, Bun from the pinned npm package, toolq itself (with the
+# otel extra: tracing is used only when OTEL_* configures it).
 FROM python:3.11-slim
 WORKDIR /app
 RUN apt-get update \
@@ -10,6 +11,6 @@ RUN npm ci --no-audit --no-fund && node_modules/.bin/bun --version
 COPY . .
 # The raw-socket route through the egress proxy (README, "Network"), shipped in the package.
 RUN cc -O2 -shared -fPIC -o workers/runtime/netshim.so workers/runtime/netshim.c -ldl -lpthread \
-    && pip install --no-cache-dir .
+    && pip install --no-cache-dir '.[otel]'
 # exec form: SIGTERM reaches the worker, which finishes running calls (warm shutdown).
 CMD ["toolq", "worker"]
