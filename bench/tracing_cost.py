@@ -25,6 +25,7 @@ the chunk's context) in a loop, against the CPU one call takes.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import statistics
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="put the section in this report too")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     args = parser.parse_args()
+    logging.getLogger("toolq.producer").setLevel(logging.ERROR)  # its queues are ad hoc
     for name in list(os.environ):
         if name.startswith("OTEL_"):
             del os.environ[name]

@@ -202,3 +202,27 @@ def test_bench_hooks_cost_when_not_configured_is_tiny(monkeypatch: pytest.Monkey
         assert _bench().hooks_off_us(loops=20_000) < 50  # µs per call; ~1 here
     finally:
         tracing.reset()
+
+
+def test_an_unexpected_error_leaves_its_type_only(
+    exported: tuple[Any, InMemorySpanExporter],
+) -> None:
+    _, exporter = exported
+
+    class Expected(Exception):
+        pass
+
+    for error in (Expected("an outcome"), RuntimeError("input: s3cr3t")):
+        with (
+            pytest.raises(type(error)),
+            tracing.consumer_span(
+                "toolq.attempt", {}, queue="q", message_id="m", tool_id="t", expected=(Expected,)
+            ),
+        ):
+            raise error
+    expected, unexpected = exporter.get_finished_spans()
+    assert expected.status.is_unset and not expected.events
+    assert not unexpected.status.is_ok and unexpected.status.description == "RuntimeError"
+    assert [dict(e.attributes or {}) for e in unexpected.events] == [
+        {"exception.type": "RuntimeError"}
+    ]
