@@ -104,9 +104,12 @@ bench: setup
 soak: setup
 	$(BIN)/python bench/soak.py --calls 600 --duration 120 --long-outage
 
+# Then which part of toolq may import which (pyproject [tool.importlinter]: ground <- rooms
+# <- roof), over typecheck's link tree: grimp cannot follow the package-dir mapping either.
 lint: setup typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	cd .typecheck && ../$(BIN)/lint-imports ../pyproject.toml
 
 # The source folders install under `toolq.` (see pyproject.toml); mypy cannot follow
 # that mapping, so it checks a tree of links laid out as the installed package.
