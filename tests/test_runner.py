@@ -76,9 +76,12 @@ def run(
     hard_timeout_s: float | None = None,
 ) -> Outcome:
     limits = TimeLimits(timeout_s, hard_timeout_s or timeout_s + 1)
-    return runner.run(
+    outcome = runner.run(
         Call(tool_id, "exec-1", payload, env or {}, limits, permissions=TOOL_PERMISSIONS)
     )
+    if isinstance(runner, (WarmRuntime, ByMode)):
+        runner.settle()  # as the worker does once the reply is stored
+    return outcome
 
 
 def _mode_of(runner: Runner) -> str:

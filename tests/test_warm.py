@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import wait_until
-from tests.test_runner import make_runner, run
+from tests.test_runner import TOOL_PERMISSIONS, make_runner, run
+from toolq.config.settings import TimeLimits
+from toolq.workers.runtime.base import Call
 from toolq.workers.runtime.spawn import SpawnRuntime
-from toolq.workers.runtime.warm import WarmRuntime
+from toolq.workers.runtime.warm import WarmProcess, WarmRuntime
 
 
 @pytest.fixture
@@ -29,6 +31,45 @@ def pid_of(pool: WarmRuntime | SpawnRuntime) -> str:
     outcome = run(pool, "pid")
     assert outcome.result is not None
     return str(outcome.result["pid"])
+
+
+def _counting_resets(monkeypatch: pytest.MonkeyPatch) -> list[WarmProcess]:
+    resets: list[WarmProcess] = []
+    real = WarmProcess.reset
+
+    def reset(process: WarmProcess) -> bool:
+        resets.append(process)
+        return real(process)
+
+    monkeypatch.setattr(WarmProcess, "reset", reset)
+    return resets
+
+
+def test_a_call_replies_before_its_process_is_reset(
+    pool: WarmRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean-up between two calls is not on the caller's path: run() returns with the
+    envelope read, and the reset happens when the worker settles (after the reply is
+    stored), before the process serves anyone else."""
+    resets = _counting_resets(monkeypatch)
+    call = Call("pid", "exec-1", None, {}, TimeLimits(5, 6), permissions=TOOL_PERMISSIONS)
+    first = pool.run(call)
+    assert first.result is not None and resets == []
+    pool.settle()
+    assert len(resets) == 1 and pool._idle == resets  # reset, then back in the pool
+    second = pool.run(call)
+    assert second.result == first.result  # the same process, reset once in between
+    pool.settle()
+    assert len(resets) == 2
+
+
+def test_a_process_nobody_settles_is_reset_in_the_background(
+    pool: WarmRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resets = _counting_resets(monkeypatch)
+    call = Call("pid", "exec-1", None, {}, TimeLimits(5, 6), permissions=TOOL_PERMISSIONS)
+    assert pool.run(call).result is not None
+    assert wait_until(lambda: len(resets) == 1 and len(pool._idle) == 1, 5)
 
 
 def test_one_process_serves_call_after_call(pool: WarmRuntime) -> None:

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Literal
 
 from celery import Celery
-from celery.signals import heartbeat_sent, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    heartbeat_sent,
+    task_postrun,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from toolq import logsafe
 from toolq.config.celery_app import make_celery
@@ -102,6 +108,9 @@ def run_worker(
     use_worker_backend(app)
     chunks = chunk_runner(app, parts, pool)
     register_tasks(app, parts.handler, chunks)
+    # A task's result is stored (its caller has the reply) before task_postrun: what its
+    # calls left for between calls (a warm process's reset) is done then, on its thread.
+    task_postrun.connect(lambda **_: parts.runtime.settle(), weak=False)
     worker_shutting_down.connect(lambda **_: chunks.stopping.set(), weak=False)
     if health_file is not None:
         health = HealthFile(health_file, drain_budget_s(settings))

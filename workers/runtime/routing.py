@@ -5,9 +5,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol, runtime_checkable
 
 from toolq.errors import ToolCrashed
 from toolq.workers.runtime.base import Call, Mode, Outcome, Runtime, failed
+
+
+@runtime_checkable
+class Settles(Protocol):
+    """A runtime that leaves work for between two calls (:meth:`.warm.WarmRuntime.settle`)."""
+
+    def settle(self) -> None: ...
 
 
 class ByMode:
@@ -21,6 +29,7 @@ class ByMode:
 
     def __init__(self, runtimes: Mapping[Mode, Runtime], slots: int) -> None:
         self.runtimes = dict(runtimes)
+        self._settling = [runtime for runtime in runtimes.values() if isinstance(runtime, Settles)]
         self._slots = threading.BoundedSemaphore(slots)
         self._held = threading.local()
         self._lock = threading.Lock()
@@ -37,6 +46,13 @@ class ByMode:
             return runtime.run(call)
         finally:
             self._slots.release()
+
+    def settle(self) -> None:
+        """This thread's calls have replied: do the work they left for between calls
+        (a warm process's reset), off their callers' path. The worker calls it once a
+        task's result is stored."""
+        for runtime in self._settling:
+            runtime.settle()
 
     def _acquire(self) -> None:
         """Take a slot, waiting (and so contending) if none is free."""

@@ -42,6 +42,10 @@ from toolq.workers.runtime.wire import encode_request, finish
 
 log = logging.getLogger("toolq.worker")
 
+SETTLE_GRACE_S = 0.05
+"""A process whose call replied but that nobody settled (:meth:`WarmRuntime.settle`)
+within this is reset in the background."""
+
 
 class WarmProcess:
     """One long-lived Bun process running the wrapper in warm mode."""
@@ -75,40 +79,47 @@ class WarmProcess:
         return rss_mb(self.launched.bun_pid)
 
     def call(self, call: Call) -> tuple[Outcome, bool]:
-        """Run one call; returns the outcome and whether this process may serve another."""
+        """Run one call; returns the outcome and whether this process may serve another
+        once :meth:`reset` has cleared what the call left (a process that may not is
+        killed by its runtime, with whatever it left)."""
         if self.calls == 0:
             self.boundary.prime()  # what the sandbox looked like before any call
         started = time.monotonic()
         nonce = secrets.token_hex(16)
+        request = encode_request(call, nonce, {"TMPDIR": self.launched.tool_tmpdir})
+        if isinstance(request, ToolFailure):
+            return failed(request, started), True
+        streams = Streams()
+        failure = collect(
+            self.pipes,
+            request + b"\n",
+            nonce.encode(),
+            call.time_limits,
+            streams,
+            started,
+            warm=True,
+            watch=Watch.over(self.launched, self.resources),
+            cancel=call.cancel,
+        )
+        alive = self.alive()  # reaps a dead process, so its exit status is known
+        outcome = finish(self.launched, streams, failure, call, started)
+        healthy = (
+            alive
+            and failure is None
+            and streams.frame is not None
+            and not outcome.exiting
+            and outcome.kind != InvalidOutput.kind  # an unreadable or too deep envelope
+        )
+        if healthy:
+            self.calls += 1
+        return outcome, healthy
+
+    def reset(self) -> bool:
+        """Clear what the last call left, after its reply: its processes, the sandbox's
+        scratch space, its TMPDIR, its network connections. False: this process must be
+        retired instead of serving another call."""
         try:
-            request = encode_request(call, nonce, {"TMPDIR": self.launched.tool_tmpdir})
-            if isinstance(request, ToolFailure):
-                return failed(request, started), True
-            streams = Streams()
-            failure = collect(
-                self.pipes,
-                request + b"\n",
-                nonce.encode(),
-                call.time_limits,
-                streams,
-                started,
-                warm=True,
-                watch=Watch.over(self.launched, self.resources),
-                cancel=call.cancel,
-            )
-            alive = self.alive()  # reaps a dead process, so its exit status is known
-            outcome = finish(self.launched, streams, failure, call, started)
-            healthy = (
-                alive
-                and failure is None
-                and streams.frame is not None
-                and not outcome.exiting
-                and outcome.kind != InvalidOutput.kind  # an unreadable or too deep envelope
-            )
-            if healthy:
-                self.calls += 1
-                healthy = self.boundary.clear()  # nothing of this call reaches the next
-            return outcome, healthy
+            return self.boundary.clear()  # nothing of this call reaches the next
         finally:
             self.launched.end_call()  # its tunnels do not outlive the call
             self._empty_tmpdir()
@@ -138,7 +149,17 @@ class WarmProcess:
 
 class WarmRuntime:
     """At most ``size`` warm processes, one call each at a time; thread-safe (a call
-    waits for a free process)."""
+    waits for a free process).
+
+    What a call leaves behind is cleared after its reply, not before it: :meth:`run`
+    returns the outcome as soon as the envelope is read, and the process is reset
+    (:meth:`WarmProcess.reset`: the call boundary, its TMPDIR, its connections, the
+    call and RSS limits) by :meth:`settle`, which the worker calls once the reply is
+    stored. A process is never handed to a call before its reset: a thread's next
+    :meth:`run` settles what that thread left first, a call that finds no process free
+    resets one itself, and what nobody settled within ``SETTLE_GRACE_S`` (a caller of
+    the runtime that never calls :meth:`settle`) is reset in the background.
+    """
 
     def __init__(
         self,
@@ -162,7 +183,13 @@ class WarmRuntime:
         self._pid = os.getpid()
         self._cond = threading.Condition()
         self._idle: list[WarmProcess] = []
-        self._live = 0  # idle + busy + starting: never more than size
+        self._answered: dict[int, list[tuple[WarmProcess, float]]] = {}
+        """Thread id -> its processes whose call has replied, waiting for their reset
+        (with when it replied)."""
+        self._unsettled = threading.Event()  # set when a process is answered
+        self._janitor: threading.Thread | None = None
+        self._settling = 0  # answered processes being reset
+        self._live = 0  # idle + busy + answered + starting: never more than size
         self._starting = 0
         self._starters = Starters("toolq-warm-start")
         self._closed = False
@@ -179,26 +206,83 @@ class WarmRuntime:
             # ours to use; this process starts its own.
             self._reset()
             self.start()
+        self.settle()  # what this thread's last call left, if nobody has reset it yet
         process = self._take()
         if process is None:
             return failed(ToolCrashed("cannot start a warm Bun process"), time.monotonic())
         healthy = False
         try:
             outcome, healthy = process.call(call)
-            healthy = healthy and process.calls < self.max_calls
-            healthy = healthy and process.rss_mb() <= self.max_rss_mb
         finally:
-            # Returned or retired, whatever happened (an exception included): a process
+            # Answered or retired, whatever happened (an exception included): a process
             # neither would hold its pool slot for good.
             if healthy:
                 with self._cond:
                     if not self._closed:
-                        self._idle.append(process)
-                        self._cond.notify()
+                        line = self._answered.setdefault(threading.get_ident(), [])
+                        line.append((process, time.monotonic()))
                         process = None
+                        if self._janitor is None:
+                            self._janitor = threading.Thread(
+                                target=self._sweep, name="toolq-warm-settle", daemon=True
+                            )
+                            self._janitor.start()
+                self._unsettled.set()
             if process is not None:
                 self._retire(process)  # a process whose pool closed during its call too
         return outcome
+
+    def settle(self) -> None:
+        """Reset the processes whose calls this thread ran and that have replied, and
+        return them to the pool (or retire them): the work between two calls, done once
+        the reply is out of the caller's way."""
+        with self._cond:
+            answered = self._answered.pop(threading.get_ident(), [])
+            self._settling += len(answered)
+        for process, _ in answered:
+            self._settle(process)
+
+    def _sweep(self) -> None:
+        """The background thread: reset what was not settled within SETTLE_GRACE_S. In a
+        worker every call is settled right after its reply, so it finds nothing."""
+        while not self._closed:
+            self._unsettled.wait()
+            time.sleep(SETTLE_GRACE_S)
+            self._unsettled.clear()
+            overdue = []
+            with self._cond:
+                due = time.monotonic() - SETTLE_GRACE_S
+                for thread, line in list(self._answered.items()):
+                    late = [entry for entry in line if entry[1] <= due]
+                    if late:
+                        line[:] = [entry for entry in line if entry[1] > due]
+                        if not line:
+                            del self._answered[thread]
+                        overdue += [process for process, _ in late]
+                self._settling += len(overdue)
+                if self._answered:
+                    self._unsettled.set()  # newer ones: looked at again after the grace
+            for process in overdue:
+                self._settle(process)
+
+    def _settle(self, process: WarmProcess) -> None:
+        """Reset one answered process (counted in ``_settling``) and return or retire it."""
+        healthy = False
+        try:
+            healthy = process.reset()
+            healthy = healthy and process.calls < self.max_calls
+            healthy = healthy and process.rss_mb() <= self.max_rss_mb
+        finally:
+            with self._cond:
+                self._settling -= 1
+                kept = healthy and not self._closed
+                if kept:
+                    self._idle.append(process)
+                    self._cond.notify()
+                else:
+                    self._replace()  # in the same locked section: never seen as neither
+            if not kept:
+                process.kill()
 
     def close(self) -> None:
         """Kill the idle processes, and those being started once they are (waited for);
@@ -206,6 +290,9 @@ class WarmRuntime:
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            idle += [process for line in self._answered.values() for process, _ in line]
+            self._answered.clear()
+            self._unsettled.set()  # the background settler sees the pool closed, and ends
             self._live -= len(idle)
             starting = self._starters.running()
         for process in idle:
@@ -223,17 +310,43 @@ class WarmRuntime:
                     process.kill()
                 if self._starting == 0 and self._live < self.size:
                     self._begin_start()
-                if self._starting == 0 and not self._idle:
+                answered = self._steal()
+                if answered is not None:
+                    # Every process is busy or waits for its reset after another
+                    # thread's call: reset one here rather than wait for that thread.
+                    self._cond.release()
+                    try:
+                        self._settle(answered)
+                    finally:
+                        self._cond.acquire()
+                    continue
+                if self._starting == 0 and self._settling == 0 and not self._idle:
                     return None  # starting failed
                 self._cond.wait(timeout=30)
         return None
 
+    def _steal(self) -> WarmProcess | None:
+        """With the lock held: a process another thread's call left for its reset."""
+        for thread, line in self._answered.items():
+            process, _ = line.pop()
+            if not line:
+                del self._answered[thread]
+            self._settling += 1
+            return process
+        return None
+
     def _retire(self, process: WarmProcess) -> None:
-        process.kill()
         with self._cond:
-            self._live -= 1
-            if not self._closed:
-                self._begin_start()  # the replacement starts now, ahead of the next call
+            self._replace()
+        process.kill()
+
+    def _replace(self) -> None:
+        """With the lock held: a process leaves the pool; its replacement starts now,
+        ahead of the next call."""
+        self._live -= 1
+        if not self._closed:
+            self._begin_start()
+        self._cond.notify_all()
 
     def _begin_start(self) -> None:
         """With the lock held: start one process in the background."""
@@ -243,9 +356,9 @@ class WarmRuntime:
 
     def _finish_start(self) -> None:
         try:
-            process: WarmProcess | None = WarmProcess(
-                self.launcher, self.permissions, self.resources
-            )
+            started = WarmProcess(self.launcher, self.permissions, self.resources)
+            started.boundary.prime()  # here, not on its first call's path
+            process: WarmProcess | None = started
         except OSError:
             log.exception("cannot start a warm Bun process")
             process = None
