@@ -70,7 +70,7 @@ def show_config(config: ConfigOption = None, profile: ProfileOption = None) -> N
 
 def keygen() -> None:
     """Print a new secret key for TOOLQ_SECRET_KEY: it seals call env and signs calls
-    (a worker with a key runs only signed calls; see README, "Secrets")."""
+    (a worker with a key runs only signed calls; see docs/security/secrets.md)."""
     from cryptography.fernet import Fernet
 
     typer.echo(Fernet.generate_key().decode())

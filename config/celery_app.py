@@ -111,7 +111,7 @@ def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]
         # With late acks a running call stays unacknowledged, so a prefetch of one per
         # slot means a busy worker holds no call it is not running: it hoards nothing.
         "worker_prefetch_multiplier": 1,
-        # Task events cost about a fifth of a trivial call's throughput (bench/
+        # Task events cost about a fifth of a trivial call's throughput (bench/investigations/
         # celery_settings_cost.py), so by default a worker sends them only once a monitor
         # asks: Flower broadcasts enable_events every 5 s (workers started later too),
         # `toolq flower` once more at start. Worker events (heartbeats) always flow.

@@ -231,7 +231,7 @@ def text_nests_deeper(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     ``translate``); a few passes then remove the innermost pairs (each pass lowers the
     depth by one and leaves at most 1/k of the leaves, so the last step, a walk over runs
     of brackets, is short). Linear: for 10 MB of small objects about as long as
-    json.loads of the same text (bench/depth_check_cost.py); nothing when there are
+    json.loads of the same text (bench/investigations/depth_check_cost.py); nothing when there are
     fewer brackets than ``limit``. Text that is not JSON may be counted wrongly; the
     parser refuses it."""
     if text.count(b"[") + text.count(b"{") <= limit:

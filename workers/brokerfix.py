@@ -1,7 +1,7 @@
 """Work around two faults of kombu's Redis transport: a busy worker lost on a broker
 restart, and calls lost to a worker that died while waiting for work.
 
-The bug (kombu 5.7.0, redis transport; repro: ``bench/kombu_restore_repro.py``).
+The bug (kombu 5.7.0, redis transport; repro: ``bench/investigations/kombu_restore_repro.py``).
 When the connection drops, Celery's consumer calls ``Connection.collect()`` and then
 ``Connection.close()``:
 
@@ -49,7 +49,7 @@ goes to, with the pop pipelined behind it, then pops. A call with another priori
 another of the worker's queues, that reaches an idle worker is therefore taken within
 :data:`IDLE_WAIT_S` (about 0.1 s at most: Redis times a blocked command out on its 10 Hz
 clock), not at once: a priority-9 call to an idle worker took p50 53 ms here against
-6.7 ms with BRPOP; default-priority calls are unchanged (``bench/idle_pickup.py``).
+6.7 ms with BRPOP; default-priority calls are unchanged (``bench/investigations/idle_pickup.py``).
 A worker that found a call pops again without waiting.
 Needs Redis 6.2 (``BLMOVE``); against an older Redis the worker keeps kombu's ``BRPOP``
 and says so in its log.

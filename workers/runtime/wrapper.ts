@@ -28,7 +28,7 @@
 //
 // I/O uses Bun's own APIs only: the first use of node:fs (readFileSync,
 // writeSync) costs ~4 ms per process, process.stdout.write ~14 ms
-// (bench/output_paths.py measures each route).
+// (bench/investigations/output_paths.py measures each route).
 
 const MAX_OUTPUT_BYTES = 10 * 1024 * 1024;
 const entrypoint = process.argv[2];

@@ -1,6 +1,6 @@
 """What counting a queue's backlog costs Redis (toolq exporter, toolq status; issue 23).
 
-    .venv/bin/python bench/backlog_count_cost.py [--messages 100000]
+    .venv/bin/python bench/investigations/backlog_count_cost.py [--messages 100000]
 
 Fills one priority list of a scratch database with copies of real messages (one chunk
 of 100 calls for every 99 single calls), then counts it as the exporter does
@@ -23,7 +23,7 @@ from toolq.config.celery_app import queue_lists
 from toolq.config.loader import load_settings
 from toolq.producers.client import ToolClient
 
-TOOLS = Path(__file__).resolve().parent.parent / "tests" / "tools" / "compozy.yaml"
+TOOLS = Path(__file__).resolve().parents[2] / "tests" / "tools" / "compozy.yaml"
 
 
 def main() -> None:

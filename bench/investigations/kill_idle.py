@@ -1,6 +1,6 @@
 """Issue 31's repro as a count: SIGKILL an idle worker, enqueue at once, restart it.
 
-    .venv/bin/python bench/kill_idle.py [--trials 10] [--calls 40] [--parallel 5]
+    .venv/bin/python bench/investigations/kill_idle.py [--trials 10] [--calls 40] [--parallel 5]
 
 Each trial starts a worker on a queue of its own (the test tools' redelivery config:
 visibility timeout 20 s), lets it sit idle, SIGKILLs it and, without waiting for it to
@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from toolq import ResultTimeout, ToolClient  # noqa: E402

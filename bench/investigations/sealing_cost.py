@@ -9,7 +9,7 @@ Two measurements, each against the same thing without a key, in the same run:
 
 Needs a Redis (TOOLQ_REDIS_URL, else a private one).
 
-    .venv/bin/python bench/sealing_cost.py [--calls 300] [--codec 20000]
+    .venv/bin/python bench/investigations/sealing_cost.py [--calls 300] [--codec 20000]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from toolq.cli.devredis import ensure_redis, scratch_database
 from toolq.protocol import CallRequest, new_request
 from toolq.sealing import Sealer
 
-TOOLS = Path(__file__).resolve().parent / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "cli" / "projects" / "bench"
 ENV = {"API_KEY": "sk-live-" + "x" * 32, "REGION": "eu-west-1", "USER_ID": "u-1234567"}
 
 
@@ -66,8 +66,10 @@ def main() -> None:
                 bench_worker(TOOLS / "compozy.yaml", redis_url, f"seal-{label}", env, concurrency=1)
             )[0]
             for name, label, env in (
-                ("no key", "plain", {}),
-                ("key", "sealed", {"TOOLQ_SECRET_KEY": key}),
+                # Named: a signed call names its project, and an unnamed project's is
+                # its queue, which the client overrides and the worker does not.
+                ("no key", "plain", {"TOOLQ_NAME": "seal-plain"}),
+                ("key", "sealed", {"TOOLQ_NAME": "seal-sealed", "TOOLQ_SECRET_KEY": key}),
             )
         }
         times: dict[str, list[float]] = {name: [] for name in clients}

@@ -1,6 +1,6 @@
 """How long redacting a failed call's text takes, with many env values (issue 29, item 4).
 
-    .venv/bin/python bench/redaction_cost.py
+    .venv/bin/python bench/investigations/redaction_cost.py
 
 Redaction runs over a failed call's error message, stack and stderr with every value of
 the call's env. Prints milliseconds for a text of TEXT_MB with N random values (the cap

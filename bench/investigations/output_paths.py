@@ -5,7 +5,7 @@ by different routes, many times each, interleaved, and prints the median wall
 time and CPU per call, each as a ratio to a bare `bun -e ''` start measured in
 the same run.
 
-    .venv/bin/python bench/output_paths.py [--rounds 40]
+    .venv/bin/python bench/investigations/output_paths.py [--rounds 40]
 """
 
 from __future__ import annotations

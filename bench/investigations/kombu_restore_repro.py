@@ -1,8 +1,8 @@
 """Minimal repro of a kombu Redis-transport bug (kombu 5.7.0, celery 5.7.0, redis-py 8.1):
 a busy Celery worker dies when Redis restarts, with exit code 0.
 
-    .venv/bin/python bench/kombu_restore_repro.py            # kombu as installed: BUG
-    .venv/bin/python bench/kombu_restore_repro.py --patched  # with toolq.workers.brokerfix
+    .venv/bin/python bench/investigations/kombu_restore_repro.py     # kombu as installed: BUG
+    .venv/bin/python bench/investigations/kombu_restore_repro.py --patched  # toolq's brokerfix
 
 Plain Celery (no toolq task): one task that sleeps 3 s, a threads worker with 2 slots
 (one call running, one slot free, so a BRPOP is outstanding), Redis killed (SIGKILL)
@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from celery import Celery  # noqa: E402

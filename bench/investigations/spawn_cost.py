@@ -10,7 +10,7 @@
 Interleaved, medians; CPU (of the joins) from a cpuacct cgroup around this process
 where possible, else getrusage.
 
-    .venv/bin/python bench/spawn_cost.py [--calls 100]
+    .venv/bin/python bench/investigations/spawn_cost.py [--calls 100]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from toolq.workers.runtime.sandbox import make_sandbox
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
-PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parents[2] / "cli" / "projects" / "bench"
 LIMITS = ResourceLimits(512, 256, 1024, None)
 CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 

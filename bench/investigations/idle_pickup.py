@@ -1,6 +1,6 @@
 """How fast an idle worker takes a call, by priority (issue 31's reliable pop).
 
-    .venv/bin/python bench/idle_pickup.py [--calls 100]
+    .venv/bin/python bench/investigations/idle_pickup.py [--calls 100]
 
 One worker on the test tools; ``--calls`` sequential ``echo`` calls with the default
 priority, then with priority 9, each sent 150 ms after the last ended (so the worker is
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from toolq import ToolClient  # noqa: E402

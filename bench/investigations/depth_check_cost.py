@@ -1,6 +1,6 @@
 """What bounding a result's depth before parsing costs (issue 29, item 1).
 
-    .venv/bin/python bench/depth_check_cost.py
+    .venv/bin/python bench/investigations/depth_check_cost.py
 
 The worker reads every result envelope's nesting from its text
 (toolq.validation.text_nests_deeper) before json.loads; prints the best of five runs

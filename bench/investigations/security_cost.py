@@ -7,7 +7,7 @@ no seccomp, no exec or FFI refusal), then a `fetch` of a local HTTP server over 
 (`--allow-net=127.0.0.1:PORT`). Prints the
 median wall time per call and each set-up's ratio to "before", measured in the same run.
 
-    .venv/bin/python bench/security_cost.py [--calls 100]
+    .venv/bin/python bench/investigations/security_cost.py [--calls 100]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from toolq.workers.runtime.sandbox import Sandbox, make_sandbox
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
-PROJECT = Path(__file__).resolve().parents[1] / "tests" / "tools"
+PROJECT = Path(__file__).resolve().parents[2] / "tests" / "tools"
 _UID_FLAGS = {"--unshare-user": 0, "--disable-userns": 0, "--uid": 1, "--gid": 1}
 
 

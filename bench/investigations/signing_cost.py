@@ -12,7 +12,7 @@ Two measurements, each against the same thing unsigned, in the same run:
 
 Needs a Redis (TOOLQ_REDIS_URL, else a private one).
 
-    .venv/bin/python bench/signing_cost.py [--calls 300] [--rounds 20000]
+    .venv/bin/python bench/investigations/signing_cost.py [--calls 300] [--rounds 20000]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from toolq.config.celery_app import RUN_TOOL_TASK
 from toolq.protocol import CallRequest, new_request
 from toolq.signing import Signer
 
-TOOLS = Path(__file__).resolve().parent.parent / "tests" / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tests" / "tools"
 INPUTS: dict[str, Any] = {
     "small input": {"city": "Oslo", "units": "metric"},
     "100 KiB input": {"text": "x" * (100 * 1024)},

@@ -5,7 +5,7 @@ call left (processes, /tmp, /dev/shm — workers/runtime/isolation.py), the othe
 that step (the wrapper's timer clean-up runs in both). Prints the median wall time per
 call of each and their ratio.
 
-    .venv/bin/python bench/isolation_cost.py [--calls 500]
+    .venv/bin/python bench/investigations/isolation_cost.py [--calls 500]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from toolq.workers.runtime.limits import Cgroups
 from toolq.workers.runtime.sandbox import Permissions, make_sandbox
 from toolq.workers.runtime.warm import WarmRuntime
 
-PROJECT = Path(__file__).resolve().parent / "tools"
+PROJECT = Path(__file__).resolve().parents[2] / "cli" / "projects" / "bench"
 
 
 def main() -> None:

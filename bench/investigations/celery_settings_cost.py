@@ -10,7 +10,7 @@ then collect every result), once per variant, in interleaved rounds:
 Producer and worker use the same variant. Needs a Redis (TOOLQ_REDIS_URL, else a
 private one).
 
-    .venv/bin/python bench/celery_settings_cost.py [--calls 1000] [--rounds 3]
+    .venv/bin/python bench/investigations/celery_settings_cost.py [--calls 1000] [--rounds 3]
 """
 
 from __future__ import annotations

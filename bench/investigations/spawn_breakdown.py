@@ -10,7 +10,7 @@ this script starts, from a cpuacct cgroup around it (getrusage where there is no
 4. + the joining shell and setpriv, without a cgroup to join;
 5. the launch as the worker makes it: a cgroup created, joined and removed too.
 
-    .venv/bin/python bench/spawn_breakdown.py [--runs 30]
+    .venv/bin/python bench/investigations/spawn_breakdown.py [--runs 30]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ A loopback server is reached through a rule naming its address and port (the new
 set-up refuses loopback otherwise). Prints the median wall time per call and the ratio
 new/old for each.
 
-    .venv/bin/python bench/egress_cost.py [--calls 100]
+    .venv/bin/python bench/investigations/egress_cost.py [--calls 100]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from toolq.workers.runtime.sandbox import make_sandbox
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
-PROJECT = Path(__file__).resolve().parents[1] / "tests" / "projects" / "netprobe"
+PROJECT = Path(__file__).resolve().parents[2] / "tests" / "projects" / "netprobe"
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):

@@ -12,7 +12,7 @@ throughput against ToolClient with threads, on the same worker.
    all: asyncio tasks on one AsyncToolClient, then threads on one ToolClient, alternated
    ``--rounds`` times against the same worker (calls/s; the ratio of the medians).
 
-    .venv/bin/python bench/async_client.py [--waiters 5000] [--calls 2000]
+    .venv/bin/python bench/investigations/async_client.py [--waiters 5000] [--calls 2000]
         [--concurrency 32] [--rounds 3] [--redis-url redis://127.0.0.1:6379]
 
 It claims an empty database of that Redis (15 down to 1), flushed afterwards, and
@@ -39,7 +39,7 @@ from toolq.config.loader import load_settings
 from toolq.config.settings import Settings
 from toolq.workers.process import WorkerProcess
 
-PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parents[2] / "cli" / "projects" / "bench"
 CONFIG = PROJECT / "compozy.yaml"
 TOOL = "echo_size"
 

@@ -4,7 +4,7 @@ Starts a real worker per pool with concurrency 10, keeps 10 slow calls running,
 and samples the resident memory of the whole process tree (worker, pool children,
 reapers, Bun processes). Needs a Redis (TOOLQ_REDIS_URL, else a private one).
 
-    .venv/bin/python bench/pool_memory.py [--mode warm|spawn]
+    .venv/bin/python bench/investigations/pool_memory.py [--mode warm|spawn]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from toolq.cli.bench import bench_worker, peak_memory_while_busy
 from toolq.cli.devredis import ensure_redis, scratch_database
 from toolq.cli.meters import tree_rss_mib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "cli" / "projects" / "bench"
 
 

@@ -4,7 +4,7 @@ Runs a trivial tool through the runner directly (no queue), interleaving four se
 spawn and warm, each with and without bubblewrap + cgroups — and prints the median wall
 time per call and the ratio sandboxed / unsandboxed.
 
-    .venv/bin/python bench/sandbox_cost.py [--calls 200]
+    .venv/bin/python bench/investigations/sandbox_cost.py [--calls 200]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from toolq.workers.runtime.sandbox import Permissions, make_sandbox
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
-PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parents[2] / "cli" / "projects" / "bench"
 
 
 def main() -> None:

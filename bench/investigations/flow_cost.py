@@ -1,4 +1,4 @@
-"""What flow control adds to one call (README, "Flow control").
+"""What flow control adds to one call (docs/flow-control.md).
 
 Builds four workers in this process on the bench project's ``noop`` tool — no flow
 control, ``max_concurrency``, ``rate_limit``, both — and sends calls straight to their
@@ -7,7 +7,7 @@ prints the Redis commands the handler sent per call (counted at the client, like
 ``redis-cli MONITOR`` for this process only: other users of a shared Redis do not
 blur it) and the median handler time, as a ratio to the tool without flow control.
 
-    .venv/bin/python bench/flow_cost.py [--calls 300] [--redis-url redis://127.0.0.1:6379]
+    .venv/bin/python bench/investigations/flow_cost.py [--calls 300] [--redis-url redis://127.0.0.1:6379]
 
 It claims an empty database of that Redis (15 down to 1) and flushes it afterwards.
 """
@@ -26,7 +26,7 @@ from toolq.config.loader import load_settings
 from toolq.workers.assembly import WorkerParts, build_worker
 from toolq.workers.call.attempt import Delivery, Final
 
-PROJECT = Path(__file__).resolve().parent.parent / "cli" / "projects" / "bench"
+PROJECT = Path(__file__).resolve().parents[2] / "cli" / "projects" / "bench"
 SETUPS: dict[str, dict[str, Any]] = {
     "none": {},
     "max_concurrency": {"max_concurrency": 1000},
