@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import gc
 import os
 import threading
@@ -22,6 +24,36 @@ from toolq.workers.runtime.bun import find_bun
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 TOOLS_CONFIG = TOOLS / "compozy.yaml"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With ``--dist loadgroup`` (`make test`), the end-to-end tier is spread over its test
+    processes test by test: most tests wait on workers, Bun or a timeout, and whole
+    modules (``--dist loadfile``) left one long module running alone at the end. A module
+    that defines a fixture of module scope (a project installed, a wheel built, a worker
+    started) stays whole on one process, so that fixture is set up once; the largest go
+    first. (pytest-xdist's own ``xdist_group`` marks are not seen under pytest 9.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesWithModuleFixturesStayWhole(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if _defines_module_fixture(config.rootpath / module) else nodeid
+
+    return ModulesWithModuleFixturesStayWhole(config, log)
+
+
+@functools.cache
+def _defines_module_fixture(module: Path) -> bool:
+    """Whether ``module`` defines a ``@pytest.fixture(scope="module", ...)``."""
+    for node in ast.walk(ast.parse(module.read_bytes())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.fixture":
+            for keyword in node.keywords:
+                if keyword.arg == "scope" and ast.literal_eval(keyword.value) == "module":
+                    return True
+    return False
 
 
 @pytest.fixture(autouse=True)
