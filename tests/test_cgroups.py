@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import StartWorker, wait_until
 from tests.test_runner import make_launcher, run
 from toolq import ToolClient
-from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits
+from toolq.workers.runtime.limits import Cgroup, Cgroups, ResourceLimits, cgjoin, joining
 from toolq.workers.runtime.spawn import SpawnRuntime
 from toolq.workers.runtime.warm import WarmRuntime
 
@@ -110,3 +110,29 @@ def test_a_worker_stopped_by_sigterm_leaves_no_cgroup(
     parents = set(CGROUPS.parents.values()) if CGROUPS is not None else set()
     left = [p for parent in parents for p in parent.glob(f"toolq-{pid}-*")]
     assert left == []
+
+
+@pytest.mark.skipif(cgjoin() is None, reason="make setup builds workers/runtime/cgjoin")
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to the tools' uid needs root")
+def test_cgjoin_joins_limits_and_drops_before_the_program_runs() -> None:
+    """The launcher's step before bwrap (workers/runtime/cgjoin.c, one exec instead of a
+    shell and setpriv): the program runs in the cgroup, with the open-file limit, as the
+    tools' uid and no other group; a join that fails stops it before it runs."""
+    assert CGROUPS is not None
+    limits = ResourceLimits(64, 16, 77, None)
+    group = CGROUPS.create(limits)
+    try:
+        script = "id -u; id -g; id -G; ulimit -n; cat /proc/self/cgroup"
+        argv = joining(group, limits, ["sh", "-c", script], 65534)
+        assert argv[0] == cgjoin()
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split("\n")
+        assert out[:4] == ["65534", "65534", "65534", "77"]
+        memberships = "\n".join(out[4:])  # /proc/self/cgroup
+        assert all(f"/{path.name}\n" in memberships for path in group.dirs.values()), out
+        gone = Cgroup({"memory": Path("/sys/fs/cgroup/nonexistent-toolq")}, group.version)
+        failed = subprocess.run(
+            joining(gone, limits, ["sh", "-c", "echo ran"], 65534), capture_output=True, text=True
+        )
+        assert failed.returncode == 126 and "ran" not in failed.stdout
+    finally:
+        group.remove()

@@ -30,10 +30,10 @@ from toolq.workers.runtime.bun import WRAPPER
 from toolq.workers.runtime.compat import compozy_environment
 from toolq.workers.runtime.egress import Destinations, EgressProxy, Peers
 from toolq.workers.runtime.limits import (
-    SETPRIV,
     Cgroup,
     Cgroups,
     ResourceLimits,
+    can_join,
     joining,
     main_process,
     pid_alive,
@@ -311,8 +311,8 @@ class Launcher:
                 os.close(fd)
             raise
         preexec_fn = None
-        if cgroup is not None and (uid is None or SETPRIV is not None):
-            argv = joining(cgroup, limits, argv, uid)  # a shell joins: subprocess keeps vfork
+        if cgroup is not None and can_join(uid):
+            argv = joining(cgroup, limits, argv, uid)  # cgjoin or a shell: subprocess keeps vfork
         elif cgroup is not None:
             preexec_fn = preexec(cgroup, limits, uid)  # no setpriv here: Python does it
         try:

@@ -282,20 +282,41 @@ SETPRIV = shutil.which("setpriv")
 """util-linux's setpriv: drops the joined shell to the tools' uid before bwrap runs."""
 JOIN_SHELL = "/bin/sh"
 """Joins a new process to its cgroup before it execs bwrap or Bun (:func:`joining`)."""
+CGJOIN = Path(__file__).resolve().with_name("cgjoin")
+"""workers/runtime/cgjoin.c, built by ``make setup``: the shell's and setpriv's steps in
+one small exec."""
+
+
+def cgjoin() -> str | None:
+    """The built cgjoin helper, if this install has one (else the shell joins)."""
+    return str(CGJOIN) if os.access(CGJOIN, os.X_OK) else None
+
+
+def can_join(uid: int | None) -> bool:
+    """Whether :func:`joining` can start a process in its cgroup here (as ``uid``)."""
+    return cgjoin() is not None or uid is None or SETPRIV is not None
 
 
 def joining(
     cgroup: Cgroup, limits: ResourceLimits, argv: list[str], uid: int | None = None
 ) -> list[str]:
-    """``argv`` behind a shell that first joins ``cgroup``, sets the open-file rlimit and,
-    with ``uid``, drops to that uid/gid (``setpriv``; joining needs root, so it comes first).
+    """``argv`` behind a step that first joins ``cgroup``, sets the open-file rlimit and,
+    with ``uid``, drops to that uid/gid (joining needs root, so it comes first).
 
     The child must join before bwrap or Bun can fork. A ``preexec_fn`` would do it in
     Python, but then subprocess forks the whole worker instead of using vfork: from a
-    150 MB process ~25 ms and ~12 ms of CPU per process, against ~3 ms and ~3 ms for the
-    shell (``bench/spawn_cost.py``). A failed join ends the shell with 126, before Bun
-    runs.
+    150 MB process ~25 ms and ~12 ms of CPU per process, against ~3 ms and ~3 ms for a
+    shell and ``setpriv`` (``bench/investigations/spawn_cost.py``), and ~1 ms of CPU for
+    ``cgjoin`` (workers/runtime/cgjoin.c), used when built. A failed join ends the step
+    with 126, before Bun runs.
     """
+    helper = cgjoin()
+    if helper is not None:
+        options = [arg for path in cgroup.procs_files() for arg in ("-c", path)]
+        options += ["-n", str(int(limits.max_open_files))]
+        if uid is not None:
+            options += ["-u", str(int(uid))]
+        return [helper, *options, "--", *argv]
     joins = "".join(f"echo 0 > {shlex.quote(path)} || exit 126; " for path in cgroup.procs_files())
     drop = ""
     if uid is not None:
