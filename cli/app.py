@@ -47,7 +47,3 @@ app.add_typer(calls.dlq_app, name="dlq")
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()
