@@ -35,10 +35,12 @@ import time
 import timeit
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from toolq import ToolClient, tracing
 from toolq.cli.devredis import scratch_database
+from toolq.cli.meters import CpuMeter
 from toolq.config.loader import load_settings
 from toolq.workers.process import WorkerProcess
 
@@ -51,7 +53,19 @@ LABELS = {"none": "not configured", "build": "no tracing (baseline)", "on": "on,
 SECTION = "## Tracing (issue 27)"
 
 
-def closed_loop(client: ToolClient, queue: str, calls: int, concurrency: int) -> float:
+@dataclass
+class Round:
+    rate: float
+    """Calls per second."""
+    worker_cpu_ms: float
+    """CPU per call of the worker and everything it started (Bun included)."""
+    producer_cpu_ms: float
+    """CPU per call of this process (the callers, the client, its spans)."""
+
+
+def closed_loop(
+    client: ToolClient, queue: str, calls: int, concurrency: int, worker: CpuMeter | None = None
+) -> Round:
     def one(n: int) -> None:
         result = client.run(TOOL, {"data": f"call {n}"}, queue=queue, wait=60)
         if not result.ok:
@@ -59,16 +73,23 @@ def closed_loop(client: ToolClient, queue: str, calls: int, concurrency: int) ->
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency * 2)))  # warm-up
+        worker_s = worker.seconds() if worker is not None else 0.0
+        producer_s = time.process_time()
         start = time.perf_counter()
         list(pool.map(one, range(calls)))
-        return calls / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        producer_s = time.process_time() - producer_s
+        worker_s = (worker.seconds() if worker is not None else 0.0) - worker_s
+    return Round(calls / elapsed, 1000 * worker_s / calls, 1000 * producer_s / calls)
 
 
-def baseline_tree(commit: str, into: Path) -> Path:
+def source_tree(commit: str, into: Path) -> Path:
     """The source of ``commit`` laid out as the installed package (``toolq.workers`` and
-    the rest, as ``make typecheck`` lays it out); returns the directory for PYTHONPATH."""
+    the rest, as ``make typecheck`` lays it out); returns the directory for PYTHONPATH.
+    Workers run committed code only: what is being edited in the checkout meanwhile
+    does not slip into a round."""
     src, tree = into / "src", into / "tree"
-    src.mkdir()
+    src.mkdir(parents=True)
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True
     ).stdout
@@ -77,8 +98,9 @@ def baseline_tree(commit: str, into: Path) -> Path:
     package.mkdir(parents=True)
     for entry in (src / "toolq").iterdir():
         (package / entry.name).symlink_to(entry)
-    for folder in ("config", "workers", "producers"):
-        (package / folder).symlink_to(src / folder)
+    for folder in ("config", "workers", "producers", "cli"):
+        if (src / folder).is_dir():
+            (package / folder).symlink_to(src / folder)
     netshim = ROOT / "workers" / "runtime" / "netshim.so"  # built by make setup, not tracked
     if netshim.exists():
         (src / "workers" / "runtime" / "netshim.so").write_bytes(netshim.read_bytes())
@@ -102,35 +124,46 @@ def hooks_off_us(loops: int = 200_000) -> float:
     return min(timeit.repeat(one_call, number=loops, repeat=5)) / loops * 1e6
 
 
-def report(rates: dict[str, list[float]], hooks_us: float, args: argparse.Namespace) -> str:
-    medians = {mode: statistics.median(values) for mode, values in rates.items()}
-    base = medians["build"]
+def report(rounds: dict[str, list[Round]], hooks_us: float, args: argparse.Namespace) -> str:
+    def median(mode: str, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in rounds[mode])
+
+    def cpu(mode: str) -> float:
+        return median(mode, "worker_cpu_ms") + median(mode, "producer_cpu_ms")
+
     lines = [
         SECTION,
         "",
         f"Warm closed loop, `{TOOL}`, {args.concurrency} callers, {args.calls} calls a round, "
-        f"{args.rounds} rounds (modes rotated; medians); the baseline is a worker built "
-        f"from {args.baseline}, before tracing existed. "
-        f"`python bench/tracing_cost.py --rounds {args.rounds}`",
+        f"{args.rounds} rounds (modes rotated; medians). Workers run committed code "
+        f"(`git archive`): {args.commit} with tracing not configured and on (every span "
+        f"of producer and worker sampled, ratio 1.0, batched to a file), and {args.baseline}, "
+        "before tracing existed. CPU per call: the worker's process tree (Bun included) "
+        "and the producer's process, against the wall clock's calls/s, which other load on "
+        f"the machine moves far more. `python bench/tracing_cost.py --rounds {args.rounds}`",
         "",
-        "| tracing | calls/s (median) | rounds | against no tracing |",
-        "|---|---:|---|---:|",
+        "| tracing | calls/s | rounds | CPU ms/call (worker + producer) | against no tracing |",
+        "|---|---:|---|---:|---:|",
     ]
     for mode in MODES:
-        rounds = ", ".join(f"{r:.0f}" for r in rates[mode])
-        change = 100 * (medians[mode] / base - 1)
-        lines.append(
-            f"| {LABELS[mode]} | {medians[mode]:.1f} | {rounds} | "
-            + ("—" if mode == "build" else f"{change:+.1f} %")
-            + " |"
+        each = ", ".join(f"{r.rate:.0f}" for r in rounds[mode])
+        change = (
+            "—"
+            if mode == "build"
+            else f"{100 * (median(mode, 'rate') / median('build', 'rate') - 1):+.1f} % calls/s, "
+            f"{100 * (cpu(mode) / cpu('build') - 1):+.1f} % CPU"
         )
-    cpu_per_call_us = (os.cpu_count() or 1) * 1e6 / medians["none"]  # every core busy
+        lines.append(
+            f"| {LABELS[mode]} | {median(mode, 'rate'):.1f} | {each} | {cpu(mode):.2f} "
+            f"({median(mode, 'worker_cpu_ms'):.2f} + {median(mode, 'producer_cpu_ms'):.2f}) "
+            f"| {change} |"
+        )
     lines += [
         "",
-        f"Not configured, the hooks themselves: {hooks_us:.2f} µs per call (timed in a loop), "
-        f"{100 * hooks_us / cpu_per_call_us:.3f} % of the ~{cpu_per_call_us / 1000:.1f} ms of "
-        "CPU a warm call takes here (both cores busy). On: "
-        f"{100 * (1 - medians['on'] / medians['none']):.1f} % fewer calls/s than not configured.",
+        f"Not configured, the hooks themselves (timed in a loop): {hooks_us:.2f} µs per call, "
+        f"{100 * hooks_us / (cpu('none') * 1000):.3f} % of a call's CPU. On, against not "
+        f"configured: {100 * (1 - median('on', 'rate') / median('none', 'rate')):.1f} % fewer "
+        f"calls/s, {100 * (cpu('on') / cpu('none') - 1):+.1f} % CPU per call.",
         "",
     ]
     return "\n".join(lines)
@@ -153,6 +186,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", default="d47dcb3", help="the commit before tracing")
+    parser.add_argument("--commit", default="HEAD", help="the workers' code, with tracing")
     parser.add_argument("--report", type=Path, help="put the section in this report too")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     args = parser.parse_args()
@@ -162,12 +196,15 @@ def main() -> None:
             del os.environ[name]
     hooks_us = hooks_off_us()
     print(f"hooks, not configured: {hooks_us:.2f} µs per call", flush=True)
-    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    rounds: dict[str, list[Round]] = {mode: [] for mode in MODES}
     with (
         tempfile.TemporaryDirectory() as tmp,
         scratch_database(args.redis_url, "bench") as url,
     ):
-        baseline = baseline_tree(args.baseline, Path(tmp))
+        trees = {
+            "current": source_tree(args.commit, Path(tmp) / "current"),
+            "baseline": source_tree(args.baseline, Path(tmp) / "baseline"),
+        }
         spans_file = str(Path(tmp) / "spans.jsonl")
         traced = {
             "OTEL_TRACES_FILE": spans_file,
@@ -179,8 +216,7 @@ def main() -> None:
             for round_no in range(args.rounds):
                 for mode in MODES[round_no % 3 :] + MODES[: round_no % 3]:
                     env = dict(traced) if mode == "on" else {"OTEL_TRACES_FILE": ""}
-                    if mode == "build":
-                        env["PYTHONPATH"] = str(baseline)
+                    env["PYTHONPATH"] = str(trees["baseline" if mode == "build" else "current"])
                     for name in traced:  # the producer traces in "on" only
                         os.environ[name] = traced[name] if mode == "on" else ""
                     tracing.reset()
@@ -189,11 +225,21 @@ def main() -> None:
                         config=CONFIG, redis_url=url, queues=[queue], env=env
                     ) as worker:
                         worker.start(client.app)
-                        rate = closed_loop(client, queue, args.calls, args.concurrency)
-                    rates[mode].append(rate)
-                    print(f"{LABELS[mode]:>22}: {rate:7.1f} calls/s", flush=True)
+                        cpu = CpuMeter(worker.pid)
+                        try:
+                            measured = closed_loop(client, queue, args.calls, args.concurrency, cpu)
+                        finally:
+                            worker.stop()  # so the cgroup can be emptied and removed
+                            cpu.close()
+                    rounds[mode].append(measured)
+                    print(
+                        f"{LABELS[mode]:>22}: {measured.rate:7.1f} calls/s, CPU per call "
+                        f"{measured.worker_cpu_ms:.2f} ms worker, "
+                        f"{measured.producer_cpu_ms:.2f} ms producer",
+                        flush=True,
+                    )
         spans = Path(spans_file).read_text().count("\n") if os.path.exists(spans_file) else 0
-    section = report(rates, hooks_us, args)
+    section = report(rounds, hooks_us, args)
     print(f"\n{section}\n({spans} spans written)")
     if args.report is not None:
         write_section(args.report, section)
