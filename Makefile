@@ -107,7 +107,7 @@ test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest tests/fast
 
 bench: setup
-	$(BIN)/toolq bench --modes spawn,warm,spawn-cold --rounds 3
+	$(BIN)/toolq bench --modes spawn,warm,spawn-cold --rounds 5
 	$(BIN)/python bench/tracing_cost.py --rounds 3 --report bench/RESULTS.md
 
 # Chaos soak (not part of `make test`): calls through worker SIGKILLs and Redis restarts.

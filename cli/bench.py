@@ -48,7 +48,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from toolq.cli import bench_baseline
+from toolq.cli import bench_baseline, spawn_floor
 from toolq.cli.bench_loops import (
     Side,
     check,
@@ -89,21 +89,24 @@ from toolq.workers.runtime.bun import WRAPPER, find_bun
 def run_bench(
     *,
     modes: Sequence[str] = ("spawn", "warm"),
-    rounds: int = 3,
+    rounds: int = 5,
     calls: int = 500,
     sequential: int = 100,
     per_size: int = 15,
     out: Path = Path("bench") / "RESULTS.md",
     sandbox: str = "auto",
     profile: bool | None = None,
+    busy_core: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict[str, Figures]:
     """Measure, then write the report; ``profile`` (default: if py-spy is installed) adds
-    where a call's CPU goes."""
+    where a call's CPU goes; ``busy_core``: another process keeps one core busy all along
+    (CI-like load)."""
     if profile is None:
         profile = py_spy() is not None
     results: dict[str, Figures] = {}
     with (
+        busy(busy_core),
         ensure_redis(quiet=True) as base_url,
         scratch_database(base_url, "bench") as redis_url,  # ~40,000 results, gone after
     ):
@@ -123,14 +126,20 @@ def run_bench(
                     say=say,
                 )
         server = redis.Redis.from_url(redis_url).info("server").get("redis_version", "?")
-    say("bare wrapper starts (spawn's CPU baseline)")
-    bare_cpu_ms = [wrapper_cpu_ms() for _ in range(rounds)]
+        layers = None
+        if any(mode.startswith("spawn") for mode in modes):
+            say("spawn: the irreducible sandboxed start and toolq's layers over it")
+            layers = spawn_floor.measure(runs=10 * rounds)
+        if layers is not None:
+            floor_cpu_ms = layers[spawn_floor.LAYERS[0]]
+        else:  # no sandbox here: Bun on the wrapper, unsandboxed
+            floor_cpu_ms = [wrapper_cpu_ms() for _ in range(rounds)]
     load = os.getloadavg()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         render(
             results,
-            bare_cpu_ms,
+            floor_cpu_ms,
             rounds,
             calls,
             sequential,
@@ -139,12 +148,28 @@ def run_bench(
             sandbox,
             out.with_suffix(".png").name,
             load,
+            layers=layers,
+            busy=busy_core,
         )
     )
     chart = out.with_suffix(".png")  # beside the report, named after it
     plot(results, chart)
     say(f"wrote {out} and {chart}")
     return results
+
+
+@contextlib.contextmanager
+def busy(on: bool) -> Iterator[None]:
+    """With ``on``: another process spins on one core while the block runs."""
+    if not on:
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def _bench_mode(

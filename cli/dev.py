@@ -98,7 +98,9 @@ def bench(
             "(spawn without processes started ahead)."
         ),
     ] = "spawn,warm",
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds; figures are medians.")] = 3,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Interleaved rounds; figures are their medians.")
+    ] = 5,
     calls: Annotated[int, typer.Option(min=10, help="Calls per throughput round.")] = 500,
     out: Annotated[Path, typer.Option(help="Where to write the report.")] = Path(
         "bench/RESULTS.md"
@@ -113,6 +115,13 @@ def bench(
             help="Profile where a call's CPU goes (py-spy; default: if it is installed).",
         ),
     ] = None,
+    busy_core: Annotated[
+        bool,
+        typer.Option(
+            "--busy-core",
+            help="Keep one core busy with another process during the run (CI-like load).",
+        ),
+    ] = False,
 ) -> None:
     """Benchmark tool calls against a plain Celery app's no-op task (ratios)."""
     from toolq.cli.bench import run_bench
@@ -126,6 +135,7 @@ def bench(
             out=out,
             sandbox=sandbox,
             profile=profile,
+            busy_core=busy_core,
             say=lambda line: typer.echo(line, err=True),
         )
     )
