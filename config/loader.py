@@ -5,7 +5,7 @@
    shipped as YAML beside this module;
 3. the project file (`--config` / ``TOOLQ_CONFIG``, else `./compozy.yaml` if present):
    first the toolq settings its tool definitions carry (``autoload`` files and the
-   ``tools:`` list, :mod:`toolq.config.tooldefs`), then its own toolq keys; Compozy's
+   ``tools:`` list, :mod:`toolq.config.toolfiles`), then its own toolq keys; Compozy's
    other keys are accepted and ignored, Compozy's runtime names mapped onto toolq's;
 4. environment variables: ``TOOLQ_<KEY>`` for top-level keys (``TOOLQ_REDIS_URL``),
    ``TOOLQ_<SECTION>__<KEY>`` for nested ones (``TOOLQ_RUNTIME__TIMEOUT=10s``);
@@ -28,7 +28,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from toolq.config.settings import Settings
-from toolq.config.tooldefs import Definitions, load_definitions, looks_like_typo, suggest
+from toolq.config.tooldefs import looks_like_typo, suggest
+from toolq.config.toolfiles import Definitions, load_definitions
 from toolq.errors import ConfigError
 
 PROFILES = ("development", "production")
