@@ -4,6 +4,11 @@ YAML keys follow Compozy (`timeout: 30s`); in code the fields carry their unit
 (`timeout_s`). Unknown keys are errors here; the loader drops the keys of a Compozy
 project file that are not toolq's before they reach this model. Loading and precedence
 live in :mod:`toolq.config.loader`, tool definitions in :mod:`toolq.config.tooldefs`.
+
+Over 400 lines on purpose: this is one pydantic model tree (the sections and the
+:class:`Settings` that nests and cross-checks them, each field with the attribute
+docstring the docs site's configuration reference is generated from), and splitting
+it would scatter the one definition of what toolq reads across modules.
 """
 
 from __future__ import annotations
