@@ -403,6 +403,7 @@ def cli_commands() -> list[CommandDoc]:
     def walk(command: Any, ctx: Any) -> None:
         pieces = " ".join(command.collect_usage_pieces(ctx))
         pieces = re.sub(r"\{(\w+)\}", lambda m: m.group(1).upper(), pieces)
+        pieces = re.sub(r"\[([a-z_]+)\]", lambda m: f"[{m.group(1).upper()}]", pieces)
         params = [
             _param_doc(p)
             for p in command.get_params(ctx)
