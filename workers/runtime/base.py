@@ -30,24 +30,31 @@ DEFAULT_RESOURCES = ResourceLimits(
 
 _CANCEL_LOCK = threading.Lock()
 """Shared by every token: cancelling is rare, creating a token is not."""
+_SPARE_FDS: list[int] = []
+"""Eventfds of closed tokens that were never set, for the next tokens: a call's token
+costs no syscall (an eventfd and a close per call, each a GIL hand-off on the reply path)."""
+_MAX_SPARE = 64
 
 
 class CancelToken:
     """Set once to ask the runtime to stop a running call (``toolq cancel``).
 
     Selectable (an eventfd), so the pump wakes the moment it is set and a call that is
-    never cancelled costs no polling."""
+    never cancelled costs no polling. A closed token is never set again (``cancel`` after
+    ``close`` does nothing), so its eventfd, if it was never set, serves a later token."""
 
     def __init__(self) -> None:
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        with _CANCEL_LOCK:
+            fd = _SPARE_FDS.pop() if _SPARE_FDS else -1
+        self._fd = fd if fd >= 0 else os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._cancelled = False  # a flag, not an Event: every call makes a token
 
     def cancel(self) -> None:
         with _CANCEL_LOCK:
-            if self._cancelled:
+            if self._cancelled or self._fd < 0:
                 return
             self._cancelled = True
-        os.eventfd_write(self._fd, 1)
+            os.eventfd_write(self._fd, 1)
 
     @property
     def cancelled(self) -> bool:
@@ -57,7 +64,14 @@ class CancelToken:
         return self._fd
 
     def close(self) -> None:
-        os.close(self._fd)
+        with _CANCEL_LOCK:
+            fd, self._fd = self._fd, -1
+            if fd < 0:
+                return
+            if not self._cancelled and len(_SPARE_FDS) < _MAX_SPARE:
+                _SPARE_FDS.append(fd)  # never written: as good as a new one
+                return
+        os.close(fd)
 
 
 @dataclass(frozen=True)
