@@ -25,24 +25,26 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from toolq.config.settings import BACKSTOP_MARGIN_S, Settings
+if TYPE_CHECKING:  # the probe (check) runs without loading the settings model
+    from toolq.config.settings import Settings
 
 State = Literal["starting", "ready", "stopping"]
 DEFAULT_MAX_AGE_S = 30.0
 """Liveness fails when the last heartbeat is older than this (Celery beats every 2 s)."""
-DRAIN_MARGIN_S = BACKSTOP_MARGIN_S
-"""Beyond the longest hard limit, what a drain may take: the last result written, the
-Bun processes closed, the presence entries removed."""
 
 
 def drain_budget_s(settings: Settings) -> float:
     """How long a warm shutdown may take: the longest hard limit a running call may
-    reach, plus :data:`DRAIN_MARGIN_S`. A container's grace period must be at least
-    this (the Kubernetes manifests' ``terminationGracePeriodSeconds``); a chunk starts
-    no call once its worker is stopping (the rest goes back on the queue)."""
-    return settings.max_hard_timeout_s + DRAIN_MARGIN_S
+    reach, plus the backstop margin (``BACKSTOP_MARGIN_S``, 10 s: the last result
+    written, the Bun processes closed, the presence entries removed). A container's
+    grace period must be at least this (the Kubernetes manifests'
+    ``terminationGracePeriodSeconds``); a chunk starts no call once its worker is
+    stopping (the rest goes back on the queue)."""
+    from toolq.config.settings import BACKSTOP_MARGIN_S  # loaded with ``settings``
+
+    return settings.max_hard_timeout_s + BACKSTOP_MARGIN_S
 
 
 @dataclass(frozen=True)

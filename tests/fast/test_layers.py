@@ -10,15 +10,16 @@ import sys
 import pytest
 
 HEAVY = ("celery", "kombu", "redis", "toolq.producers", "toolq.workers", "toolq.cli")
+SETTINGS = ("toolq.config.settings", "toolq.config.loader", "jsonschema", "yaml")
 
 
-def loaded_after(code: str) -> set[str]:
-    """The heavy modules a fresh interpreter holds after running ``code``."""
+def loaded_after(code: str, among: tuple[str, ...] = HEAVY) -> set[str]:
+    """The modules of ``among`` a fresh interpreter holds after running ``code``."""
     probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
-    return {name for name in json.loads(out.splitlines()[-1]) if name in HEAVY}
+    return {name for name in json.loads(out.splitlines()[-1]) if name in among}
 
 
 @pytest.mark.parametrize(
@@ -36,3 +37,13 @@ def test_the_clients_load_when_first_asked_for() -> None:
 
 def test_the_command_loads_no_broker_until_a_command_needs_one() -> None:
     assert loaded_after("from toolq.cli import app, main") == {"toolq.cli"}
+
+
+def test_the_health_probe_loads_no_settings_model() -> None:
+    """``toolq health --file`` runs in every pod every few seconds (Kubernetes probes):
+    what it imports, it imports there."""
+    probe = (
+        "from toolq.cli import operations; import toolq.health, toolq.config.durations\n"
+        "toolq.health.check(__import__('pathlib').Path('/nonexistent'))"
+    )
+    assert loaded_after(probe, HEAVY + SETTINGS) == {"toolq.cli"}
