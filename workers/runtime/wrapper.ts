@@ -403,20 +403,10 @@ async function handle(line: string): Promise<void> {
     if (warm) {
       endCall();
       restoreEnv();
-      emptyTmpdir();
+      // What the call left in TMPDIR (the next call's too) is removed by the runner once
+      // the reply is stored (workers/runtime/isolation.py, warm.py): not here, where it
+      // would compete with that reply for the CPU.
     }
-  }
-}
-
-// Warm mode: TMPDIR is the next call's too; what a call left in it goes.
-function emptyTmpdir(): void {
-  const dir = baseEnv.TMPDIR;
-  if (!dir) return;
-  try {
-    const { readdirSync, rmSync } = require("node:fs"); // not at the top: node:fs costs ~4 ms
-    for (const name of readdirSync(dir)) rmSync(`${dir}/${name}`, { recursive: true, force: true });
-  } catch {
-    // gone or unreadable: nothing of ours to clear
   }
 }
 
