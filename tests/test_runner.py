@@ -79,7 +79,7 @@ def run(
     outcome = runner.run(
         Call(tool_id, "exec-1", payload, env or {}, limits, permissions=TOOL_PERMISSIONS)
     )
-    if isinstance(runner, (WarmRuntime, ByMode)):
+    if isinstance(runner, (WarmRuntime, SpawnRuntime, ByMode)):
         runner.settle()  # as the worker does once the reply is stored
     return outcome
 

@@ -20,8 +20,9 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_runner import TOOL_PERMISSIONS, make_runner, run
+from toolq.config.settings import TimeLimits
 from toolq.producers.client import ToolClient
-from toolq.workers.runtime.base import DEFAULT_RESOURCES
+from toolq.workers.runtime.base import DEFAULT_RESOURCES, Call
 from toolq.workers.runtime.spawn import SpawnRuntime
 
 KEY = (TOOL_PERMISSIONS, DEFAULT_RESOURCES)
@@ -38,6 +39,23 @@ def spawn(bun: Path) -> Iterator[SpawnRuntime]:
 
 def ready_pids(runtime: SpawnRuntime) -> list[int]:
     return [fresh.launched.pid for fresh in runtime.ready(KEY)]
+
+
+def test_the_teardown_and_the_replacement_wait_for_the_reply(spawn: SpawnRuntime) -> None:
+    """Issue 26: killing an answered process and starting its replacement (~25 ms of CPU)
+    happen once the worker settles (after the reply is stored), not while the call runs
+    or its reply is on its way; a replacement starts at once only when the next process
+    in line has not loaded yet."""
+    assert wait_until(lambda: all(fresh.loaded() for fresh in spawn.ready(KEY)), 20)
+    first, second = ready_pids(spawn)
+    call = Call("pid", "exec-1", {}, {}, TimeLimits(5, 6), permissions=TOOL_PERMISSIONS)
+    outcome = spawn.run(call)  # as the worker runs it: settled after the reply
+    assert outcome.error is None, outcome.error
+    assert process_alive(first)  # answered, not torn down yet
+    assert ready_pids(spawn) == [second]  # and no replacement started yet
+    spawn.settle()
+    assert wait_until(lambda: not process_alive(first), 10)
+    assert wait_until(lambda: len(spawn.ready(KEY)) == 2, 20)
 
 
 def test_a_call_takes_a_process_that_was_started_before_it(spawn: SpawnRuntime) -> None:

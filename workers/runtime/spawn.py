@@ -26,11 +26,12 @@ import logging
 import os
 import queue
 import secrets
+import select
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from toolq.errors import ToolCrashed, ToolFailure
 from toolq.workers.runtime.base import Call, Outcome, failed
@@ -56,14 +57,42 @@ class Fresh:
     def alive(self) -> bool:
         return self.launched.proc.poll() is None
 
+    def loaded(self) -> bool:
+        """Bun has loaded the entrypoint and waits for its request: its wrapper's ready
+        line is on the envelope pipe (read, and skipped, by the call that takes it)."""
+        return bool(select.select([self.pipes.envelope_fd], [], [], 0)[0])
+
     def kill(self) -> None:
         self.pipes.close()
         self.launched.stop()
 
 
+SETTLE_GRACE_S = 0.05
+"""What a call left for after its reply and nobody settled (:meth:`SpawnRuntime.settle`)
+within this is done in the background."""
+
+
+@dataclass
+class _Left:
+    """What one thread's answered calls left for after their replies."""
+
+    disposals: list[Fresh] = field(default_factory=list)
+    owed: set[Key] = field(default_factory=set)
+    """Keys whose replacement process is still to be started."""
+    since: float = 0.0
+
+
 class SpawnRuntime:
     """A fresh Bun per call, ``ahead`` of them started before they are needed;
-    thread-safe (the caller bounds how many calls run at once)."""
+    thread-safe (the caller bounds how many calls run at once).
+
+    What a call leaves for between calls — killing its answered process (its sandbox
+    and cgroup coming down) and starting its replacement (~25 ms of CPU) — waits until
+    its reply is stored (:meth:`settle`, which the worker calls), instead of competing
+    with it for the CPU; a replacement starts at once only when no process is left
+    ready. What nobody settles is done by the thread's next call, or in the background
+    after ``SETTLE_GRACE_S``.
+    """
 
     def __init__(self, launcher: Launcher, *, ahead: int = 0) -> None:
         self.launcher = launcher
@@ -79,6 +108,9 @@ class SpawnRuntime:
         self._starters = Starters("toolq-spawn-ahead")
         self._disposals: queue.SimpleQueue[Fresh | None] = queue.SimpleQueue()
         self._disposer: threading.Thread | None = None
+        self._left: dict[int, _Left] = {}
+        self._unsettled = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     def start(self, keys: Iterable[Key]) -> None:
         """Start ``ahead`` processes for each key now, in the background."""
@@ -100,6 +132,7 @@ class SpawnRuntime:
         if self._pid != os.getpid():
             # A forked pool process (prefork): the parent's processes are not ours.
             self._reset()
+        self.settle()  # what this thread's last call left, if nobody did it yet
         key: Key = (call.permissions, call.resources)
         fresh = self._take(key) if self.ahead > 0 else None
         launched_ns = None
@@ -136,9 +169,56 @@ class SpawnRuntime:
             try:
                 return _launched(finish(launched, streams, failure, call, started), launched_ns)
             finally:
-                self._dispose(fresh)
+                self._leave(disposal=fresh)
         fresh.kill()  # first, so a process the kernel killed for memory is known as such
         return _launched(finish(launched, streams, failure, call, started), launched_ns)
+
+    def settle(self) -> None:
+        """This thread's calls have replied: dispose of their processes and start their
+        replacements now."""
+        with self._lock:
+            left = self._left.pop(threading.get_ident(), None)
+        if left is not None:
+            self._settle(left)
+
+    def _settle(self, left: _Left) -> None:
+        with self._lock:
+            if not self._closed:
+                for key in left.owed:
+                    self._top_up(key)
+        for fresh in left.disposals:
+            self._dispose(fresh)
+
+    def _leave(self, *, disposal: Fresh | None = None, owed: Key | None = None) -> None:
+        """Leave work for after this thread's reply (:meth:`settle`)."""
+        with self._lock:
+            left = self._left.setdefault(threading.get_ident(), _Left())
+            left.since = time.monotonic()  # the grace runs from the latest
+            if disposal is not None:
+                left.disposals.append(disposal)
+            if owed is not None:
+                left.owed.add(owed)
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(
+                    target=self._sweep, name="toolq-spawn-settle", daemon=True
+                )
+                self._sweeper.start()
+        self._unsettled.set()
+
+    def _sweep(self) -> None:
+        """The background thread: settle what no thread settled within the grace."""
+        while not self._closed:
+            self._unsettled.wait()
+            time.sleep(SETTLE_GRACE_S)
+            self._unsettled.clear()
+            with self._lock:
+                due = time.monotonic() - SETTLE_GRACE_S
+                late = [thread for thread, left in self._left.items() if left.since <= due]
+                overdue = [self._left.pop(thread) for thread in late]
+                if self._left:
+                    self._unsettled.set()  # newer ones: looked at after the grace
+            for left in overdue:
+                self._settle(left)
 
     def close(self) -> None:
         """Kill the processes waiting for a call, and those being started once they are
@@ -146,8 +226,11 @@ class SpawnRuntime:
         with self._lock:
             self._closed = True
             waiting = [fresh for line in self._ready.values() for fresh in line]
+            waiting += [fresh for left in self._left.values() for fresh in left.disposals]
+            self._left.clear()
             self._ready.clear()
             starting = self._starters.running()
+        self._unsettled.set()  # the background settler sees the runtime closed, and ends
         for fresh in waiting:
             fresh.kill()
         Starters.wait(starting)
@@ -177,7 +260,8 @@ class SpawnRuntime:
 
     def _take(self, key: Key) -> Fresh | None:
         """The oldest live process for ``key`` (None if none is ready); its replacement
-        starts now, while the call runs."""
+        starts after the call's reply when the next process in line has loaded already,
+        else now (calls back to back: a replacement needs all the head start it gets)."""
         dead = []
         taken = None
         with self._lock:
@@ -188,8 +272,11 @@ class SpawnRuntime:
                     taken = fresh
                 else:
                     dead.append(fresh)  # died while waiting (the OOM killer, a signal)
-            if not self._closed:
-                self._top_up(key)
+            later = taken is not None and bool(line) and line[0].loaded()
+            if not self._closed and not later:
+                self._top_up(key)  # the next call must not wait for this one's reply
+        if later:
+            self._leave(owed=key)
         for fresh in dead:
             fresh.kill()
         return taken
