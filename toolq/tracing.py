@@ -38,6 +38,7 @@ around code.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -86,6 +87,16 @@ def _configured(env: Mapping[str, str]) -> bool:
 
 def _setup() -> Any:
     from opentelemetry import trace
+
+    current = trace.get_tracer_provider()
+    if not isinstance(current, trace.ProxyTracerProvider):  # configured by the app
+        return trace.get_tracer("toolq")
+    trace.set_tracer_provider(provider_from_env())
+    return trace.get_tracer("toolq")
+
+
+def provider_from_env() -> Any:
+    """A tracer provider with the exporters the environment names (see the module)."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
@@ -94,19 +105,14 @@ def _setup() -> Any:
         SimpleSpanProcessor,
     )
 
-    current = trace.get_tracer_provider()
-    if not isinstance(current, trace.ProxyTracerProvider):  # configured by the app
-        return trace.get_tracer("toolq")
     # The SDK reads OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES and OTEL_TRACES_SAMPLER(_ARG).
     named = os.environ.get("OTEL_SERVICE_NAME")
     provider = TracerProvider(resource=Resource.create({} if named else {"service.name": "toolq"}))
     path = os.environ.get("OTEL_TRACES_FILE")
     if path:
-        out = open(path, "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+        out = open(path, "a")  # noqa: SIM115 (lives as long as the process; flushed per batch)
         provider.add_span_processor(  # batched: written off the call's thread
-            BatchSpanProcessor(
-                ConsoleSpanExporter(out=out, formatter=lambda s: s.to_json(indent=None) + "\n")
-            )
+            BatchSpanProcessor(ConsoleSpanExporter(out=out, formatter=span_line))
         )
     if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
@@ -116,8 +122,42 @@ def _setup() -> Any:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    return trace.get_tracer("toolq")
+    return provider
+
+
+def span_line(span: Any) -> str:
+    """One span as a JSON line for ``OTEL_TRACES_FILE``: the fields of the SDK's
+    ``to_json`` but the resource (the same for every span of a process), compact —
+    a third of the cost of ``to_json``, which writes the resource out with each span."""
+    from opentelemetry.sdk.util import ns_to_iso_str
+
+    context, parent = span.context, span.parent
+    status = {"status_code": span.status.status_code.name}
+    if span.status.description:
+        status["description"] = span.status.description
+    line = {
+        "name": span.name,
+        "context": {
+            "trace_id": f"0x{context.trace_id:032x}",
+            "span_id": f"0x{context.span_id:016x}",
+        },
+        "kind": str(span.kind),
+        "parent_id": None if parent is None else f"0x{parent.span_id:016x}",
+        "start_time": ns_to_iso_str(span.start_time),
+        "end_time": ns_to_iso_str(span.end_time),
+        "status": status,
+        "attributes": dict(span.attributes or {}),
+        "events": [
+            {
+                "name": event.name,
+                "timestamp": ns_to_iso_str(event.timestamp),
+                "attributes": dict(event.attributes or {}),
+            }
+            for event in span.events
+        ],
+        "service": span.resource.attributes.get("service.name"),
+    }
+    return json.dumps(line, separators=(",", ":"), default=str) + "\n"
 
 
 def tracer() -> Any:

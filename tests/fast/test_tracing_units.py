@@ -4,6 +4,7 @@ collector example in docker-compose (the `otel` profile) and the benchmark's rep
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 import time
@@ -228,3 +229,18 @@ def test_an_unexpected_error_leaves_its_type_only(
     assert [dict(e.attributes or {}) for e in unexpected.events] == [
         {"exception.type": "RuntimeError"}
     ]
+
+
+def test_a_span_line_is_the_sdks_json_without_the_resource(
+    exported: tuple[Any, InMemorySpanExporter],
+) -> None:
+    test_tracer, exporter = exported
+    with test_tracer.start_as_current_span("toolq.attempt"), tracing.run_span("echo") as run:
+        tracing.record_output(run, "[LOG] hello")
+    for span in exporter.get_finished_spans():
+        ours, sdks = json.loads(tracing.span_line(span)), json.loads(span.to_json())
+        assert ours.pop("service") == sdks["resource"]["attributes"]["service.name"]
+        for key in ("resource", "links"):
+            del sdks[key]
+        del sdks["context"]["trace_state"]
+        assert ours == sdks
