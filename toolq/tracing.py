@@ -5,8 +5,9 @@ Tracing is on only when OpenTelemetry is configured through its standard environ
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), or when ``OTEL_TRACES_FILE`` (toolq's own, not a
 standard variable: ``TOOLQ_*`` names are configuration keys) names a file that spans are
 appended to as JSON lines, one span a line (tests and local debugging). When it
-is off, :func:`enabled` is false, nothing of OpenTelemetry is imported and every hook
-below is a no-op: callers check :func:`enabled` before doing anything else.
+is off, :func:`enabled` is false (a cached flag), nothing of OpenTelemetry is imported
+and every hook below is a no-op: the send and task wrappers check :func:`enabled`
+before building anything, the steps' spans are one shared no-op context manager.
 
 The trace context travels in the Celery message headers (W3C ``traceparent``/
 ``tracestate``). Those headers are deliberately outside the call's signature
