@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -453,8 +454,8 @@ class Settings(_Strict):
 
     @property
     def keys(self) -> Keys:
-        """This project's Redis keys."""
-        return Keys(self.project)
+        """This project's Redis keys (and channels: they name the database)."""
+        return Keys(self.project, database=redis_database(self.redis_url))
 
     @field_validator("redis_url")
     @classmethod
@@ -628,3 +629,13 @@ def redact_url(url: Any) -> Any:
     if not isinstance(url, str):
         return url
     return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+def redis_database(url: str) -> int:
+    """The database a Redis URL selects: ``?db=N``, else the path of a redis(s):// or
+    the last sentinel:// URL (``sentinel://h1:26379;sentinel://h2:26379/3``), else 0."""
+    last = urlsplit(url.split(";")[-1])
+    if db := parse_qs(last.query).get("db"):
+        return int(db[0])
+    path = last.path.strip("/")
+    return int(path) if last.scheme != "unix" and path.isdigit() else 0

@@ -23,9 +23,18 @@ CANCELLED_KEEP_S = 24 * 3600.0
 
 @dataclass(frozen=True)
 class Keys:
-    """The keys of one project (``namespace`` None: the shared, un-namespaced ones)."""
+    """The keys of one project (``namespace`` None: the shared, un-namespaced ones).
+
+    ``database``: the Redis database they live in. Keys are per database, pub/sub
+    channels are not (Redis hands a message to every subscriber of the channel, whatever
+    database either selected), so a channel names a database other than 0, as kombu's
+    broadcast channels do: one project's breakers never hear another database's."""
 
     namespace: str | None = None
+    database: int = 0
+
+    def _channel(self, name: str) -> str:
+        return f"{self.prefix}db{self.database}:{name}" if self.database else self.prefix + name
 
     @property
     def prefix(self) -> str:
@@ -60,7 +69,7 @@ class Keys:
     def breaker_events(self) -> str:
         """Pub/sub channel: ``tool state failures window_failures`` after every recorded
         verdict or reset, so workers keep their view of healthy breakers current."""
-        return f"{self.prefix}breaker-events"
+        return self._channel("breaker-events")
 
     def breaker(self, tool_id: str) -> str:
         """Hash: state, failures, successes, opened_at, probe, probe_until, trips."""
@@ -113,7 +122,7 @@ class Keys:
     @property
     def cancel_channel(self) -> str:
         """Pub/sub channel: a cancelled call id, for the worker that may be running it."""
-        return f"{self.prefix}cancel"
+        return self._channel("cancel")
 
     def cache(self, digest: str) -> str:
         """String: a cached successful result (JSON), expiring after the tool's cache ttl."""

@@ -159,6 +159,32 @@ def test_repr_hides_the_redis_password() -> None:
     assert settings.redis_url.endswith("@db:6379/0")
 
 
+@pytest.mark.parametrize(
+    ("url", "database"),
+    [
+        ("redis://127.0.0.1:6379/0", 0),
+        ("redis://:pw@db:6379/13", 13),
+        ("rediss://db:6380", 0),
+        ("redis://db?db=5", 5),
+        ("unix:///run/redis.sock?db=2", 2),
+        ("sentinel://s1:26379;sentinel://s2:26379/4", 4),
+    ],
+)
+def test_pub_sub_channels_name_the_database_keys_do_not_need_to(url: str, database: int) -> None:
+    """Redis delivers a published message to the channel's subscribers in every database:
+    a project on database 3 must not hear the breaker events or cancellations of a
+    project of the same name on database 5 (test processes share one Redis that way)."""
+    environ = {"TOOLQ_REDIS_URL": url, "TOOLQ_NAME": "p", "TOOLQ_REDIS_SENTINEL_MASTER": "m"}
+    keys = load_settings(environ=environ).keys
+    first = load_settings(environ={"TOOLQ_REDIS_URL": "redis://db/0", "TOOLQ_NAME": "p"}).keys
+    assert keys.breakers == first.breakers == "toolq:p:breakers"  # keys: per database anyway
+    channels = (keys.breaker_events, keys.cancel_channel)
+    if database == 0:
+        assert channels == ("toolq:p:breaker-events", "toolq:p:cancel")
+    else:
+        assert channels == (f"toolq:p:db{database}:breaker-events", f"toolq:p:db{database}:cancel")
+
+
 @pytest.mark.parametrize("command", [["worker"], ["run", "echo"], ["config"]])
 def test_cli_exits_2_with_one_clear_message(tmp_path: Path, command: list[str]) -> None:
     config = write(tmp_path, "runtime:\n  timeout: -1s\n")
