@@ -7,6 +7,8 @@ import contextlib
 import functools
 import gc
 import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -141,7 +143,19 @@ def start_worker(client: ToolClient, redis_url: str) -> Iterator[StartWorker]:
         return process.start(client.app)
 
     yield start
-    for process in started:
+    stop_together(started)
+
+
+def stop_together(processes: list[WorkerProcess]) -> None:
+    """Stop workers as close() does, all at once: SIGTERM to each, then wait for each (a
+    warm shutdown takes 0.3 s, a prefork one nearly 2 s)."""
+    for process in processes:
+        if process.proc is not None and process.proc.poll() is None:
+            process.proc.send_signal(signal.SIGTERM)
+    for process in processes:
+        if process.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.proc.wait(timeout=20)  # else close() signals again, then kills
         process.close()
 
 
