@@ -16,7 +16,8 @@ from toolq.cli.devredis import drop_queue, ensure_redis
 from toolq.config.loader import load_settings
 from toolq.envelope import ToolResult
 from toolq.errors import ConfigError
-from toolq.producers.client import ToolCall, ToolClient
+from toolq.producers.call import ToolCall
+from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
 
 EXAMPLE_PROJECT = Path(__file__).resolve().parent / "projects" / "weather"

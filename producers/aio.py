@@ -9,8 +9,8 @@
             ...
 
 **One message contract.** A call is validated and built by the functions
-``ToolClient`` uses (:func:`~toolq.producers.client.prepare_request`,
-:func:`~toolq.producers.client.plan_chunks`), and its Celery message by the same
+``ToolClient`` uses (:func:`~toolq.producers.base.prepare_request`,
+:func:`~toolq.producers.chunks.plan_chunks`), and its Celery message by the same
 ``send_call``/``send_chunk`` (signing included), run on a Celery app that records the
 message instead of sending it (:mod:`toolq.producers.wire`); the entry is then pushed
 with ``redis.asyncio``. Nothing runs in a thread.
@@ -60,20 +60,20 @@ from toolq.envelope import ToolResult
 from toolq.errors import BrokerUnavailable, QueueFull, ResultTimeout
 from toolq.presence import CHECK_EVERY_S, live_workers_async, unserved_warning
 from toolq.producers import idempotency
+from toolq.producers.base import (
+    QUEUE_FULL_POLL_S,
+    Duration,
+    prepare_request,
+    seconds,
+    to_result,
+)
 from toolq.producers.cancel import (
     CancelOutcome,
     cancelled_failure,
     mark_cancelled,
     stored_failure,
 )
-from toolq.producers.client import (
-    QUEUE_FULL_POLL_S,
-    Duration,
-    _seconds,
-    _to_result,
-    plan_chunks,
-    prepare_request,
-)
+from toolq.producers.chunks import plan_chunks
 from toolq.producers.collect import PART, decode_stored
 from toolq.producers.wire import capture_app, entries_of
 from toolq.protocol import CallRequest
@@ -141,14 +141,14 @@ class AsyncToolCall:
         outage longer than it: :class:`BrokerUnavailable`). Cancelling the awaiting task
         leaves the call running unless ``cancel_on_exit`` (then it is cancelled when the
         wait ends without a result: task cancelled or timeout)."""
-        wait_s = None if timeout is None else _seconds(timeout, "timeout")
+        wait_s = None if timeout is None else seconds(timeout, "timeout")
         try:
             values = await self._client._wait([self], wait_s)
         except (asyncio.CancelledError, ResultTimeout, BrokerUnavailable):
             if cancel_on_exit:
                 await self._client._cancel_anyway(self.id, self.tool_id)
             raise
-        return _to_result(values[self.id], self.id, self.tool_id)
+        return to_result(values[self.id], self.id, self.tool_id)
 
     async def cancel(self) -> CancelOutcome:
         """Cancel the call (see :meth:`toolq.ToolCall.cancel`)."""
@@ -555,7 +555,7 @@ class AsyncToolClient:
         cap = self.settings.queue_cap(queue)
         if cap is None:
             return
-        deadline = time.monotonic() + (0.0 if block is None else _seconds(block, "block"))
+        deadline = time.monotonic() + (0.0 if block is None else seconds(block, "block"))
         while (length := await self.queue_length(queue)) + needed > cap:
             if needed > cap or time.monotonic() >= deadline:
                 raise QueueFull(queue, length, cap, needed)
@@ -646,9 +646,9 @@ class AsyncToolClient:
     ) -> list[ToolResult]:
         """Wait for every call; results in the calls' order. :class:`ResultTimeout` names
         the first call not done by ``wait``."""
-        wait_s = None if wait is None else _seconds(wait, "wait")
+        wait_s = None if wait is None else seconds(wait, "wait")
         values = await self._wait(calls, wait_s)
-        return [_to_result(values[call.id], call.id, call.tool_id) for call in calls]
+        return [to_result(values[call.id], call.id, call.tool_id) for call in calls]
 
     async def as_completed(
         self, calls: Sequence[AsyncToolCall], wait: Duration | None = None
@@ -657,7 +657,7 @@ class AsyncToolClient:
         a call not done by ``wait`` (the results before it were yielded)."""
         self._bind()
         assert self._hub is not None
-        wait_s = None if wait is None else _seconds(wait, "wait")
+        wait_s = None if wait is None else seconds(wait, "wait")
         deadline = None if wait_s is None else time.monotonic() + wait_s
         keys = {self._result_key(call.id): call for call in calls}
         futures = self._hub.watch(keys)
@@ -676,7 +676,7 @@ class AsyncToolClient:
                     raise ResultTimeout(missing.id, wait_s or 0.0)
                 for future in done:
                     call = keys[by_future[future]]
-                    yield _to_result(future.result(), call.id, call.tool_id)
+                    yield to_result(future.result(), call.id, call.tool_id)
         finally:
             self._hub.unwatch(futures)
 

@@ -25,7 +25,8 @@ from toolq import AsyncToolClient, BrokerUnavailable, InvalidInput, QueueFull, R
 from toolq.cli.demo import EXAMPLE_PROJECT
 from toolq.cli.devredis import RedisServer
 from toolq.config.loader import load_settings
-from toolq.producers.client import ToolClient, prepare_request
+from toolq.producers.base import prepare_request
+from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
 
 T = TypeVar("T")

@@ -22,7 +22,8 @@ from cryptography.fernet import Fernet
 
 from tests.conftest import TOOLS_CONFIG, StartWorker, wait_until
 from toolq.config.loader import load_settings
-from toolq.producers.client import ToolCall, ToolClient
+from toolq.producers.call import ToolCall
+from toolq.producers.client import ToolClient
 
 KEY = Fernet.generate_key().decode()
 
