@@ -10,7 +10,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -35,14 +38,36 @@ def redis_client(settings: Settings, *, ride_out_restarts: bool = True) -> redis
         "retry_on_error": [redis.ConnectionError],
     }
     if settings.redis_url.startswith("sentinel://"):
-        assert settings.redis_sentinel_master is not None  # checked by Settings
-        sentinels, db, password = parse_sentinel_url(settings.redis_url)
-        sentinel: Any = Sentinel(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)
-        master: redis.Redis = sentinel.master_for(
-            settings.redis_sentinel_master, db=db, password=password, **options
-        )
+        master: redis.Redis = _sentinel_master(settings, Sentinel, options)
         return master
     return redis.Redis.from_url(settings.redis_url, **options)
+
+
+def async_redis_client(settings: Settings, *, retries: int = 1) -> aioredis.Redis:
+    """A ``redis.asyncio`` client (the asyncio producer's) with the sync client's
+    timeouts (and Sentinel). A broken pooled connection (Redis restarted) is tried again
+    ``retries`` times at once; longer outages are the caller's to ride out (it knows its
+    deadline)."""
+    timeout = settings.redis_socket_timeout_s
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": AsyncRetry(NoBackoff(), retries=retries),
+        "retry_on_error": [redis.ConnectionError],
+    }
+    if settings.redis_url.startswith("sentinel://"):
+        master: aioredis.Redis = _sentinel_master(settings, AsyncSentinel, options)
+        return master
+    return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+def _sentinel_master(settings: Settings, sentinel_class: Any, options: dict[str, Any]) -> Any:
+    """The master the URL's sentinels name, as a client (sync or asyncio) with ``options``."""
+    assert settings.redis_sentinel_master is not None  # checked by Settings
+    timeout = settings.redis_socket_timeout_s
+    sentinels, db, password = parse_sentinel_url(settings.redis_url)
+    sentinel = sentinel_class(sentinels, socket_connect_timeout=timeout, socket_timeout=timeout)
+    return sentinel.master_for(settings.redis_sentinel_master, db=db, password=password, **options)
 
 
 def close_redis(client: redis.Redis) -> None:

@@ -1,10 +1,13 @@
-"""A handle on one enqueued call: :class:`ToolCall` (``ToolClient``'s). A handle holds
+"""Handles on one enqueued call: :class:`ToolCall` (``ToolClient``'s) and
+:class:`AsyncToolCall` (``AsyncToolClient``'s, every method a coroutine). A handle holds
 the call's id and tool id; waiting, state and cancel go through its client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +19,10 @@ from toolq.envelope import ToolResult
 from toolq.errors import BrokerUnavailable, ResultTimeout
 from toolq.producers.base import Duration, redis_errors, seconds, to_result
 from toolq.producers.cancel import CancelOutcome
+from toolq.producers.collect import decode_stored
 
 if TYPE_CHECKING:
+    from toolq.producers.aio import AsyncToolClient
     from toolq.producers.client import ToolClient
 
 _OUTAGE_POLL_S = 0.5
@@ -117,3 +122,52 @@ class ToolCall:
         """Drop the stored result from Redis."""
         with redis_errors(self._url):
             self._async.forget()
+
+
+class AsyncToolCall:
+    """A handle on an enqueued call (asyncio). ``id`` is stable; ``await result()``."""
+
+    def __init__(self, call_id: str, tool_id: str, client: AsyncToolClient) -> None:
+        self.id = call_id
+        self.tool_id = tool_id
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"AsyncToolCall(id={self.id!r}, tool_id={self.tool_id!r})"
+
+    async def result(
+        self, timeout: Duration | None = None, *, cancel_on_exit: bool = False
+    ) -> ToolResult:
+        """Wait for the call to finish; :class:`ResultTimeout` after ``timeout`` (a Redis
+        outage longer than it: :class:`BrokerUnavailable`). Cancelling the awaiting task
+        leaves the call running unless ``cancel_on_exit`` (then it is cancelled when the
+        wait ends without a result: task cancelled or timeout)."""
+        wait_s = None if timeout is None else seconds(timeout, "timeout")
+        try:
+            values = await self._client._wait([self], wait_s)
+        except (asyncio.CancelledError, ResultTimeout, BrokerUnavailable):
+            if cancel_on_exit:
+                await self._client._cancel_anyway(self.id, self.tool_id)
+            raise
+        return to_result(values[self.id], self.id, self.tool_id)
+
+    async def cancel(self) -> CancelOutcome:
+        """Cancel the call (see :meth:`toolq.ToolCall.cancel`)."""
+        return await self._client.cancel(self.id, self.tool_id)
+
+    async def state(self) -> str:
+        """Celery's view: PENDING (queued or unknown), SUCCESS or FAILURE."""
+        raw = await self._client._get(self._client._result_key(self.id))
+        if raw is None:
+            return str(states.PENDING)
+        meta = json.loads(raw)
+        return str(meta.get("status", states.PENDING)) if isinstance(meta, dict) else "PENDING"
+
+    async def ready(self) -> bool:
+        raw = await self._client._get(self._client._result_key(self.id))
+        return raw is not None and bool(decode_stored(self._client._backend, raw)[0])
+
+    async def forget(self) -> None:
+        """Drop the stored result from Redis."""
+        key = self._client._result_key(self.id)
+        await self._client._command(lambda r: r.delete(key))

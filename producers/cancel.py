@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import redis
@@ -21,6 +22,7 @@ from celery.result import AsyncResult
 from toolq.envelope import ToolResult
 from toolq.errors import Cancelled, ToolCallFailed
 from toolq.keys import CANCELLED_KEEP_S, Keys
+from toolq.producers.collect import decode_stored, text
 from toolq.validation import validate_call_id
 
 CancelOutcome = Literal["cancelled", "finished"]
@@ -46,6 +48,37 @@ def cancel_call(
     return "cancelled"
 
 
+async def cancel_call_async(
+    command: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]],
+    app: Celery,
+    keys: Keys,
+    call_id: str,
+    tool_id: str = "",
+) -> CancelOutcome:
+    """:func:`cancel_call` for the asyncio client: the same three writes, in one pipeline
+    run by ``command`` (the client's: it takes ``redis.asyncio`` work)."""
+    validate_call_id(call_id)
+    backend: Any = app.backend
+    key = text(backend.get_key_for_task(call_id))
+    raw = await command(lambda r: r.get(key))
+    if raw is not None and decode_stored(backend, raw)[0]:
+        return "finished"
+    now = time.time()
+    stored_key, value, expires = stored_failure(
+        app, call_id, cancelled_failure(call_id, tool_id, now)
+    )
+
+    async def write(r: Any) -> Any:
+        async with r.pipeline(transaction=True) as pipe:
+            mark_cancelled(pipe, keys, call_id, now)
+            pipe.set(stored_key, value, ex=expires)
+            pipe.publish(stored_key, value)
+            return await pipe.execute()
+
+    await command(write)
+    return "cancelled"
+
+
 def mark_cancelled(pipe: Any, keys: Keys, call_id: str, now: float) -> None:
     """Queue a cancel's first two writes on ``pipe`` (sync or asyncio): the id joins the
     cancelled set (entries older than a day dropped) and is published to the workers."""
@@ -64,7 +97,7 @@ def cancelled_failure(call_id: str, tool_id: str, now: float) -> ToolCallFailed:
 def stored_failure(app: Celery, call_id: str, failure: Exception) -> tuple[str, str, int | None]:
     """``(key, value, expires)`` that Celery's Redis backend writes (SET, then PUBLISH on
     the key) to store ``failure`` as the call's result: for a client without Celery's
-    synchronous backend (the asyncio client)."""
+    synchronous backend (:func:`cancel_call_async`)."""
     backend: Any = app.backend
     meta = backend._get_result_meta(
         result=backend.encode_result(failure, states.FAILURE),
@@ -74,6 +107,5 @@ def stored_failure(app: Celery, call_id: str, failure: Exception) -> tuple[str, 
     )
     meta["task_id"] = call_id
     expires = getattr(backend, "failure_expires", None) or backend.expires
-    key = backend.get_key_for_task(call_id)
-    key = key.decode() if isinstance(key, bytes) else str(key)
+    key = text(backend.get_key_for_task(call_id))
     return key, backend.encode(meta), None if expires is None else int(expires)

@@ -34,7 +34,7 @@ def collect(
     """Each call's result value (an envelope, or the exception Celery stored), by id,
     for every call that ended before ``deadline`` (``time.monotonic()``; None: all)."""
     backend: Any = app.backend
-    keys = {_text(backend.get_key_for_task(call_id)): call_id for call_id in call_ids}
+    keys = {text(backend.get_key_for_task(call_id)): call_id for call_id in call_ids}
     done: dict[str, Any] = {}
     lost: Exception | None = None
     while len(done) < len(keys):
@@ -60,7 +60,7 @@ def _wait(
 ) -> None:
     pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
     try:
-        for part in _parts([key for key, call_id in keys.items() if call_id not in done]):
+        for part in parts([key for key, call_id in keys.items() if call_id not in done]):
             pubsub.subscribe(*part)
         next_check = 0.0
         while len(done) < len(keys):
@@ -74,7 +74,7 @@ def _wait(
             wait = next_check - now if deadline is None else min(next_check, deadline) - now
             message = pubsub.get_message(timeout=max(wait, 0.001))
             if message is not None and message.get("type") == "message":
-                _take(backend, keys.get(_text(message["channel"])), message["data"], done)
+                _take(backend, keys.get(text(message["channel"])), message["data"], done)
     finally:
         pubsub.close()
 
@@ -83,7 +83,7 @@ def _read_stored(
     backend: Any, client: redis.Redis, keys: dict[str, str], done: dict[str, Any]
 ) -> None:
     pending = [key for key, call_id in keys.items() if call_id not in done]
-    for part in _parts(pending):
+    for part in parts(pending):
         for key, raw in zip(part, client.mget(part), strict=True):
             if raw is not None:
                 _take(backend, keys[key], raw, done)
@@ -109,10 +109,12 @@ def decode_stored(backend: Any, raw: Any) -> tuple[bool, Any]:
     return False, None
 
 
-def _parts(items: list[str]) -> Iterator[list[str]]:
+def parts(items: list[str]) -> Iterator[list[str]]:
+    """``items`` :data:`PART` at a time (channels per SUBSCRIBE, keys per MGET)."""
     for start in range(0, len(items), PART):
         yield items[start : start + PART]
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A key or channel name as redis-py returns it (bytes or str), as a string."""
     return value.decode() if isinstance(value, bytes) else str(value)

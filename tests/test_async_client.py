@@ -228,7 +228,7 @@ def test_many_waiters_share_one_pubsub_connection(settings: Any, redis_url: str)
 
 def all_subscribed(client: AsyncToolClient, count: int) -> bool:
     """``count`` calls awaited and every one's subscription confirmed by Redis."""
-    hub = client._hub
+    hub = client._connections.hub
     return (
         hub is not None
         and client.waiting == count
