@@ -69,12 +69,14 @@ demo: setup
 	$(BIN)/toolq demo
 
 # Everything: the fast tier, then behaviour tests with real Redis, Celery workers and Bun.
-# The fast tier first (seconds), then the end-to-end tier in 3 test processes: its tests
-# mostly wait on workers and Bun, so 3 fill 2 cores. Each test process has its own Redis
-# database and basetemp; a module's tests stay on one process (their fixtures are shared).
+# The fast tier first (seconds; k8s-validate has run its manifest tests), then the
+# end-to-end tier in 4 test processes: its tests mostly wait on workers, Bun or a timeout,
+# so 4 fill 2 cores. They are handed out test by test, except that a module defining a
+# module-scoped fixture stays whole on one process (tests/conftest.py); each test process
+# has its own Redis database and basetemp.
 test: setup lint k8s-validate docs
-	$(BIN)/python -m pytest tests/fast
-	$(BIN)/python -m pytest tests --ignore=tests/fast -n 3 --dist loadfile
+	$(BIN)/python -m pytest tests/fast --ignore=tests/fast/test_kubernetes_manifests.py
+	$(BIN)/python -m pytest tests --ignore=tests/fast -n 4 --dist loadgroup
 
 # The Kubernetes manifests (deploy/kubernetes), offline: every overlay rendered by
 # kustomize (kubectl's, v5: this project's machines ship kubectl; Debian's
