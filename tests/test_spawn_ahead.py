@@ -9,6 +9,7 @@ import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,14 +48,16 @@ def test_the_teardown_and_the_replacement_wait_for_the_reply(spawn: SpawnRuntime
     or its reply is on its way; a replacement starts at once only when the next process
     in line has not loaded yet."""
     assert wait_until(lambda: all(fresh.loaded() for fresh in spawn.ready(KEY)), 20)
-    first, second = ready_pids(spawn)
+    taken, waiting = spawn.ready(KEY)
+    cgroup = taken.launched.cgroup
+    assert cgroup is not None
     call = Call("pid", "exec-1", {}, {}, TimeLimits(5, 6), permissions=TOOL_PERMISSIONS)
     outcome = spawn.run(call)  # as the worker runs it: settled after the reply
     assert outcome.error is None, outcome.error
-    assert process_alive(first)  # answered, not torn down yet
-    assert ready_pids(spawn) == [second]  # and no replacement started yet
+    assert all(path.exists() for path in cgroup.dirs.values())  # not torn down yet
+    assert spawn.ready(KEY) == [waiting]  # and no replacement started yet
     spawn.settle()
-    assert wait_until(lambda: not process_alive(first), 10)
+    assert wait_until(lambda: not any(path.exists() for path in cgroup.dirs.values()), 10)
     assert wait_until(lambda: len(spawn.ready(KEY)) == 2, 20)
 
 
@@ -174,3 +177,36 @@ def test_a_prefork_pool_process_keeps_one_process_ahead_and_uses_each_once(
     assert len({r.result["pid"] for r in served}) == 3  # type: ignore[index]
     # After the first call the pool process keeps one started ahead (bwrap + Bun).
     assert wait_until(lambda: len(_bun_processes_below(worker.pid)) >= 1, 20)
+
+
+@pytest.mark.parametrize("broken", [1, 2])
+def test_a_sandbox_that_fails_to_start_is_replaced_once(bun: Path, broken: int) -> None:
+    """bwrap refuses to start when a host path it was to cover went away in between (a
+    socket another program removed with its directory): the call, which never reached
+    Bun, runs in a new sandbox — once; a sandbox that cannot start at all is the call's
+    crash."""
+    runtime = make_runner("spawn-cold", bun)
+    assert isinstance(runtime, SpawnRuntime) and runtime.launcher.sandbox is not None
+    sandbox = runtime.launcher.sandbox
+    command = sandbox.command
+    launches = []
+
+    def failing_first(*args: Any, **options: Any) -> list[str]:
+        argv = command(*args, **options)
+        launches.append(argv)
+        if len(launches) <= broken:  # a destination whose parent is gone: bwrap gives up
+            at = argv.index("--chdir")
+            argv[at:at] = ["--ro-bind", "/dev/null", f"/toolq-gone-{uuid.uuid4().hex}/s.sock"]
+        return argv
+
+    sandbox.command = failing_first  # type: ignore[method-assign]
+    try:
+        outcome = run(runtime, "pid")
+    finally:
+        runtime.close()
+    assert len(launches) == 2
+    if broken == 1:
+        assert outcome.error is None and outcome.result is not None
+    else:
+        assert outcome.error is not None and outcome.error.kind == "crashed"
+        assert "bwrap" in (outcome.error.stderr or "")

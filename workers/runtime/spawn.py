@@ -135,42 +135,52 @@ class SpawnRuntime:
         self.settle()  # what this thread's last call left, if nobody did it yet
         key: Key = (call.permissions, call.resources)
         fresh = self._take(key) if self.ahead > 0 else None
-        launched_ns = None
-        if fresh is None:
-            launching = time.time_ns()
+        for attempt in (1, 2):
+            launched_ns = None
+            if fresh is None:
+                launching = time.time_ns()
+                try:
+                    fresh = self._launch(key, base_environment(call.permissions.env))
+                except OSError as exc:
+                    return failed(ToolCrashed(str(exc)), started)
+                launched_ns = (launching, time.time_ns())
+            launched, streams = fresh.launched, Streams()
             try:
-                fresh = self._launch(key, base_environment(call.permissions.env))
-            except OSError as exc:
-                return failed(ToolCrashed(str(exc)), started)
-            launched_ns = (launching, time.time_ns())
-        launched, streams = fresh.launched, Streams()
-        try:
-            failure = collect(
-                fresh.pipes,
-                request,
-                nonce.encode(),
-                call.time_limits,
-                streams,
-                started,
-                watch=Watch.over(launched, call.resources),
-                cancel=call.cancel,
-                # Started ahead, a process is killed once it has answered, off the call's
-                # time, without waiting for it to exit: its exit is not the call's (as a
-                # warm process's is not). A cold start keeps Compozy's exit status.
-                exit_grace_s=0.0 if self.ahead else EXIT_GRACE_S,
-            )
-        except BaseException:
-            fresh.kill()
-            raise
-        if failure is None and streams.frame is not None:
-            # The answer is in: tearing down the process, its sandbox and cgroup need not
-            # delay the result (and happens whatever reading the answer does).
-            launched.proc.poll()
-            try:
-                return _launched(finish(launched, streams, failure, call, started), launched_ns)
-            finally:
-                self._leave(disposal=fresh)
-        fresh.kill()  # first, so a process the kernel killed for memory is known as such
+                failure = collect(
+                    fresh.pipes,
+                    request,
+                    nonce.encode(),
+                    call.time_limits,
+                    streams,
+                    started,
+                    watch=Watch.over(launched, call.resources),
+                    cancel=call.cancel,
+                    # Started ahead, a process is killed once it has answered, off the
+                    # call's time, without waiting for it to exit: its exit is not the
+                    # call's (as a warm process's is not). A cold start keeps Compozy's
+                    # exit status.
+                    exit_grace_s=0.0 if self.ahead else EXIT_GRACE_S,
+                )
+            except BaseException:
+                fresh.kill()
+                raise
+            if failure is None and streams.frame is not None:
+                # The answer is in: tearing down the process, its sandbox and cgroup need
+                # not delay the result (and happens whatever reading the answer does).
+                launched.proc.poll()
+                try:
+                    return _launched(finish(launched, streams, failure, call, started), launched_ns)
+                finally:
+                    self._leave(disposal=fresh)
+            fresh.kill()  # first, so a process the kernel killed for memory is known as such
+            if attempt == 1 and _sandbox_never_started(launched, streams):
+                log.warning(
+                    "a sandbox failed to start (%s); the call runs in a new one",
+                    bytes(streams.stderr[:300]).decode(errors="replace").strip(),
+                )
+                fresh = None
+                continue
+            break
         return _launched(finish(launched, streams, failure, call, started), launched_ns)
 
     def settle(self) -> None:
@@ -311,6 +321,19 @@ class SpawnRuntime:
         )
         pipes = Pipes(launched.proc, launched.envelope_fd, lambda: launched.bun_pid)
         return Fresh(launched, pipes)
+
+
+def _sandbox_never_started(launched: Launched, streams: Streams) -> bool:
+    """bwrap gave up before Bun ran (say a host socket it was to cover went away, with its
+    directory, between the sandbox's look and bwrap's mount): no wrapper's ready line, bwrap's
+    own error, exit status 1: the call never reached Bun."""
+    return (
+        streams.frame is None
+        and b"ready\n" not in streams.envelope
+        and launched.sandboxed
+        and launched.returncode() == 1
+        and bytes(streams.stderr[:7]) == b"bwrap: "
+    )
 
 
 def _launched(outcome: Outcome, launched_ns: tuple[int, int] | None) -> Outcome:
