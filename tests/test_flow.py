@@ -376,6 +376,7 @@ def test_a_full_queue_refuses_or_blocks(client: ToolClient, redis_url: str, tmp_
     queue = "toolq-test-full"  # capped at 3 in tests/tools/compozy.yaml; no worker reads it
     store = redis.Redis.from_url(redis_url)
     try:
+        store.delete(*queue_lists(queue))  # other tests of this test process fill it too
         for _ in range(3):
             client.enqueue("echo", {}, queue=queue)
         with pytest.raises(QueueFull) as refused:

@@ -328,7 +328,9 @@ def test_only_the_workers_tools_may_use_its_proxy(
     assert directory is not None
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
         stranger.connect(os.path.join(directory, "egress.sock"))
-        stranger.sendall(f"GET http://127.0.0.1:{port}/stranger HTTP/1.1\r\n\r\n".encode())
+        # the proxy may answer and close before the request is sent (a loaded machine)
+        with contextlib.suppress(BrokenPipeError):
+            stranger.sendall(f"GET http://127.0.0.1:{port}/stranger HTTP/1.1\r\n\r\n".encode())
         reply = stranger.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 403") and "not a process of this worker" in reply
     assert hits == []
