@@ -3,7 +3,8 @@
 Two sandboxed warm processes run a trivial tool, interleaved: one clears what each
 call left (processes, /tmp, /dev/shm — workers/runtime/isolation.py), the other skips
 that step (the wrapper's timer clean-up runs in both). Prints the median wall time per
-call of each and their ratio.
+call of each, its reset included (which the worker runs after the reply is stored, off
+the caller's path: WarmRuntime.settle), and their ratio.
 
     .venv/bin/python bench/investigations/isolation_cost.py [--calls 500]
 """
@@ -48,6 +49,8 @@ def main() -> None:
     call = Call("noop", "bench", {}, {"API_KEY": "k" * 32}, TimeLimits(10, 12))
     for pool in pools.values():
         pool.run(call)
+    for pool in pools.values():
+        pool.settle()
     for process in pools["no boundary"]._idle:
         process.boundary.clear = lambda: True  # type: ignore[method-assign]
     times: dict[str, list[float]] = {name: [] for name in pools}
@@ -55,6 +58,7 @@ def main() -> None:
         for name, pool in pools.items():
             started = time.perf_counter()
             outcome = pool.run(call)
+            pool.settle()  # the reset, as the worker runs it once the reply is stored
             times[name].append((time.perf_counter() - started) * 1000)
             assert outcome.error is None, outcome.error
     for pool in pools.values():
