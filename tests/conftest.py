@@ -28,6 +28,7 @@ TOOLS = Path(__file__).resolve().parent / "tools"
 TOOLS_CONFIG = TOOLS / "compozy.yaml"
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: pytest alone knows no such hook
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """With ``--dist loadgroup`` (`make test`), the end-to-end tier is spread over its test
     processes test by test: most tests wait on workers, Bun or a timeout, and whole
