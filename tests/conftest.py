@@ -50,13 +50,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 @functools.cache
 def _defines_module_fixture(module: Path) -> bool:
-    """Whether ``module`` defines a ``@pytest.fixture(scope="module", ...)``."""
-    for node in ast.walk(ast.parse(module.read_bytes())):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.fixture":
-            for keyword in node.keywords:
-                if keyword.arg == "scope" and ast.literal_eval(keyword.value) == "module":
-                    return True
-    return False
+    """Whether ``module`` defines a ``@pytest.fixture(scope="module", ...)`` (a test id that
+    names no Python file, or a scope given by a function, counts as not)."""
+    try:
+        tree = ast.parse(module.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    scopes = (
+        keyword.value.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.fixture"
+        for keyword in node.keywords
+        if keyword.arg == "scope" and isinstance(keyword.value, ast.Constant)
+    )
+    return "module" in scopes
 
 
 @pytest.fixture(autouse=True)
