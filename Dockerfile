@@ -9,7 +9,7 @@ RUN apt-get update \
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund && node_modules/.bin/bun --version
 COPY . .
-# The raw-socket route through the egress proxy (README, "Network"), shipped in the package.
+# The raw-socket route through the egress proxy (docs/security/network.md), shipped in the package.
 RUN cc -O2 -shared -fPIC -o workers/runtime/netshim.so workers/runtime/netshim.c -ldl -lpthread \
     && pip install --no-cache-dir '.[otel]'
 # exec form: SIGTERM reaches the worker, which finishes running calls (warm shutdown).
