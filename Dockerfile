@@ -9,8 +9,10 @@ RUN apt-get update \
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund && node_modules/.bin/bun --version
 COPY . .
-# The raw-socket route through the egress proxy (docs/security/network.md), shipped in the package.
+# The raw-socket route through the egress proxy (docs/security/network.md) and the cgroup
+# join before bwrap (one static exec instead of a shell and setpriv), shipped in the package.
 RUN cc -O2 -shared -fPIC -o workers/runtime/netshim.so workers/runtime/netshim.c -ldl -lpthread \
+    && cc -O2 -static -o workers/runtime/cgjoin workers/runtime/cgjoin.c \
     && pip install --no-cache-dir '.[otel]'
 # exec form: SIGTERM reaches the worker, which finishes running calls (warm shutdown).
 CMD ["toolq", "worker"]
