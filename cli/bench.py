@@ -79,7 +79,6 @@ from toolq.cli.devredis import drop_queue, ensure_redis, scratch_database
 from toolq.cli.loadtest import percentile
 from toolq.cli.meters import CpuMeter, tree_pss_mib, tree_rss_mib
 from toolq.cli.profile_call import profile_subject, py_spy, wall_breakdown
-from toolq.config.celery_app import NOOP_TASK
 from toolq.config.loader import load_settings
 from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
@@ -208,7 +207,7 @@ def _bench_mode(
         plain_side = Side(plain_app, plain_worker.hostname, plain_worker.pid, plain_worker.cpu)
         senders: dict[str, tuple[Side, Callable[[str], Any]]] = {
             "celery": (plain_side, functools.partial(send_task, plain_app, bench_baseline.NOOP)),
-            "toolq.noop": (toolq_side, functools.partial(send_task, client.app, NOOP_TASK)),
+            "toolq.noop": (toolq_side, functools.partial(send_noop, client)),
             "tool": (toolq_side, lambda q: client.enqueue("noop", {}, queue=q)),
             "guarded": (toolq_side, lambda q: client.enqueue("noop_guarded", {}, queue=q)),
         }

@@ -16,7 +16,7 @@ from celery import Celery
 
 from toolq.cli.devredis import drop_queue
 from toolq.cli.meters import CpuMeter
-from toolq.config.celery_app import NOOP_TASK
+from toolq.config.celery_app import NOOP_TASK, broker_priority
 from toolq.producers.client import ToolClient
 
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -46,7 +46,17 @@ def send_task(app: Celery, task: str, queue: str, payload: Any = None) -> Handle
 
 
 def send_noop(client: ToolClient, queue: str, payload: Any = None) -> Handle:
-    return send_task(client.app, NOOP_TASK, queue, payload)
+    """``toolq.noop`` on toolq's worker, at the broker priority a toolq call has by default.
+
+    A raw ``send_task`` would go out at kombu's priority 0, toolq's most urgent list, which
+    an idle toolq worker takes only on its next idle round (up to ~0.1 s: the reliable pop,
+    workers/brokerfix.py): the noop's latency measured that wait (p50 60-100 ms), not
+    toolq's settings.
+    """
+    sent = client.app.send_task(
+        NOOP_TASK, args=[payload], queue=queue, priority=broker_priority(None)
+    )
+    return Handle(sent)
 
 
 def warm_up(send: Callable[[], Any]) -> None:
