@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from toolq.cli import calls, dev, operations, project
+from toolq.cli import calls, deadletters, dev, operations, project
 
 app = typer.Typer(
     name="toolq",
@@ -42,7 +42,7 @@ app.command()(project.install)
 app.command("config")(project.show_config)
 app.command()(project.keygen)
 app.add_typer(operations.breakers_app, name="breakers")
-app.add_typer(calls.dlq_app, name="dlq")
+app.add_typer(deadletters.dlq_app, name="dlq")
 
 
 def main() -> None:

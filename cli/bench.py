@@ -34,12 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
-import resource
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -51,16 +48,17 @@ from celery import Celery
 from toolq.cli import bench_baseline, spawn_floor
 from toolq.cli.bench_loops import (
     Side,
-    check,
     closed_loop,
     drain_throughput,
     map_rate,
     one_caller,
+    peak_memory_while_busy,
     rotated,
     run_tool,
     send_noop,
     send_task,
     warm_up,
+    wrapper_cpu_ms,
 )
 from toolq.cli.bench_report import (
     BULK_CALLS,
@@ -77,12 +75,11 @@ from toolq.cli.bench_report import (
 )
 from toolq.cli.devredis import drop_queue, ensure_redis, scratch_database
 from toolq.cli.loadtest import percentile
-from toolq.cli.meters import CpuMeter, tree_pss_mib, tree_rss_mib
+from toolq.cli.meters import CpuMeter
 from toolq.cli.profile_call import profile_subject, py_spy, wall_breakdown
 from toolq.config.loader import load_settings
 from toolq.producers.client import ToolClient
 from toolq.workers.process import WorkerProcess
-from toolq.workers.runtime.bun import WRAPPER, find_bun
 
 
 def run_bench(
@@ -365,63 +362,3 @@ def bench_worker(
         worker.start(client.app)
         yield client, worker
     drop_queue(redis_url, queue)
-
-
-def peak_memory_while_busy(
-    client: ToolClient,
-    queue: str,
-    worker_pid: int,
-    calls_at_once: int = CONCURRENCY,
-    ms: int = 2000,
-) -> tuple[float, float]:
-    """Peak RSS and peak PSS (MiB) of the worker tree while ``calls_at_once`` slow calls
-    run."""
-    calls = [client.enqueue("sleep", {"ms": ms}, queue=queue) for _ in range(calls_at_once)]
-    peak_rss = peak_pss = 0.0
-    deadline = time.monotonic() + ms / 1000 * 0.9
-    while time.monotonic() < deadline:
-        peak_rss = max(peak_rss, tree_rss_mib(worker_pid))
-        peak_pss = max(peak_pss, tree_pss_mib(worker_pid))
-        time.sleep(0.05)
-    for call in calls:
-        check(call.result(timeout=60))
-    return peak_rss, peak_pss
-
-
-NOOP_REQUEST = json.dumps(
-    {"tool_id": "noop", "tool_exec_id": "bench", "input": {}, "config": {}, "env": {},
-     "timeout_ms": 30000, "nonce": "n"}
-).encode()  # fmt: skip
-"""A spawn-mode request for the bench project's no-op tool, as the runner writes it."""
-
-
-def wrapper_cpu_ms(runs: int = 100) -> float:
-    """CPU per run of the wrapper started with Bun directly, one trivial call each."""
-    bun = find_bun(None, PROJECT)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    for _ in range(runs):
-        read_fd, write_fd = os.pipe()
-        proc = subprocess.Popen(
-            [
-                str(bun),
-                "--smol",
-                "--no-install",
-                "--no-env-file",
-                str(WRAPPER),
-                str(PROJECT / "entrypoint.ts"),
-                str(write_fd),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(write_fd,),
-            cwd=PROJECT,
-        )
-        os.close(write_fd)
-        proc.communicate(NOOP_REQUEST)
-        while os.read(read_fd, 65536):
-            pass
-        os.close(read_fd)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return used * 1000 / runs

@@ -1,5 +1,5 @@
 """`toolq bench`'s figures and its report: what a run measures (subjects, sizes, slots,
-budgets), the measurements of each runtime mode, issue 15's targets, the Markdown report
+budgets), the measurements of each runtime mode, issue 26's targets, the Markdown report
 (``bench/RESULTS.md``) and its chart.
 
 Over 400 lines on purpose: the figures' fields and the report's sentences about them

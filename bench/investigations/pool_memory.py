@@ -13,7 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from toolq.cli.bench import bench_worker, peak_memory_while_busy
+from toolq.cli.bench import bench_worker
+from toolq.cli.bench_loops import peak_memory_while_busy
 from toolq.cli.devredis import ensure_redis, scratch_database
 from toolq.cli.meters import tree_rss_mib
 
