@@ -14,6 +14,9 @@
 The functions that build the markdown import nothing of MkDocs, so tests load this file
 and check the references name every setting and every command
 (``tests/fast/test_docs.py``).
+
+Over 400 lines on purpose: MkDocs loads a hook as one file by path (``hooks:``), with no
+package to import siblings from.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ from a FastAPI endpoint) stops the waiting, not the call: it still runs and stor
 result. ``cancel_on_exit=True`` cancels the call too when the wait ends without its
 result (the awaiting task cancelled, or ``timeout`` passed); ``await call.cancel()``
 cancels it explicitly.
+
+Over 400 lines on purpose: one class whose methods mirror ``ToolClient``'s one for one;
+what they share is in base.py, the result hub and the connections in modules of their own.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ A step's span is there only when the step does something for the call's tool (a 
 flow control or a breaker configured). ``toolq.queue_wait`` and ``toolq.spawn`` are
 recorded with the times they happened (publication to pick-up; the launch), not timed
 around code.
+
+Over 400 lines on purpose: every use of OpenTelemetry in toolq is here, behind
+:func:`enabled`, so that no other module imports it and tracing off costs a flag check.
 """
 
 from __future__ import annotations

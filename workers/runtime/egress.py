@@ -27,6 +27,9 @@ call left open when it ends, so one call cannot starve the next.
 
 What it does not do: UDP (a sandbox has no route for it), DNS for the tool (names are
 resolved here).
+
+Over 400 lines on purpose: the address policy (:class:`Destinations`) and the proxy that
+applies it are one security boundary, reviewed together; the policy is the first half.
 """
 
 from __future__ import annotations

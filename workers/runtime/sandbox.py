@@ -21,6 +21,9 @@ The sandbox runs in a PID namespace of its own, whose init is bwrap: when the sa
 ends, everything a tool started in it ends too, even what escaped its process group.
 bwrap and Bun share one process group, so the runner's SIGTERM/SIGKILL of the group
 reaches Bun as it does unsandboxed (Bun is not PID 1, which would ignore SIGTERM).
+
+Over 400 lines on purpose: the bwrap command line and the checks of what it may cover
+(grants, host paths, libraries) change together: a mount added without its check is a hole.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@
 // I/O uses Bun's own APIs only: the first use of node:fs (readFileSync,
 // writeSync) costs ~4 ms per process, process.stdout.write ~14 ms
 // (bench/investigations/output_paths.py measures each route).
+//
+// Over 400 lines on purpose: this file is on every spawned process's start path, where
+// each module more is a file more to read and transpile; what only a grant needs
+// (no_ffi.ts) is a module of its own, loaded only then.
 
 const MAX_OUTPUT_BYTES = 10 * 1024 * 1024;
 const entrypoint = process.argv[2];
