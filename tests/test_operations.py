@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -208,7 +209,19 @@ def test_task_events_flow_only_once_a_monitor_asks(
     worker = start_worker()
     queue = next(a.split("=", 1)[1] for a in worker.argv if a.startswith("--queues="))
     pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe("*celeryev/*")
+    # Pub/sub channels are the server's, not a database's: kombu prefixes them with the
+    # database ("/13.celeryev/task.multi"), and another test's worker may share this one.
+    db = urlsplit(redis_url).path.strip("/") or "0"
+    pubsub.psubscribe(f"/{db}.celeryev/*")
+
+    def ours(message: dict[str, Any]) -> bool:
+        envelope = json.loads(message["data"])
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        events = json.loads(body)
+        events = events if isinstance(events, list) else [events]
+        return any(event.get("hostname") == worker.hostname for event in events)
 
     def channels_during_a_call() -> set[str]:
         while pubsub.get_message(timeout=0.05) is not None:
@@ -217,7 +230,7 @@ def test_task_events_flow_only_once_a_monitor_asks(
         seen, deadline = set(), time.monotonic() + 1.0
         while time.monotonic() < deadline:
             message = pubsub.get_message(timeout=0.1)
-            if message is not None:
+            if message is not None and ours(message):
                 seen.add(message["channel"].decode().rsplit("celeryev/", 1)[1])
         return seen
 
