@@ -5,11 +5,13 @@ Bun and its children running. Each process that spawns Bun starts one small
 reaper (this file, run as a script: it imports nothing of toolq) and tells it,
 over a pipe, which groups are alive: ``+<pgid>`` and ``-<pgid>`` lines. When
 the pipe reaches end-of-file — the worker process is gone, however it died —
-the reaper SIGKILLs every group still listed, then exits.
+the reaper SIGKILLs every group still listed, then exits. A process that exits normally
+closes the pipe itself (atexit) and waits for its reaper, so none outlives it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -56,7 +58,22 @@ class Reaper:
                 assert self._proc.stdin is not None
                 self._fd = self._proc.stdin.fileno()
                 self._pid = pid
+                atexit.register(self._end, pid)
             return self._fd
+
+    def _end(self, pid: int) -> None:
+        """At a normal exit: end the reaper now (it kills what is still listed, as it would
+        once this process is gone) and wait for it, instead of leaving it to outlive us."""
+        with self._lock:
+            if self._pid != pid or os.getpid() != pid:  # a forked child inherits the hook
+                return
+            proc, self._proc, self._pid, self._fd = self._proc, None, None, -1
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
 
 
 _reaper = Reaper()
