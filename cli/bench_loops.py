@@ -47,8 +47,10 @@ class Handle:
         return self._async.get(timeout=timeout)
 
 
-def send_task(app: Celery, task: str, queue: str, payload: Any = None) -> Handle:
-    return Handle(app.send_task(task, args=[payload], queue=queue))
+def send_task(
+    app: Celery, task: str, queue: str, payload: Any = None, priority: int | None = None
+) -> Handle:
+    return Handle(app.send_task(task, args=[payload], queue=queue, priority=priority))
 
 
 def send_noop(client: ToolClient, queue: str, payload: Any = None) -> Handle:
@@ -59,10 +61,7 @@ def send_noop(client: ToolClient, queue: str, payload: Any = None) -> Handle:
     workers/brokerfix.py): the noop's latency measured that wait (p50 60-100 ms), not
     toolq's settings.
     """
-    sent = client.app.send_task(
-        NOOP_TASK, args=[payload], queue=queue, priority=broker_priority(None)
-    )
-    return Handle(sent)
+    return send_task(client.app, NOOP_TASK, queue, payload, priority=broker_priority(None))
 
 
 def warm_up(send: Callable[[], Any]) -> None:
